@@ -30,7 +30,7 @@ fi
 stamp() {
   (cd "$ROOT" && cat setup.py pyproject.toml $(find csrc -type f | sort) \
     && "$PY" -c "import torch; print(torch.__version__)" \
-    && env | grep -E '^(FORCE_CUDA|FORCE_CPU|TORCH_CUDA_ARCH_LIST)=' | sort) | sha256sum | cut -c1-16
+    && { env | grep -E '^(FORCE_CUDA|FORCE_CPU|TORCH_CUDA_ARCH_LIST)=' | sort || true; }) | sha256sum | cut -c1-16
 }
 want=$(stamp)
 have=$(cat "$VENV/.injflow-build" 2>/dev/null || true)
