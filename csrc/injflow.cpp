@@ -23,6 +23,34 @@ TORCH_LIBRARY(injflow, m) {
   // Backward of gram_logdet: grad_J = 2 · grad[b] · J G⁻¹ with G⁻¹ from the saved factor L.
   //   grad: (B,), J: (B, D, d), L: (B, d, d), status: (B,). Failed samples get a zero gradient.
   m.def("gram_logdet_backward(Tensor grad, Tensor J, Tensor L, Tensor status) -> Tensor");
+
+  // Linear layer with activation on a primal row and K tangent rows, stacked (B, 1+K, n):
+  //   Z = XV Wᵀ (one GEMM over all rows), Z[:,0] += b, Y[:,0] = σ(Z[:,0]),
+  //   Y[:,k] = σ'(Z[:,0]) ⊙ Z[:,k]. Returns Y (B, 1+K, n_out) and Z (saved for backward).
+  //   activation: code of csrc/activations.h; slope: leaky_relu slope or elu alpha.
+  m.def("tangent_linear(Tensor XV, Tensor W, Tensor? b, int activation, float slope) -> "
+        "(Tensor Y, Tensor Z)");
+  m.def("tangent_linear_backward(Tensor grad_Y, Tensor XV, Tensor W, Tensor Z, int activation, "
+        "float slope) -> (Tensor grad_XV, Tensor grad_W, Tensor grad_b)");
+  // Affine coupling (transformed half) on a primal row and K tangent rows:
+  //   XV (B, 1+K, m) = [x; V], ST (B, 1+K, 2m) = [[s, t]; [Ṡ, Ṫ]],
+  //   y = x ⊙ exp(s̃) + t, ẏ = v ⊙ exp(s̃) + x ⊙ exp(s̃) ⊙ s̃'(s) ⊙ ṡ + ṫ, s̃ = scale(s),
+  //   logabsdet = Σ s̃. scale: 0 = tanh, 1 = identity (plain exp(s) multiplier).
+  m.def("tangent_coupling(Tensor XV, Tensor ST, int scale) -> (Tensor Y, Tensor logabsdet)");
+  m.def("tangent_coupling_backward(Tensor grad_Y, Tensor grad_logabsdet, Tensor XV, Tensor ST, "
+        "int scale) -> (Tensor grad_XV, Tensor grad_ST)");
+
+  // Batched conjugate gradients on systems stacked as (N, d, K) (K right-hand sides each).
+  // cg_init: from the initial residual r and right-hand side b, p = r, rs = Σ_d r², the squared
+  //   tolerance tol2 = max(rtol²·‖b‖², atol²), status (0 running, 1 converged, 2 breakdown) and
+  //   zero iteration counts, all (N, K).
+  m.def("cg_init(Tensor r, Tensor b, float rtol, float atol) -> "
+        "(Tensor p, Tensor rs, Tensor tol2, Tensor status, Tensor iterations)");
+  // cg_step: one CG iteration for every running system given Ap = A p, fused: pᵀAp, α, x and r
+  //   updates, rᵀr, convergence and breakdown (pᵀAp <= 0) tests, β, p update. Systems that are
+  //   not running are left unchanged.
+  m.def("cg_step(Tensor(a!) x, Tensor(b!) r, Tensor(c!) p, Tensor Ap, Tensor(d!) rs, "
+        "Tensor tol2, Tensor(e!) status, Tensor(f!) iterations) -> ()");
 }
 
 namespace {

@@ -1,12 +1,18 @@
 """injflow_ext: fast ops and models for injective ("rectangular") normalizing flows.
 
 Ops (CPU and CUDA, float32/float64, autograd, ``torch.compile``):
-    gram_logdet(J)  log det(JᵀJ) per batch element, J: (..., D, d)
+    gram_logdet(J)                      log det(JᵀJ) per batch element, J: (..., D, d)
+    tangent_linear(x, V, W, b, act)     linear + activation on a primal and K tangents
+    tangent_affine_coupling(...)        affine coupling on a primal and K tangents
+    cg_solve(A, b)                      batched conjugate gradients, fused iterations
 """
 
 from ._extension import build_info
-from .ops import GramLogdetInfo, gram_logdet
+from .ops import (CGResult, GramLogdetInfo, cg_solve, gram_logdet, tangent_affine_coupling,
+                  tangent_coupling_packed, tangent_linear, tangent_linear_packed)
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "gram_logdet", "GramLogdetInfo", "__version__"]
+__all__ = ["build_info", "gram_logdet", "GramLogdetInfo", "tangent_linear",
+           "tangent_linear_packed", "tangent_affine_coupling", "tangent_coupling_packed",
+           "cg_solve", "CGResult", "__version__"]

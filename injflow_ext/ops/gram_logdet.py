@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._extension import check_device
+from .._extension import check_device
 
 __all__ = ["gram_logdet", "GramLogdetInfo", "GRAM_OK", "GRAM_JITTERED", "GRAM_FAILED"]
 

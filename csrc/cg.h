@@ -1,0 +1,114 @@
+// Shared parts of the batched conjugate-gradient kernels: status codes, checks, and the
+// per-system iteration written once for both devices. Vectors are (N, d, K): system (n, k) has
+// its elements at n·d·K + i·K + k, i = 0..d-1.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+
+namespace injflow {
+
+template <typename T>
+C10_HOST_DEVICE inline bool cg_isfinite(T v) {
+#ifdef __CUDA_ARCH__
+  return isfinite(v);
+#else
+  return std::isfinite(v);
+#endif
+}
+
+enum CGStatus : int32_t { kCGRunning = 0, kCGConverged = 1, kCGBreakdown = 2 };
+
+inline void check_cg_vectors(const char* op, std::initializer_list<const at::Tensor*> ts) {
+  const at::Tensor& ref = **ts.begin();
+  TORCH_CHECK(ref.dim() == 3, op, ": vectors must be (N, d, K), got ", ref.sizes());
+  TORCH_CHECK(ref.scalar_type() == at::kFloat || ref.scalar_type() == at::kDouble, op,
+              ": vectors must be float32 or float64, got ", ref.scalar_type());
+  for (const at::Tensor* t : ts) {
+    TORCH_CHECK(t->sizes() == ref.sizes() && t->scalar_type() == ref.scalar_type() &&
+                    t->device() == ref.device(),
+                op, ": all vectors must be ", ref.sizes(), " ", ref.scalar_type(), " on ",
+                ref.device(), ", got ", t->sizes(), " ", t->scalar_type(), " on ", t->device());
+    TORCH_CHECK(t->is_contiguous(), op, ": vectors must be contiguous");
+  }
+}
+
+inline void check_cg_state(const at::Tensor& x, const at::Tensor& rs, const at::Tensor& tol2,
+                           const at::Tensor& status, const at::Tensor& iterations) {
+  const auto N = x.size(0), K = x.size(2);
+  for (const at::Tensor* t : {&rs, &tol2}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == K &&
+                    t->scalar_type() == x.scalar_type() && t->is_contiguous() &&
+                    t->device() == x.device(),
+                "cg_step: rs and tol2 must be contiguous (N, K) = (", N, ", ", K, ") ",
+                x.scalar_type(), ", got ", t->sizes());
+  }
+  for (const at::Tensor* t : {&status, &iterations}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == K &&
+                    t->scalar_type() == at::kInt && t->is_contiguous() && t->device() == x.device(),
+                "cg_step: status and iterations must be contiguous int32 (N, K), got ",
+                t->sizes(), " ", t->scalar_type());
+  }
+}
+
+// Initial state of system `sys` (= n·K + k): p = r, rs = rᵀr, tol2, status.
+template <typename T>
+C10_HOST_DEVICE inline void cg_init_system(int64_t sys, int64_t d, int64_t K, const T* r,
+                                           const T* b, T rtol2, T atol2, T* p, T* rs, T* tol2,
+                                           int32_t* status, int32_t* iterations) {
+  const int64_t n = sys / K, k = sys - n * K;
+  const int64_t base = n * d * K + k;
+  T rr = 0, bb = 0;
+  for (int64_t i = 0; i < d; ++i) {
+    const T ri = r[base + i * K], bi = b[base + i * K];
+    p[base + i * K] = ri;
+    rr += ri * ri;
+    bb += bi * bi;
+  }
+  const T t2 = rtol2 * bb > atol2 ? rtol2 * bb : atol2;
+  rs[sys] = rr;
+  tol2[sys] = t2;
+  iterations[sys] = 0;
+  status[sys] = rr <= t2 ? kCGConverged : kCGRunning;
+}
+
+// One CG iteration of system `sys`, given Ap = A·p; no-op unless the system is running.
+template <typename T>
+C10_HOST_DEVICE inline void cg_step_system(int64_t sys, int64_t d, int64_t K, T* x, T* r, T* p,
+                                           const T* Ap, T* rs, const T* tol2, int32_t* status,
+                                           int32_t* iterations) {
+  if (status[sys] != kCGRunning) return;
+  const int64_t n = sys / K, k = sys - n * K;
+  const int64_t base = n * d * K + k;
+  T pAp = 0;
+  for (int64_t i = 0; i < d; ++i) pAp += p[base + i * K] * Ap[base + i * K];
+  if (!(pAp > T(0)) || !cg_isfinite(pAp)) {  // zero or negative curvature: A is not SPD here
+    status[sys] = kCGBreakdown;
+    return;
+  }
+  const T alpha = rs[sys] / pAp;
+  T rr = 0;
+  for (int64_t i = 0; i < d; ++i) {
+    const int64_t o = base + i * K;
+    x[o] += alpha * p[o];
+    const T ri = r[o] - alpha * Ap[o];
+    r[o] = ri;
+    rr += ri * ri;
+  }
+  iterations[sys] += 1;
+  const T rs_old = rs[sys];
+  rs[sys] = rr;
+  if (rr <= tol2[sys]) {
+    status[sys] = kCGConverged;
+    return;
+  }
+  const T beta = rr / rs_old;
+  for (int64_t i = 0; i < d; ++i) {
+    const int64_t o = base + i * K;
+    p[o] = r[o] + beta * p[o];
+  }
+}
+
+}  // namespace injflow

@@ -1,0 +1,69 @@
+// CPU kernels of the batched conjugate-gradient solver, parallel over the systems.
+// The per-system arithmetic is shared with the CUDA kernels (cg.h).
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../cg.h"
+
+namespace injflow {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cg_init_cpu(
+    const at::Tensor& r_in, const at::Tensor& b_in, double rtol, double atol) {
+  const at::Tensor r = r_in.contiguous(), b = b_in.contiguous();
+  check_cg_vectors("cg_init", {&r, &b});
+  const int64_t N = r.size(0), d = r.size(1), K = r.size(2);
+  at::Tensor p = at::empty_like(r);
+  at::Tensor rs = at::empty({N, K}, r.options());
+  at::Tensor tol2 = at::empty({N, K}, r.options());
+  at::Tensor status = at::empty({N, K}, r.options().dtype(at::kInt));
+  at::Tensor iterations = at::empty({N, K}, r.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "cg_init_cpu", [&] {
+    const scalar_t* rp = r.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    scalar_t* pp = p.mutable_data_ptr<scalar_t>();
+    scalar_t* rsp = rs.mutable_data_ptr<scalar_t>();
+    scalar_t* tp = tol2.mutable_data_ptr<scalar_t>();
+    int32_t* sp = status.mutable_data_ptr<int32_t>();
+    int32_t* ip = iterations.mutable_data_ptr<int32_t>();
+    const scalar_t rtol2 = scalar_t(rtol * rtol), atol2 = scalar_t(atol * atol);
+    at::parallel_for(0, N * K, std::max<int64_t>(1, 8192 / (d + 1)), [&](int64_t lo, int64_t hi) {
+      for (int64_t s = lo; s < hi; ++s)
+        cg_init_system<scalar_t>(s, d, K, rp, bp, rtol2, atol2, pp, rsp, tp, sp, ip);
+    });
+  });
+  return {p, rs, tol2, status, iterations};
+}
+
+void cg_step_cpu(at::Tensor& x, at::Tensor& r, at::Tensor& p, const at::Tensor& Ap_in,
+                 at::Tensor& rs, const at::Tensor& tol2, at::Tensor& status,
+                 at::Tensor& iterations) {
+  const at::Tensor Ap = Ap_in.contiguous();
+  check_cg_vectors("cg_step", {&x, &r, &p, &Ap});
+  check_cg_state(x, rs, tol2, status, iterations);
+  const int64_t N = x.size(0), d = x.size(1), K = x.size(2);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cg_step_cpu", [&] {
+    scalar_t* xp = x.mutable_data_ptr<scalar_t>();
+    scalar_t* rp = r.mutable_data_ptr<scalar_t>();
+    scalar_t* pp = p.mutable_data_ptr<scalar_t>();
+    const scalar_t* ap = Ap.const_data_ptr<scalar_t>();
+    scalar_t* rsp = rs.mutable_data_ptr<scalar_t>();
+    const scalar_t* tp = tol2.const_data_ptr<scalar_t>();
+    int32_t* sp = status.mutable_data_ptr<int32_t>();
+    int32_t* ip = iterations.mutable_data_ptr<int32_t>();
+    at::parallel_for(0, N * K, std::max<int64_t>(1, 8192 / (d + 1)), [&](int64_t lo, int64_t hi) {
+      for (int64_t s = lo; s < hi; ++s)
+        cg_step_system<scalar_t>(s, d, K, xp, rp, pp, ap, rsp, tp, sp, ip);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(injflow, CPU, m) {
+  m.impl("cg_init", &cg_init_cpu);
+  m.impl("cg_step", &cg_step_cpu);
+}
+
+}  // namespace injflow

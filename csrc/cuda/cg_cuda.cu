@@ -1,0 +1,86 @@
+// CUDA kernels of the batched conjugate-gradient solver: one thread per system (n, k); with the
+// (N, d, K) layout consecutive threads read consecutive addresses when K > 1. The per-system
+// arithmetic is shared with the CPU kernels (cg.h). No host synchronisation.
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../cg.h"
+
+namespace injflow {
+namespace {
+
+constexpr int kThreads = 128;
+
+template <typename T>
+__global__ void cg_init_kernel(int64_t systems, int64_t d, int64_t K, const T* r, const T* b,
+                               T rtol2, T atol2, T* p, T* rs, T* tol2, int32_t* status,
+                               int32_t* iterations) {
+  const int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (s < systems) cg_init_system<T>(s, d, K, r, b, rtol2, atol2, p, rs, tol2, status, iterations);
+}
+
+template <typename T>
+__global__ void cg_step_kernel(int64_t systems, int64_t d, int64_t K, T* x, T* r, T* p,
+                               const T* Ap, T* rs, const T* tol2, int32_t* status,
+                               int32_t* iterations) {
+  const int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (s < systems) cg_step_system<T>(s, d, K, x, r, p, Ap, rs, tol2, status, iterations);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cg_init_cuda(
+    const at::Tensor& r_in, const at::Tensor& b_in, double rtol, double atol) {
+  const c10::cuda::CUDAGuard guard(r_in.device());
+  const at::Tensor r = r_in.contiguous(), b = b_in.contiguous();
+  check_cg_vectors("cg_init", {&r, &b});
+  const int64_t N = r.size(0), d = r.size(1), K = r.size(2);
+  at::Tensor p = at::empty_like(r);
+  at::Tensor rs = at::empty({N, K}, r.options());
+  at::Tensor tol2 = at::empty({N, K}, r.options());
+  at::Tensor status = at::empty({N, K}, r.options().dtype(at::kInt));
+  at::Tensor iterations = at::empty({N, K}, r.options().dtype(at::kInt));
+  const int64_t systems = N * K;
+  if (systems == 0) return {p, rs, tol2, status, iterations};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "cg_init_cuda", [&] {
+    cg_init_kernel<scalar_t><<<(systems + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+        systems, d, K, r.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+        scalar_t(rtol * rtol), scalar_t(atol * atol), p.mutable_data_ptr<scalar_t>(),
+        rs.mutable_data_ptr<scalar_t>(), tol2.mutable_data_ptr<scalar_t>(),
+        status.mutable_data_ptr<int32_t>(), iterations.mutable_data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {p, rs, tol2, status, iterations};
+}
+
+void cg_step_cuda(at::Tensor& x, at::Tensor& r, at::Tensor& p, const at::Tensor& Ap_in,
+                  at::Tensor& rs, const at::Tensor& tol2, at::Tensor& status,
+                  at::Tensor& iterations) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor Ap = Ap_in.contiguous();
+  check_cg_vectors("cg_step", {&x, &r, &p, &Ap});
+  check_cg_state(x, rs, tol2, status, iterations);
+  const int64_t N = x.size(0), d = x.size(1), K = x.size(2);
+  const int64_t systems = N * K;
+  if (systems == 0) return;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cg_step_cuda", [&] {
+    cg_step_kernel<scalar_t><<<(systems + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+        systems, d, K, x.mutable_data_ptr<scalar_t>(), r.mutable_data_ptr<scalar_t>(),
+        p.mutable_data_ptr<scalar_t>(), Ap.const_data_ptr<scalar_t>(),
+        rs.mutable_data_ptr<scalar_t>(), tol2.const_data_ptr<scalar_t>(),
+        status.mutable_data_ptr<int32_t>(), iterations.mutable_data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(injflow, CUDA, m) {
+  m.impl("cg_init", &cg_init_cuda);
+  m.impl("cg_step", &cg_step_cuda);
+}
+
+}  // namespace injflow

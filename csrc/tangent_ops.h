@@ -1,0 +1,93 @@
+// Shared declarations of the tangent ops (tangent_linear, tangent_coupling): argument checks
+// and the device-independent parts (the GEMMs), parameterised by each device's fused
+// elementwise kernels. Layout: primal and K tangents stacked, (B, R, n) with R = 1 + K and row 0
+// the primal, so that one GEMM serves all rows.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "activations.h"
+
+namespace injflow {
+
+inline void check_tangent_linear_args(const at::Tensor& XV, const at::Tensor& W,
+                                      const c10::optional<at::Tensor>& b, int64_t act) {
+  TORCH_CHECK(XV.dim() == 3 && XV.size(1) >= 1,
+              "tangent_linear: XV must be (B, 1+K, n_in), got ", XV.sizes());
+  TORCH_CHECK(W.dim() == 2 && W.size(1) == XV.size(2),
+              "tangent_linear: W must be (n_out, n_in) with n_in = ", XV.size(2), ", got ",
+              W.sizes());
+  TORCH_CHECK(XV.scalar_type() == at::kFloat || XV.scalar_type() == at::kDouble,
+              "tangent_linear: inputs must be float32 or float64, got ", XV.scalar_type());
+  TORCH_CHECK(W.scalar_type() == XV.scalar_type(), "tangent_linear: W must have dtype ",
+              XV.scalar_type(), ", got ", W.scalar_type());
+  TORCH_CHECK(W.device() == XV.device(), "tangent_linear: W must be on ", XV.device());
+  if (b.has_value()) {
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == W.size(0),
+                "tangent_linear: b must be (n_out,) = (", W.size(0), ",), got ", b->sizes());
+    TORCH_CHECK(b->scalar_type() == XV.scalar_type() && b->device() == XV.device(),
+                "tangent_linear: b must match XV's dtype and device");
+  }
+  TORCH_CHECK(act >= 0 && act < kActCount, "tangent_linear: unknown activation code ", act);
+}
+
+inline void check_tangent_coupling_args(const at::Tensor& XV, const at::Tensor& ST,
+                                        int64_t scale) {
+  TORCH_CHECK(XV.dim() == 3, "tangent_coupling: XV must be (B, 1+K, m), got ", XV.sizes());
+  TORCH_CHECK(ST.dim() == 3 && ST.size(0) == XV.size(0) && ST.size(1) == XV.size(1) &&
+                  ST.size(2) == 2 * XV.size(2),
+              "tangent_coupling: ST must be (B, 1+K, 2m) = (", XV.size(0), ", ", XV.size(1),
+              ", ", 2 * XV.size(2), "), got ", ST.sizes());
+  TORCH_CHECK(XV.scalar_type() == at::kFloat || XV.scalar_type() == at::kDouble,
+              "tangent_coupling: inputs must be float32 or float64, got ", XV.scalar_type());
+  TORCH_CHECK(ST.scalar_type() == XV.scalar_type() && ST.device() == XV.device(),
+              "tangent_coupling: ST must match XV's dtype and device");
+  TORCH_CHECK(scale >= 0 && scale < kScaleCount, "tangent_coupling: unknown scale code ", scale);
+}
+
+// Device kernels, implemented in cpu/tangent_ops_cpu.cpp and cuda/tangent_ops_cuda.cu.
+// linear_epilogue: Z (B,R,n) pre-activations of all rows, adds b to row 0 in place and writes
+//   Y[:,0] = σ(z), Y[:,k] = σ'(z)·Z[:,k].
+// linear_grad_preact: GZ[:,0] = gY0·σ'(z) + Σ_k gYk·Z[:,k]·σ''(z), GZ[:,k] = gYk·σ'(z).
+using LinearEpilogueFn = void (*)(at::Tensor& Z, const c10::optional<at::Tensor>& b,
+                                  int64_t act, double slope, at::Tensor& Y);
+using LinearGradPreactFn = void (*)(const at::Tensor& gY, const at::Tensor& Z, int64_t act,
+                                    double slope, at::Tensor& GZ);
+
+// y-rows of tangent_linear: one GEMM over the stacked rows, then the fused epilogue.
+inline std::tuple<at::Tensor, at::Tensor> tangent_linear_composite(
+    const at::Tensor& XV, const at::Tensor& W, const c10::optional<at::Tensor>& b, int64_t act,
+    double slope, LinearEpilogueFn epilogue) {
+  check_tangent_linear_args(XV, W, b, act);
+  const int64_t B = XV.size(0), R = XV.size(1), n_in = XV.size(2), n_out = W.size(0);
+  at::Tensor Z = at::mm(XV.reshape({B * R, n_in}), W.t()).view({B, R, n_out});
+  at::Tensor Y = at::empty_like(Z);
+  epilogue(Z, b, act, slope, Y);
+  return {Y, Z};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_composite(
+    const at::Tensor& gY_in, const at::Tensor& XV, const at::Tensor& W, const at::Tensor& Z,
+    int64_t act, double slope, LinearGradPreactFn grad_preact) {
+  check_tangent_linear_args(XV, W, c10::nullopt, act);
+  TORCH_CHECK(gY_in.sizes() == Z.sizes() && Z.size(0) == XV.size(0) && Z.size(1) == XV.size(1) &&
+                  Z.size(2) == W.size(0),
+              "tangent_linear_backward: grad and Z must be (B, 1+K, n_out), got ", gY_in.sizes(),
+              " and ", Z.sizes());
+  const int64_t B = XV.size(0), R = XV.size(1), n_in = XV.size(2), n_out = W.size(0);
+  const at::Tensor gY = gY_in.contiguous();
+  at::Tensor GZ;
+  if (act == kActNone) {
+    GZ = gY;
+  } else {
+    GZ = at::empty_like(gY);
+    grad_preact(gY, Z.contiguous(), act, slope, GZ);
+  }
+  const at::Tensor GZ2 = GZ.view({B * R, n_out});
+  at::Tensor gXV = at::mm(GZ2, W).view({B, R, n_in});
+  at::Tensor gW = at::mm(GZ2.t(), XV.reshape({B * R, n_in}));
+  at::Tensor gb = GZ.select(1, 0).sum(0);
+  return {gXV, gW, gb};
+}
+
+}  // namespace injflow

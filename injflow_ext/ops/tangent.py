@@ -1,0 +1,193 @@
+"""Forward-mode (tangent) ops: a primal and K tangents through a layer in one pass.
+
+Layout: the primal ``x (B, n)`` and tangents ``V (B, K, n)`` are stacked as ``XV (B, 1+K, n)``
+with row 0 the primal. The ``*_packed`` ops take and return that layout, so a chain of layers
+runs without copies; ``tangent_linear`` and ``tangent_affine_coupling`` accept the separate
+tensors for convenience (one copy to stack them).
+
+Math (DESIGN.md §1):
+- linear: ``y = σ(xWᵀ + b)``, ``ẏ = σ'(xWᵀ + b) ⊙ (v Wᵀ)``
+- affine coupling: ``y = x ⊙ exp(s̃) + t``, ``ẏ = v ⊙ exp(s̃) + x ⊙ exp(s̃) ⊙ s̃'(s) ⊙ ṡ + ṫ``,
+  ``s̃ = tanh(s)`` (``scale="tanh"``, bounded) or ``s̃ = s`` (``scale="exp"``),
+  ``log|det ∂y/∂x| = Σ s̃``.
+Both are differentiable (first order) with respect to every input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_tensor
+
+__all__ = ["ACTIVATIONS", "COUPLING_SCALES", "tangent_linear", "tangent_linear_packed",
+           "tangent_affine_coupling", "tangent_coupling_packed", "activation_code"]
+
+# Codes of csrc/activations.h
+ACTIVATIONS = {None: 0, "none": 0, "identity": 0, "tanh": 1, "relu": 2, "leaky_relu": 3,
+               "elu": 4, "softplus": 5, "silu": 6, "sigmoid": 7}
+# Default parameter (leaky_relu: negative slope, elu: alpha), as torch.nn.functional.
+ACTIVATION_PARAM = {"leaky_relu": 0.01, "elu": 1.0}
+COUPLING_SCALES = {"tanh": 0, "exp": 1}
+
+
+def activation_code(activation, param=None) -> tuple[int, float]:
+    """(code, parameter) of an activation name; raises a ValueError listing the valid names."""
+    if activation not in ACTIVATIONS:
+        names = ", ".join(repr(k) for k in ACTIVATIONS if k is not None)
+        raise ValueError(f"unknown activation {activation!r}; expected None or one of {names}")
+    if param is None:
+        param = ACTIVATION_PARAM.get(activation, 0.0)
+    return ACTIVATIONS[activation], float(param)
+
+
+def tangent_linear_packed(XV: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None,
+                          activation: str | None = None, activation_param: float | None = None
+                          ) -> torch.Tensor:
+    """Linear layer + activation on stacked primal and tangent rows.
+
+    Args:
+        XV: ``(B, 1+K, n_in)``, row 0 the primal ``x``, rows 1.. the tangents ``V``.
+        W: ``(n_out, n_in)``; b: ``(n_out,)`` or None.
+        activation: None, "tanh", "relu", "leaky_relu", "elu", "softplus", "silu", "sigmoid".
+        activation_param: negative slope of leaky_relu (0.01) or alpha of elu (1.0).
+    Returns:
+        ``YV (B, 1+K, n_out)``: row 0 ``σ(xWᵀ + b)``, rows k ``σ'(xWᵀ + b) ⊙ (V_k Wᵀ)``.
+    """
+    op = "tangent_linear"
+    check_tensor(op, "XV", XV, ndim=3)
+    check_tensor(op, "W", W, shape=(None, XV.shape[-1]), like=XV)
+    if b is not None:
+        check_tensor(op, "b", b, shape=(W.shape[0],), like=XV)
+    code, param = activation_code(activation, activation_param)
+    Y, _ = torch.ops.injflow.tangent_linear.default(XV, W, b, code, param)
+    return Y
+
+
+def tangent_linear(x: torch.Tensor, V: torch.Tensor, W: torch.Tensor,
+                   b: torch.Tensor | None = None, activation: str | None = None,
+                   activation_param: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, Ẏ)`` for ``y = σ(xWᵀ + b)`` with tangents: x ``(B, n_in)``, V ``(B, K, n_in)``,
+    W ``(n_out, n_in)``, b ``(n_out,)`` → y ``(B, n_out)``, Ẏ ``(B, K, n_out)``.
+    See :func:`tangent_linear_packed` for the activations."""
+    op = "tangent_linear"
+    check_tensor(op, "x", x, ndim=2)
+    check_tensor(op, "V", V, shape=(x.shape[0], None, x.shape[1]), like=x)
+    YV = tangent_linear_packed(torch.cat([x.unsqueeze(1), V], dim=1), W, b, activation,
+                               activation_param)
+    return YV[:, 0], YV[:, 1:]
+
+
+def tangent_coupling_packed(XV: torch.Tensor, ST: torch.Tensor, scale: str = "tanh"
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Affine coupling of the transformed half on stacked primal and tangent rows.
+
+    Args:
+        XV: ``(B, 1+K, m)``: ``[x_b; V_b]``.
+        ST: ``(B, 1+K, 2m)``: row 0 ``[s, t]`` (the conditioner's output at the primal),
+            rows k ``[ṡ_k, ṫ_k]`` (its tangents).
+        scale: "tanh" (``s̃ = tanh(s)``, bounded) or "exp" (``s̃ = s``).
+    Returns:
+        ``YV (B, 1+K, m)`` and ``logabsdet (B,) = Σ s̃``.
+    """
+    op = "tangent_affine_coupling"
+    check_tensor(op, "XV", XV, ndim=3)
+    check_tensor(op, "ST", ST, shape=(XV.shape[0], XV.shape[1], 2 * XV.shape[2]), like=XV)
+    if scale not in COUPLING_SCALES:
+        raise ValueError(f"{op}: scale must be one of {list(COUPLING_SCALES)}, got {scale!r}")
+    return torch.ops.injflow.tangent_coupling.default(XV, ST, COUPLING_SCALES[scale])
+
+
+def tangent_affine_coupling(x_b, V_b, s, S_dot, t, T_dot, scale: str = "tanh"):
+    """``(y_b, Ẏ_b, logabsdet)`` of ``y_b = x_b ⊙ exp(s̃) + t`` with tangents.
+
+    Shapes: x_b, s, t ``(B, m)``; V_b, S_dot, T_dot ``(B, K, m)`` → y_b ``(B, m)``,
+    Ẏ_b ``(B, K, m)``, logabsdet ``(B,)``.
+    """
+    op = "tangent_affine_coupling"
+    check_tensor(op, "x_b", x_b, ndim=2)
+    B, m = x_b.shape
+    check_tensor(op, "V_b", V_b, shape=(B, None, m), like=x_b)
+    K = V_b.shape[1]
+    for name, a in (("s", s), ("t", t)):
+        check_tensor(op, name, a, shape=(B, m), like=x_b)
+    for name, a in (("S_dot", S_dot), ("T_dot", T_dot)):
+        check_tensor(op, name, a, shape=(B, K, m), like=x_b)
+    XV = torch.cat([x_b.unsqueeze(1), V_b], dim=1)
+    ST = torch.cat([torch.cat([s.unsqueeze(1), S_dot], 1), torch.cat([t.unsqueeze(1), T_dot], 1)],
+                   dim=2)
+    YV, lad = tangent_coupling_packed(XV, ST, scale)
+    return YV[:, 0], YV[:, 1:], lad
+
+
+# ----------------------------------------------------------------------------- registrations
+
+@torch.library.register_fake("injflow::tangent_linear")
+def _tangent_linear_fake(XV, W, b, activation, slope):
+    B, R, _ = XV.shape
+    shape = (B, R, W.shape[0])
+    return XV.new_empty(shape), XV.new_empty(shape)
+
+
+@torch.library.register_fake("injflow::tangent_linear_backward")
+def _tangent_linear_backward_fake(grad_Y, XV, W, Z, activation, slope):
+    return XV.new_empty(XV.shape), W.new_empty(W.shape), W.new_empty(W.shape[0])
+
+
+def _tangent_linear_setup_context(ctx, inputs, output):
+    XV, W, b, activation, slope = inputs
+    _, Z = output
+    ctx.save_for_backward(XV, W, Z)
+    ctx.activation, ctx.slope, ctx.has_bias = activation, slope, b is not None
+    ctx.mark_non_differentiable(Z)
+
+
+def _tangent_linear_backward(ctx, grad_Y, _grad_Z):
+    XV, W, Z = ctx.saved_tensors
+    gXV, gW, gb = torch.ops.injflow.tangent_linear_backward.default(
+        grad_Y, XV, W, Z, ctx.activation, ctx.slope)
+    return gXV, gW, (gb if ctx.has_bias else None), None, None
+
+
+torch.library.register_autograd("injflow::tangent_linear", _tangent_linear_backward,
+                                setup_context=_tangent_linear_setup_context)
+
+
+@torch.library.register_fake("injflow::tangent_coupling")
+def _tangent_coupling_fake(XV, ST, scale):
+    return XV.new_empty(XV.shape), XV.new_empty(XV.shape[0])
+
+
+@torch.library.register_fake("injflow::tangent_coupling_backward")
+def _tangent_coupling_backward_fake(grad_Y, grad_logabsdet, XV, ST, scale):
+    return XV.new_empty(XV.shape), ST.new_empty(ST.shape)
+
+
+def _tangent_coupling_setup_context(ctx, inputs, output):
+    XV, ST, scale = inputs
+    ctx.save_for_backward(XV, ST)
+    ctx.scale = scale
+
+
+def _tangent_coupling_backward(ctx, grad_Y, grad_logabsdet):
+    XV, ST = ctx.saved_tensors
+    gXV, gST = torch.ops.injflow.tangent_coupling_backward.default(
+        grad_Y, grad_logabsdet, XV, ST, ctx.scale)
+    return gXV, gST, None
+
+
+torch.library.register_autograd("injflow::tangent_coupling", _tangent_coupling_backward,
+                                setup_context=_tangent_coupling_setup_context)
+
+
+def _no_double_backward(name):
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"{name} supports first derivatives only (double backward through a tangent op is "
+            "not implemented); the exact and Hutchinson volume-term gradients need only first "
+            "derivatives.")
+    return backward
+
+
+for _name in ("tangent_linear_backward", "tangent_coupling_backward"):
+    torch.library.register_autograd(f"injflow::{_name}", _no_double_backward(_name),
+                                    setup_context=lambda ctx, inputs, output: None)
