@@ -14,17 +14,10 @@
 #include <vector>
 
 #include "../gram_logdet.h"
+#include "multiversion.h"
 
 namespace injflow {
 namespace {
-
-// Hot loops are compiled twice, for AVX2+FMA and for the baseline ISA, and picked at load time,
-// so one wheel runs everywhere and still uses the vector units where they exist.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define INJFLOW_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define INJFLOW_MULTIVERSION
-#endif
 
 // Upper triangle (with diagonal) of G = PᵀP from the transposed panel Pt (d×D, row i holds
 // column i of J): G[i][j] = <Pt[i], Pt[j]>, vectorised over D, four entries of a row of G at a

@@ -1,35 +1,138 @@
 // CPU kernels of the tangent ops: the fused elementwise parts (the GEMMs are shared, see
 // tangent_ops.h), parallel over the batch.
+//
+// On the CPU the transcendental functions are evaluated once per primal element with ATen's
+// vectorised ops (σ, σ', σ'' of the primal pre-activation; exp(s̃) and s̃' of the coupling); the
+// fused loops then apply them to the primal and all K tangent rows with arithmetic only, which
+// the compiler vectorises. (The CUDA kernels evaluate everything in one kernel.)
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "../tangent_ops.h"
+#include "multiversion.h"
 
 namespace injflow {
 namespace {
 
+struct ActTensors {
+  at::Tensor f, df, d2f;  // (B, n) each, contiguous; d2f undefined unless requested
+};
+
+// σ(z), σ'(z) and optionally σ''(z) of activation `act` with vectorised ATen ops; the same
+// functions as activations.h (tests compare both with torch.func.jvp of torch's activations).
+ActTensors activation_values(const at::Tensor& z, int64_t act, double slope, bool want_d2) {
+  ActTensors r;
+  switch (act) {
+    case kActNone:
+      r.f = z;
+      r.df = at::ones_like(z);
+      if (want_d2) r.d2f = at::zeros_like(z);
+      break;
+    case kActTanh:
+      r.f = at::tanh(z);
+      r.df = 1 - r.f * r.f;
+      if (want_d2) r.d2f = -2 * r.f * r.df;
+      break;
+    case kActRelu:
+      r.f = at::relu(z);
+      r.df = (z > 0).to(z.scalar_type());
+      if (want_d2) r.d2f = at::zeros_like(z);
+      break;
+    case kActLeakyRelu:
+      r.f = at::leaky_relu(z, slope);
+      r.df = at::where(z > 0, at::ones_like(z), at::full_like(z, slope));
+      if (want_d2) r.d2f = at::zeros_like(z);
+      break;
+    case kActElu: {
+      const at::Tensor pos = z > 0;
+      const at::Tensor e = slope * at::exp(at::clamp_max(z, 0));
+      r.f = at::where(pos, z, e - slope);
+      r.df = at::where(pos, at::ones_like(z), e);
+      if (want_d2) r.d2f = at::where(pos, at::zeros_like(z), e);
+      break;
+    }
+    case kActSoftplus: {
+      const at::Tensor lin = z > 20;
+      const at::Tensor s = at::sigmoid(z);
+      r.f = at::softplus(z, 1, 20);
+      r.df = at::where(lin, at::ones_like(z), s);
+      if (want_d2) r.d2f = at::where(lin, at::zeros_like(z), s * (1 - s));
+      break;
+    }
+    case kActSilu: {
+      const at::Tensor s = at::sigmoid(z);
+      const at::Tensor ds = s * (1 - s);
+      r.f = z * s;
+      r.df = s + z * ds;
+      if (want_d2) r.d2f = ds * (2 + z * (1 - 2 * s));
+      break;
+    }
+    case kActSigmoid: {
+      r.f = at::sigmoid(z);
+      r.df = r.f * (1 - r.f);
+      if (want_d2) r.d2f = r.df * (1 - 2 * r.f);
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "tangent_linear: unknown activation code ", act);
+  }
+  r.f = r.f.contiguous();
+  r.df = r.df.contiguous();
+  if (want_d2) r.d2f = r.d2f.contiguous();
+  return r;
+}
+
+// Y[b,0,:] = f[b,:], Y[b,k,:] = df[b,:] ⊙ Z[b,k,:]  (rows of n, R rows per batch element)
+#define INJFLOW_APPLY_TANGENT(T)                                                             \
+  INJFLOW_MULTIVERSION void apply_tangent_rows(const T* f, const T* df, const T* Z, int64_t R, \
+                                               int64_t n, T* Y) {                            \
+    for (int64_t j = 0; j < n; ++j) Y[j] = f[j];                                             \
+    for (int64_t k = 1; k < R; ++k) {                                                        \
+      const T* z = Z + k * n;                                                                \
+      T* y = Y + k * n;                                                                      \
+      _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) y[j] = df[j] * z[j];               \
+    }                                                                                        \
+  }
+INJFLOW_APPLY_TANGENT(float)
+INJFLOW_APPLY_TANGENT(double)
+
+// GZ[0] = gY[0] ⊙ df + Σ_k gY[k] ⊙ Z[k] ⊙ d2f,  GZ[k] = gY[k] ⊙ df
+#define INJFLOW_GRAD_PREACT(T)                                                                \
+  INJFLOW_MULTIVERSION void grad_preact_rows(const T* g, const T* Z, const T* df, const T* d2f, \
+                                             int64_t R, int64_t n, T* GZ) {                   \
+    _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) GZ[j] = g[j] * df[j];                 \
+    for (int64_t k = 1; k < R; ++k) {                                                         \
+      const T* gk = g + k * n;                                                                \
+      const T* zk = Z + k * n;                                                                \
+      T* gzk = GZ + k * n;                                                                    \
+      _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) {                                   \
+        GZ[j] += gk[j] * zk[j] * d2f[j];                                                      \
+        gzk[j] = gk[j] * df[j];                                                               \
+      }                                                                                       \
+    }                                                                                         \
+  }
+INJFLOW_GRAD_PREACT(float)
+INJFLOW_GRAD_PREACT(double)
+
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, 32768 / (work_per_item + 1));
+}
+
 void linear_epilogue_cpu(at::Tensor& Z, const c10::optional<at::Tensor>& b, int64_t act,
                          double slope, at::Tensor& Y) {
   const int64_t B = Z.size(0), R = Z.size(1), n = Z.size(2);
-  const at::Tensor bias = b.has_value() ? b->contiguous() : at::Tensor();
+  at::Tensor z0 = Z.select(1, 0);
+  if (b.has_value()) z0.add_(*b);
+  const ActTensors a = activation_values(z0, act, slope, false);
   AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "tangent_linear_cpu", [&] {
-    scalar_t* z = Z.mutable_data_ptr<scalar_t>();
-    scalar_t* y = Y.mutable_data_ptr<scalar_t>();
-    const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t sl = static_cast<scalar_t>(slope);
-    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / (R * n + 1)), [&](int64_t lo, int64_t hi) {
-      for (int64_t bi = lo; bi < hi; ++bi) {
-        scalar_t* zb = z + bi * R * n;
-        scalar_t* yb = y + bi * R * n;
-        for (int64_t j = 0; j < n; ++j) {
-          const scalar_t z0 = zb[j] + (bp ? bp[j] : scalar_t(0));
-          zb[j] = z0;
-          const auto a = activation<scalar_t>(act, z0, sl, false);
-          yb[j] = a.f;
-          for (int64_t k = 1; k < R; ++k) yb[k * n + j] = a.df * zb[k * n + j];
-        }
-      }
+    const scalar_t* zp = Z.const_data_ptr<scalar_t>();
+    const scalar_t* fp = a.f.const_data_ptr<scalar_t>();
+    const scalar_t* dfp = a.df.const_data_ptr<scalar_t>();
+    scalar_t* yp = Y.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain_for(R * n), [&](int64_t lo, int64_t hi) {
+      for (int64_t bi = lo; bi < hi; ++bi)
+        apply_tangent_rows(fp + bi * n, dfp + bi * n, zp + bi * R * n, R, n, yp + bi * R * n);
     });
   });
 }
@@ -37,24 +140,17 @@ void linear_epilogue_cpu(at::Tensor& Z, const c10::optional<at::Tensor>& b, int6
 void linear_grad_preact_cpu(const at::Tensor& gY, const at::Tensor& Z, int64_t act, double slope,
                             at::Tensor& GZ) {
   const int64_t B = Z.size(0), R = Z.size(1), n = Z.size(2);
+  const ActTensors a = activation_values(Z.select(1, 0), act, slope, true);
   AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "tangent_linear_backward_cpu", [&] {
     const scalar_t* g = gY.const_data_ptr<scalar_t>();
     const scalar_t* z = Z.const_data_ptr<scalar_t>();
+    const scalar_t* dfp = a.df.const_data_ptr<scalar_t>();
+    const scalar_t* d2fp = a.d2f.const_data_ptr<scalar_t>();
     scalar_t* gz = GZ.mutable_data_ptr<scalar_t>();
-    const scalar_t sl = static_cast<scalar_t>(slope);
-    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / (R * n + 1)), [&](int64_t lo, int64_t hi) {
-      for (int64_t bi = lo; bi < hi; ++bi) {
-        const int64_t o = bi * R * n;
-        for (int64_t j = 0; j < n; ++j) {
-          const auto a = activation<scalar_t>(act, z[o + j], sl, true);
-          scalar_t g0 = g[o + j] * a.df;
-          for (int64_t k = 1; k < R; ++k) {
-            g0 += g[o + k * n + j] * z[o + k * n + j] * a.d2f;
-            gz[o + k * n + j] = g[o + k * n + j] * a.df;
-          }
-          gz[o + j] = g0;
-        }
-      }
+    at::parallel_for(0, B, grain_for(R * n), [&](int64_t lo, int64_t hi) {
+      for (int64_t bi = lo; bi < hi; ++bi)
+        grad_preact_rows(g + bi * R * n, z + bi * R * n, dfp + bi * n, d2fp + bi * n, R, n,
+                         gz + bi * R * n);
     });
   });
 }
@@ -71,35 +167,97 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_cpu(
   return tangent_linear_backward_composite(gY, XV, W, Z, act, slope, &linear_grad_preact_cpu);
 }
 
+// s̃ = scale(s), e = exp(s̃), s̃' and s̃'' of the primal scale pre-activations s (B, m).
+struct ScaleTensors {
+  at::Tensor st, e, c, c2;
+};
+
+ScaleTensors scale_values(const at::Tensor& s, int64_t scale) {
+  ScaleTensors r;
+  if (scale == kScaleTanh) {
+    r.st = at::tanh(s);
+    r.c = 1 - r.st * r.st;
+    r.c2 = -2 * r.st * r.c;
+  } else {
+    r.st = s;
+    r.c = at::ones_like(s);
+    r.c2 = at::zeros_like(s);
+  }
+  r.e = at::exp(r.st).contiguous();
+  r.st = r.st.contiguous();
+  r.c = r.c.contiguous();
+  r.c2 = r.c2.contiguous();
+  return r;
+}
+
+// One batch element of the coupling forward: y rows from x rows and [s,t] rows.
+#define INJFLOW_COUPLING_ROWS(T)                                                              \
+  INJFLOW_MULTIVERSION void coupling_rows(const T* x, const T* st, const T* e, const T* c,    \
+                                          int64_t R, int64_t m, T* y, T* xec) {               \
+    _Pragma("omp simd") for (int64_t j = 0; j < m; ++j) {                                     \
+      y[j] = x[j] * e[j] + st[m + j];                                                         \
+      xec[j] = x[j] * e[j] * c[j];                                                            \
+    }                                                                                         \
+    for (int64_t k = 1; k < R; ++k) {                                                         \
+      const T* xk = x + k * m;                                                                \
+      const T* sk = st + k * 2 * m;                                                           \
+      T* yk = y + k * m;                                                                      \
+      _Pragma("omp simd") for (int64_t j = 0; j < m; ++j)                                     \
+        yk[j] = xk[j] * e[j] + xec[j] * sk[j] + sk[m + j];                                    \
+    }                                                                                         \
+  }
+INJFLOW_COUPLING_ROWS(float)
+INJFLOW_COUPLING_ROWS(double)
+
+// One batch element of the coupling backward (formulas in ops/tangent.py's module docstring).
+#define INJFLOW_COUPLING_BACKWARD_ROWS(T)                                                     \
+  INJFLOW_MULTIVERSION void coupling_backward_rows(                                           \
+      const T* x, const T* st, const T* g, T gl, const T* e, const T* c, const T* c2,         \
+      int64_t R, int64_t m, T* gx, T* gs) {                                                   \
+    _Pragma("omp simd") for (int64_t j = 0; j < m; ++j) {                                     \
+      gx[j] = g[j] * e[j];                                                                    \
+      gs[j] = g[j] * x[j] * e[j] * c[j] + gl * c[j];                                          \
+      gs[m + j] = g[j];                                                                       \
+    }                                                                                         \
+    for (int64_t k = 1; k < R; ++k) {                                                         \
+      const T* gk = g + k * m;                                                                \
+      const T* xk = x + k * m;                                                                \
+      const T* sk = st + k * 2 * m;                                                           \
+      T* gxk = gx + k * m;                                                                    \
+      T* gsk = gs + k * 2 * m;                                                                \
+      _Pragma("omp simd") for (int64_t j = 0; j < m; ++j) {                                   \
+        const T ec = e[j] * c[j];                                                             \
+        const T curv = e[j] * (c[j] * c[j] + c2[j]);                                          \
+        gx[j] += gk[j] * ec * sk[j];                                                          \
+        gs[j] += gk[j] * (ec * xk[j] + x[j] * curv * sk[j]);                                  \
+        gxk[j] = gk[j] * e[j];                                                                \
+        gsk[j] = gk[j] * x[j] * ec;                                                           \
+        gsk[m + j] = gk[j];                                                                   \
+      }                                                                                       \
+    }                                                                                         \
+  }
+INJFLOW_COUPLING_BACKWARD_ROWS(float)
+INJFLOW_COUPLING_BACKWARD_ROWS(double)
+
 std::tuple<at::Tensor, at::Tensor> tangent_coupling_cpu(const at::Tensor& XV_in,
                                                         const at::Tensor& ST_in, int64_t scale) {
   check_tangent_coupling_args(XV_in, ST_in, scale);
   const at::Tensor XV = XV_in.contiguous(), ST = ST_in.contiguous();
   const int64_t B = XV.size(0), R = XV.size(1), m = XV.size(2);
+  const ScaleTensors sv = scale_values(ST.select(1, 0).narrow(1, 0, m), scale);
   at::Tensor Y = at::empty_like(XV);
-  at::Tensor lad = at::empty({B}, XV.options());
+  at::Tensor lad = sv.st.sum(1);
   AT_DISPATCH_FLOATING_TYPES(XV.scalar_type(), "tangent_coupling_cpu", [&] {
     const scalar_t* xv = XV.const_data_ptr<scalar_t>();
     const scalar_t* st = ST.const_data_ptr<scalar_t>();
+    const scalar_t* e = sv.e.const_data_ptr<scalar_t>();
+    const scalar_t* c = sv.c.const_data_ptr<scalar_t>();
     scalar_t* y = Y.mutable_data_ptr<scalar_t>();
-    scalar_t* l = lad.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / (R * m + 1)), [&](int64_t lo, int64_t hi) {
-      for (int64_t bi = lo; bi < hi; ++bi) {
-        const scalar_t* x = xv + bi * R * m;
-        const scalar_t* s = st + bi * R * 2 * m;
-        scalar_t* yb = y + bi * R * m;
-        scalar_t acc = 0;
-        for (int64_t j = 0; j < m; ++j) {
-          const auto sc = coupling_scale<scalar_t>(scale, s[j]);
-          const scalar_t e = std::exp(sc.f);
-          const scalar_t xec = x[j] * e * sc.df;
-          yb[j] = x[j] * e + s[m + j];
-          for (int64_t k = 1; k < R; ++k)
-            yb[k * m + j] = x[k * m + j] * e + xec * s[k * 2 * m + j] + s[k * 2 * m + m + j];
-          acc += sc.f;
-        }
-        l[bi] = acc;
-      }
+    at::parallel_for(0, B, grain_for(R * m), [&](int64_t lo, int64_t hi) {
+      std::vector<scalar_t> xec(m);
+      for (int64_t bi = lo; bi < hi; ++bi)
+        coupling_rows(xv + bi * R * m, st + bi * R * 2 * m, e + bi * m, c + bi * m, R, m,
+                      y + bi * R * m, xec.data());
     });
   });
   return {Y, lad};
@@ -115,6 +273,7 @@ std::tuple<at::Tensor, at::Tensor> tangent_coupling_backward_cpu(
   const at::Tensor XV = XV_in.contiguous(), ST = ST_in.contiguous();
   const at::Tensor gY = gY_in.contiguous(), gl = gl_in.contiguous();
   const int64_t B = XV.size(0), R = XV.size(1), m = XV.size(2);
+  const ScaleTensors sv = scale_values(ST.select(1, 0).narrow(1, 0, m), scale);
   at::Tensor gXV = at::empty_like(XV);
   at::Tensor gST = at::empty_like(ST);
   AT_DISPATCH_FLOATING_TYPES(XV.scalar_type(), "tangent_coupling_backward_cpu", [&] {
@@ -122,37 +281,16 @@ std::tuple<at::Tensor, at::Tensor> tangent_coupling_backward_cpu(
     const scalar_t* st = ST.const_data_ptr<scalar_t>();
     const scalar_t* g = gY.const_data_ptr<scalar_t>();
     const scalar_t* glp = gl.const_data_ptr<scalar_t>();
+    const scalar_t* e = sv.e.const_data_ptr<scalar_t>();
+    const scalar_t* c = sv.c.const_data_ptr<scalar_t>();
+    const scalar_t* c2 = sv.c2.const_data_ptr<scalar_t>();
     scalar_t* gx = gXV.mutable_data_ptr<scalar_t>();
     scalar_t* gs = gST.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / (R * m + 1)), [&](int64_t lo, int64_t hi) {
-      for (int64_t bi = lo; bi < hi; ++bi) {
-        const scalar_t* x = xv + bi * R * m;
-        const scalar_t* s = st + bi * R * 2 * m;
-        const scalar_t* gb = g + bi * R * m;
-        scalar_t* gxb = gx + bi * R * m;
-        scalar_t* gsb = gs + bi * R * 2 * m;
-        for (int64_t j = 0; j < m; ++j) {
-          const auto sc = coupling_scale<scalar_t>(scale, s[j]);
-          const scalar_t e = std::exp(sc.f);
-          const scalar_t ec = e * sc.df;
-          const scalar_t curv = e * (sc.df * sc.df + sc.d2f);  // d(e·s̃')/ds
-          const scalar_t x0 = x[j], g0 = gb[j];
-          scalar_t gx0 = g0 * e;
-          scalar_t gs0 = g0 * x0 * ec + glp[bi] * sc.df;
-          for (int64_t k = 1; k < R; ++k) {
-            const scalar_t gk = gb[k * m + j];
-            const scalar_t sdot = s[k * 2 * m + j];
-            gx0 += gk * ec * sdot;
-            gs0 += gk * (ec * x[k * m + j] + x0 * curv * sdot);
-            gxb[k * m + j] = gk * e;
-            gsb[k * 2 * m + j] = gk * x0 * ec;
-            gsb[k * 2 * m + m + j] = gk;
-          }
-          gxb[j] = gx0;
-          gsb[j] = gs0;
-          gsb[m + j] = g0;
-        }
-      }
+    at::parallel_for(0, B, grain_for(R * m), [&](int64_t lo, int64_t hi) {
+      for (int64_t bi = lo; bi < hi; ++bi)
+        coupling_backward_rows(xv + bi * R * m, st + bi * R * 2 * m, g + bi * R * m, glp[bi],
+                               e + bi * m, c + bi * m, c2 + bi * m, R, m, gx + bi * R * m,
+                               gs + bi * R * 2 * m);
     });
   });
   return {gXV, gST};
