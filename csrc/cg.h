@@ -35,6 +35,15 @@ inline void check_cg_vectors(const char* op, std::initializer_list<const at::Ten
   }
 }
 
+inline void check_cg_matrix(const at::Tensor& x, const c10::optional<at::Tensor>& A) {
+  if (!A.has_value()) return;
+  const auto N = x.size(0), d = x.size(1);
+  TORCH_CHECK(A->dim() == 3 && A->size(0) == N && A->size(1) == d && A->size(2) == d &&
+                  A->scalar_type() == x.scalar_type() && A->device() == x.device(),
+              "cg_step: A must be (N, d, d) = (", N, ", ", d, ", ", d, ") ", x.scalar_type(),
+              " on ", x.device(), ", got ", A->sizes(), " ", A->scalar_type());
+}
+
 inline void check_cg_state(const at::Tensor& x, const at::Tensor& rs, const at::Tensor& tol2,
                            const at::Tensor& status, const at::Tensor& iterations) {
   const auto N = x.size(0), K = x.size(2);
@@ -72,6 +81,20 @@ C10_HOST_DEVICE inline void cg_init_system(int64_t sys, int64_t d, int64_t K, co
   tol2[sys] = t2;
   iterations[sys] = 0;
   status[sys] = rr <= t2 ? kCGConverged : kCGRunning;
+}
+
+// Ap = A[n]·p for system `sys` (A: (N, d, d) row-major), fused into the step for dense A.
+template <typename T>
+C10_HOST_DEVICE inline void cg_matvec_system(int64_t sys, int64_t d, int64_t K, const T* A,
+                                             const T* p, T* Ap) {
+  const int64_t n = sys / K, k = sys - n * K;
+  const int64_t base = n * d * K + k;
+  const T* An = A + n * d * d;
+  for (int64_t i = 0; i < d; ++i) {
+    T s = 0;
+    for (int64_t j = 0; j < d; ++j) s += An[i * d + j] * p[base + j * K];
+    Ap[base + i * K] = s;
+  }
 }
 
 // One CG iteration of system `sys`, given Ap = A·p; no-op unless the system is running.

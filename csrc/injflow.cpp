@@ -46,11 +46,12 @@ TORCH_LIBRARY(injflow, m) {
   //   zero iteration counts, all (N, K).
   m.def("cg_init(Tensor r, Tensor b, float rtol, float atol) -> "
         "(Tensor p, Tensor rs, Tensor tol2, Tensor status, Tensor iterations)");
-  // cg_step: one CG iteration for every running system given Ap = A p, fused: pᵀAp, α, x and r
-  //   updates, rᵀr, convergence and breakdown (pᵀAp <= 0) tests, β, p update. Systems that are
-  //   not running are left unchanged.
-  m.def("cg_step(Tensor(a!) x, Tensor(b!) r, Tensor(c!) p, Tensor Ap, Tensor(d!) rs, "
-        "Tensor tol2, Tensor(e!) status, Tensor(f!) iterations) -> ()");
+  // cg_step: one CG iteration for every running system, fused: Ap = A p when the matrices A
+  //   (N, d, d) are given (else Ap holds A p on entry), pᵀAp, α, x and r updates, rᵀr,
+  //   convergence and breakdown (pᵀAp <= 0) tests, β, p update. Systems that are not running
+  //   are left unchanged.
+  m.def("cg_step(Tensor(a!) x, Tensor(b!) r, Tensor(c!) p, Tensor(d!) Ap, Tensor? A, "
+        "Tensor(e!) rs, Tensor tol2, Tensor(f!) status, Tensor(g!) iterations) -> ()");
 }
 
 namespace {

@@ -138,7 +138,11 @@ def test_opcheck(device):
         p, rs, tol2, status, it = torch.ops.injflow.cg_init.default(r, r.clone(), 1e-5, 0.0)
         A = spd_with_condition(4, 5, 5.0, dtype=dtype, device=device)
         torch.library.opcheck(torch.ops.injflow.cg_step.default,
-                              (torch.zeros_like(r), r.clone(), p, A @ p, rs, tol2, status, it))
+                              (torch.zeros_like(r), r.clone(), p.clone(), A @ p, None, rs.clone(),
+                               tol2, status.clone(), it.clone()))
+        torch.library.opcheck(torch.ops.injflow.cg_step.default,
+                              (torch.zeros_like(r), r.clone(), p.clone(), torch.empty_like(p), A,
+                               rs.clone(), tol2, status.clone(), it.clone()))
 
 
 def test_torch_compile_fullgraph(device):

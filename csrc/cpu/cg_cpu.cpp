@@ -36,25 +36,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cg_init_c
   return {p, rs, tol2, status, iterations};
 }
 
-void cg_step_cpu(at::Tensor& x, at::Tensor& r, at::Tensor& p, const at::Tensor& Ap_in,
-                 at::Tensor& rs, const at::Tensor& tol2, at::Tensor& status,
+void cg_step_cpu(at::Tensor& x, at::Tensor& r, at::Tensor& p, at::Tensor& Ap,
+                 const c10::optional<at::Tensor>& A_in, at::Tensor& rs, const at::Tensor& tol2, at::Tensor& status,
                  at::Tensor& iterations) {
-  const at::Tensor Ap = Ap_in.contiguous();
   check_cg_vectors("cg_step", {&x, &r, &p, &Ap});
+  check_cg_matrix(x, A_in);
+  const at::Tensor A = A_in.has_value() ? A_in->contiguous() : at::Tensor();
   check_cg_state(x, rs, tol2, status, iterations);
   const int64_t N = x.size(0), d = x.size(1), K = x.size(2);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cg_step_cpu", [&] {
     scalar_t* xp = x.mutable_data_ptr<scalar_t>();
     scalar_t* rp = r.mutable_data_ptr<scalar_t>();
     scalar_t* pp = p.mutable_data_ptr<scalar_t>();
-    const scalar_t* ap = Ap.const_data_ptr<scalar_t>();
+    scalar_t* ap = Ap.mutable_data_ptr<scalar_t>();
+    const scalar_t* Ap_mat = A.defined() ? A.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* rsp = rs.mutable_data_ptr<scalar_t>();
     const scalar_t* tp = tol2.const_data_ptr<scalar_t>();
     int32_t* sp = status.mutable_data_ptr<int32_t>();
     int32_t* ip = iterations.mutable_data_ptr<int32_t>();
     at::parallel_for(0, N * K, std::max<int64_t>(1, 8192 / (d + 1)), [&](int64_t lo, int64_t hi) {
-      for (int64_t s = lo; s < hi; ++s)
+      for (int64_t s = lo; s < hi; ++s) {
+        if (Ap_mat && sp[s] == kCGRunning) cg_matvec_system<scalar_t>(s, d, K, Ap_mat, pp, ap);
         cg_step_system<scalar_t>(s, d, K, xp, rp, pp, ap, rsp, tp, sp, ip);
+      }
     });
   });
 }

@@ -23,11 +23,13 @@ __global__ void cg_init_kernel(int64_t systems, int64_t d, int64_t K, const T* r
 }
 
 template <typename T>
-__global__ void cg_step_kernel(int64_t systems, int64_t d, int64_t K, T* x, T* r, T* p,
-                               const T* Ap, T* rs, const T* tol2, int32_t* status,
+__global__ void cg_step_kernel(int64_t systems, int64_t d, int64_t K, T* x, T* r, T* p, T* Ap,
+                               const T* A, T* rs, const T* tol2, int32_t* status,
                                int32_t* iterations) {
   const int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (s < systems) cg_step_system<T>(s, d, K, x, r, p, Ap, rs, tol2, status, iterations);
+  if (s >= systems) return;
+  if (A && status[s] == kCGRunning) cg_matvec_system<T>(s, d, K, A, p, Ap);
+  cg_step_system<T>(s, d, K, x, r, p, Ap, rs, tol2, status, iterations);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cg_init_cuda(
@@ -55,12 +57,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cg_init_c
   return {p, rs, tol2, status, iterations};
 }
 
-void cg_step_cuda(at::Tensor& x, at::Tensor& r, at::Tensor& p, const at::Tensor& Ap_in,
-                  at::Tensor& rs, const at::Tensor& tol2, at::Tensor& status,
+void cg_step_cuda(at::Tensor& x, at::Tensor& r, at::Tensor& p, at::Tensor& Ap,
+                  const c10::optional<at::Tensor>& A_in, at::Tensor& rs, const at::Tensor& tol2, at::Tensor& status,
                   at::Tensor& iterations) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor Ap = Ap_in.contiguous();
   check_cg_vectors("cg_step", {&x, &r, &p, &Ap});
+  check_cg_matrix(x, A_in);
+  const at::Tensor A = A_in.has_value() ? A_in->contiguous() : at::Tensor();
   check_cg_state(x, rs, tol2, status, iterations);
   const int64_t N = x.size(0), d = x.size(1), K = x.size(2);
   const int64_t systems = N * K;
@@ -69,7 +72,8 @@ void cg_step_cuda(at::Tensor& x, at::Tensor& r, at::Tensor& p, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cg_step_cuda", [&] {
     cg_step_kernel<scalar_t><<<(systems + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
         systems, d, K, x.mutable_data_ptr<scalar_t>(), r.mutable_data_ptr<scalar_t>(),
-        p.mutable_data_ptr<scalar_t>(), Ap.const_data_ptr<scalar_t>(),
+        p.mutable_data_ptr<scalar_t>(), Ap.mutable_data_ptr<scalar_t>(),
+        A.defined() ? A.const_data_ptr<scalar_t>() : nullptr,
         rs.mutable_data_ptr<scalar_t>(), tol2.const_data_ptr<scalar_t>(),
         status.mutable_data_ptr<int32_t>(), iterations.mutable_data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -57,8 +57,9 @@ def cg_solve(A: Union[torch.Tensor, MatVec], b: torch.Tensor, *, x0: torch.Tenso
             ``max_iter`` iterations (converged systems stay unchanged), so the solve can be
             captured in a CUDA graph or compiled.
 
-    Each iteration is one matvec and one fused kernel (``pᵀAp``, ``α``, x and r updates,
-    ``rᵀr``, convergence and breakdown tests, ``β``, p update) for all systems.
+    Each iteration is one fused kernel for all systems (``A p`` for a tensor ``A``, ``pᵀAp``,
+    ``α``, x and r updates, ``rᵀr``, convergence and breakdown tests, ``β``, p update), plus
+    the callable's matvec when ``A`` is a callable.
     """
     op = "cg_solve"
     check_tensor(op, "b", b)
@@ -71,12 +72,13 @@ def cg_solve(A: Union[torch.Tensor, MatVec], b: torch.Tensor, *, x0: torch.Tenso
     def to_user(v):
         return v.squeeze(-1) if single else v
 
+    A_dense = None
     if isinstance(A, torch.Tensor):
         check_tensor(op, "A", A, shape=(N, d, d), like=b)
-        A_ = A.detach()
+        A_dense = A.detach().contiguous()
 
         def matvec3(v):
-            return torch.bmm(A_, v)
+            return torch.bmm(A_dense, v)
     elif callable(A):
         def matvec3(v):
             out = A(to_user(v))
@@ -108,9 +110,12 @@ def cg_solve(A: Union[torch.Tensor, MatVec], b: torch.Tensor, *, x0: torch.Tenso
         r = (b3 - matvec3(x)).contiguous()
     p, rs, tol2, status, iterations = torch.ops.injflow.cg_init.default(r, b3, float(rtol),
                                                                         float(atol))
+    # dense A: the matvec is fused into the step kernel (Ap is its workspace)
+    Ap = torch.empty_like(p) if A_dense is not None else None
     for it in range(max_iter):
-        Ap = matvec3(p)
-        torch.ops.injflow.cg_step.default(x, r, p, Ap, rs, tol2, status, iterations)
+        if A_dense is None:
+            Ap = matvec3(p).contiguous()
+        torch.ops.injflow.cg_step.default(x, r, p, Ap, A_dense, rs, tol2, status, iterations)
         if check_every is not None and (it + 1) % check_every == 0:
             if not bool((status == CG_RUNNING).any()):
                 break
@@ -135,5 +140,5 @@ def _cg_init_fake(r, b, rtol, atol):
 
 
 @torch.library.register_fake("injflow::cg_step")
-def _cg_step_fake(x, r, p, Ap, rs, tol2, status, iterations):
+def _cg_step_fake(x, r, p, Ap, A, rs, tol2, status, iterations):
     return None
