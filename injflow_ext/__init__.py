@@ -5,14 +5,20 @@ Ops (CPU and CUDA, float32/float64, autograd, ``torch.compile``):
     tangent_linear(x, V, W, b, act)     linear + activation on a primal and K tangents
     tangent_affine_coupling(...)        affine coupling on a primal and K tangents
     cg_solve(A, b)                      batched conjugate gradients, fused iterations
+
+Models: injflow_ext.nn (bijections with batched tangents), injflow_ext.estimators.logdet_jtj
+(exact / Hutchinson volume term), RectangularFlow.
 """
 
 from ._extension import build_info
 from .ops import (CGResult, GramLogdetInfo, cg_solve, gram_logdet, tangent_affine_coupling,
                   tangent_coupling_packed, tangent_linear, tangent_linear_packed)
 
+from . import estimators, nn  # noqa: E402  (after the ops they build on)
+from .models import RectangularFlow  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = ["build_info", "gram_logdet", "GramLogdetInfo", "tangent_linear",
            "tangent_linear_packed", "tangent_affine_coupling", "tangent_coupling_packed",
-           "cg_solve", "CGResult", "__version__"]
+           "cg_solve", "CGResult", "RectangularFlow", "estimators", "nn", "__version__"]

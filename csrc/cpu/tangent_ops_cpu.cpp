@@ -21,7 +21,9 @@ struct ActTensors {
 
 // σ(z), σ'(z) and optionally σ''(z) of activation `act` with vectorised ATen ops; the same
 // functions as activations.h (tests compare both with torch.func.jvp of torch's activations).
-ActTensors activation_values(const at::Tensor& z, int64_t act, double slope, bool want_d2) {
+ActTensors activation_values(const at::Tensor& z_in, int64_t act, double slope, bool want_d2) {
+  // a strided row view would send ATen's transcendental kernels down their slow scalar path
+  const at::Tensor z = z_in.contiguous();
   ActTensors r;
   switch (act) {
     case kActNone:
@@ -172,7 +174,8 @@ struct ScaleTensors {
   at::Tensor st, e, c, c2;
 };
 
-ScaleTensors scale_values(const at::Tensor& s, int64_t scale) {
+ScaleTensors scale_values(const at::Tensor& s_in, int64_t scale) {
+  const at::Tensor s = s_in.contiguous();  // vectorised tanh/exp need a dense input
   ScaleTensors r;
   if (scale == kScaleTanh) {
     r.st = at::tanh(s);
@@ -192,8 +195,11 @@ ScaleTensors scale_values(const at::Tensor& s, int64_t scale) {
 
 // One batch element of the coupling forward: y rows from x rows and [s,t] rows.
 #define INJFLOW_COUPLING_ROWS(T)                                                              \
-  INJFLOW_MULTIVERSION void coupling_rows(const T* x, const T* st, const T* e, const T* c,    \
-                                          int64_t R, int64_t m, T* y, T* xec) {               \
+  INJFLOW_MULTIVERSION void coupling_rows(const T* x0, const T* st0, const T* e0, const T* c0, \
+                                          int64_t count, int64_t R, int64_t m, T* y0, T* xec) { \
+   for (int64_t bi = 0; bi < count; ++bi) {                                                   \
+    const T *x = x0 + bi * R * m, *st = st0 + bi * R * 2 * m, *e = e0 + bi * m, *c = c0 + bi * m; \
+    T* y = y0 + bi * R * m;                                                                   \
     _Pragma("omp simd") for (int64_t j = 0; j < m; ++j) {                                     \
       y[j] = x[j] * e[j] + st[m + j];                                                         \
       xec[j] = x[j] * e[j] * c[j];                                                            \
@@ -205,6 +211,7 @@ ScaleTensors scale_values(const at::Tensor& s, int64_t scale) {
       _Pragma("omp simd") for (int64_t j = 0; j < m; ++j)                                     \
         yk[j] = xk[j] * e[j] + xec[j] * sk[j] + sk[m + j];                                    \
     }                                                                                         \
+   }                                                                                          \
   }
 INJFLOW_COUPLING_ROWS(float)
 INJFLOW_COUPLING_ROWS(double)
@@ -212,8 +219,13 @@ INJFLOW_COUPLING_ROWS(double)
 // One batch element of the coupling backward (formulas in ops/tangent.py's module docstring).
 #define INJFLOW_COUPLING_BACKWARD_ROWS(T)                                                     \
   INJFLOW_MULTIVERSION void coupling_backward_rows(                                           \
-      const T* x, const T* st, const T* g, T gl, const T* e, const T* c, const T* c2,         \
-      int64_t R, int64_t m, T* gx, T* gs) {                                                   \
+      const T* x0, const T* st0, const T* g0, const T* gl0, const T* e0, const T* c0,         \
+      const T* c20, int64_t count, int64_t R, int64_t m, T* gx0, T* gs0) {                    \
+   for (int64_t bi = 0; bi < count; ++bi) {                                                   \
+    const T *x = x0 + bi * R * m, *st = st0 + bi * R * 2 * m, *g = g0 + bi * R * m;           \
+    const T *e = e0 + bi * m, *c = c0 + bi * m, *c2 = c20 + bi * m;                          \
+    const T gl = gl0[bi];                                                                     \
+    T *gx = gx0 + bi * R * m, *gs = gs0 + bi * R * 2 * m;                                     \
     _Pragma("omp simd") for (int64_t j = 0; j < m; ++j) {                                     \
       gx[j] = g[j] * e[j];                                                                    \
       gs[j] = g[j] * x[j] * e[j] * c[j] + gl * c[j];                                          \
@@ -235,6 +247,7 @@ INJFLOW_COUPLING_ROWS(double)
         gsk[m + j] = gk[j];                                                                   \
       }                                                                                       \
     }                                                                                         \
+   }                                                                                          \
   }
 INJFLOW_COUPLING_BACKWARD_ROWS(float)
 INJFLOW_COUPLING_BACKWARD_ROWS(double)
@@ -255,9 +268,8 @@ std::tuple<at::Tensor, at::Tensor> tangent_coupling_cpu(const at::Tensor& XV_in,
     scalar_t* y = Y.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B, grain_for(R * m), [&](int64_t lo, int64_t hi) {
       std::vector<scalar_t> xec(m);
-      for (int64_t bi = lo; bi < hi; ++bi)
-        coupling_rows(xv + bi * R * m, st + bi * R * 2 * m, e + bi * m, c + bi * m, R, m,
-                      y + bi * R * m, xec.data());
+      coupling_rows(xv + lo * R * m, st + lo * R * 2 * m, e + lo * m, c + lo * m, hi - lo, R, m,
+                    y + lo * R * m, xec.data());
     });
   });
   return {Y, lad};
@@ -287,10 +299,9 @@ std::tuple<at::Tensor, at::Tensor> tangent_coupling_backward_cpu(
     scalar_t* gx = gXV.mutable_data_ptr<scalar_t>();
     scalar_t* gs = gST.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B, grain_for(R * m), [&](int64_t lo, int64_t hi) {
-      for (int64_t bi = lo; bi < hi; ++bi)
-        coupling_backward_rows(xv + bi * R * m, st + bi * R * 2 * m, g + bi * R * m, glp[bi],
-                               e + bi * m, c + bi * m, c2 + bi * m, R, m, gx + bi * R * m,
-                               gs + bi * R * 2 * m);
+      coupling_backward_rows(xv + lo * R * m, st + lo * R * 2 * m, g + lo * R * m, glp + lo,
+                             e + lo * m, c + lo * m, c2 + lo * m, hi - lo, R, m, gx + lo * R * m,
+                             gs + lo * R * 2 * m);
     });
   });
   return {gXV, gST};

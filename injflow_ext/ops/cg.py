@@ -57,9 +57,10 @@ def cg_solve(A: Union[torch.Tensor, MatVec], b: torch.Tensor, *, x0: torch.Tenso
             ``max_iter`` iterations (converged systems stay unchanged), so the solve can be
             captured in a CUDA graph or compiled.
 
-    Each iteration is one fused kernel for all systems (``A p`` for a tensor ``A``, ``pᵀAp``,
-    ``α``, x and r updates, ``rᵀr``, convergence and breakdown tests, ``β``, p update), plus
-    the callable's matvec when ``A`` is a callable.
+    Each iteration is one fused kernel for all systems (``pᵀAp``, ``α``, x and r updates,
+    ``rᵀr``, convergence and breakdown tests, ``β``, p update, and ``A p`` itself for a tensor
+    ``A`` with one right-hand side), plus a batched GEMM for a tensor ``A`` with K > 1
+    right-hand sides or the callable's matvec.
     """
     op = "cg_solve"
     check_tensor(op, "b", b)
@@ -110,12 +111,16 @@ def cg_solve(A: Union[torch.Tensor, MatVec], b: torch.Tensor, *, x0: torch.Tenso
         r = (b3 - matvec3(x)).contiguous()
     p, rs, tol2, status, iterations = torch.ops.injflow.cg_init.default(r, b3, float(rtol),
                                                                         float(atol))
-    # dense A: the matvec is fused into the step kernel (Ap is its workspace)
-    Ap = torch.empty_like(p) if A_dense is not None else None
+    # Dense A with one right-hand side: the matvec is fused into the step kernel (Ap is its
+    # workspace). With K > 1 right-hand sides sharing A, a batched GEMM (A P) beats recomputing
+    # A's rows per right-hand side, so the matvec stays separate.
+    fuse_matvec = A_dense is not None and K == 1
+    Ap = torch.empty_like(p) if fuse_matvec else None
     for it in range(max_iter):
-        if A_dense is None:
+        if not fuse_matvec:
             Ap = matvec3(p).contiguous()
-        torch.ops.injflow.cg_step.default(x, r, p, Ap, A_dense, rs, tol2, status, iterations)
+        torch.ops.injflow.cg_step.default(x, r, p, Ap, A_dense if fuse_matvec else None, rs,
+                                          tol2, status, iterations)
         if check_every is not None and (it + 1) % check_every == 0:
             if not bool((status == CG_RUNNING).any()):
                 break

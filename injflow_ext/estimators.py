@@ -1,0 +1,144 @@
+"""The volume term ``log det(JᵀJ)`` of a decoder ``g: R^d -> R^D`` at ``u``, ``J = ∂g/∂u``,
+exactly or by a stochastic estimate of its gradient (DESIGN.md §1). This module is the one
+place of that math; models and training call it.
+
+- ``method="exact"``: J from d tangents in one pass, then ``gram_logdet`` (fused Gram,
+  Cholesky, log-diagonal; backward ``2 J G⁻¹``).
+- ``method="hutchinson"``: probes ``ε (B, K, d)`` (normal or Rademacher), ``ξ = G⁻¹ε`` by batched
+  CG with the matrix-free product ``G v = Jᵀ(J v)`` (a JVP then a VJP), then the surrogate
+  ``s = mean_k <J sg(ξ_k), J ε_k>``: its value is not ``log det G``, its gradient is an unbiased
+  estimate (up to CG error) of ``∇ log det G``.
+
+Decoders: anything with ``jvp_packed(UV (B, 1+K, d)) -> (B, 1+K, D)`` (the library's flows;
+fast path), or any callable ``u (B, d) -> x (B, D)`` acting on each sample independently, e.g. a
+user's ``nn.Module`` (generic path through ``torch.func``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .ops import cg_solve, gram_logdet
+
+__all__ = ["logdet_jtj", "LogdetResult", "decoder_jacobian"]
+
+
+@dataclass
+class LogdetResult:
+    """What :func:`logdet_jtj` returns.
+
+    value: ``(B,)``; exact: ``log det(JᵀJ)``; hutchinson: the surrogate whose gradient
+        estimates ``∇ log det(JᵀJ)`` (its value is not the log-determinant).
+    decoded: ``g(u)`` ``(B, D)``, computed on the way (differentiable).
+    diagnostics: exact: ``jitter`` and ``status`` per sample (see ``gram_logdet``);
+        hutchinson: ``cg_iterations``, ``cg_residual_norm``, ``cg_converged`` per sample and probe.
+    """
+
+    value: torch.Tensor
+    decoded: torch.Tensor
+    method: str
+    diagnostics: dict = field(default_factory=dict)
+
+
+def _has_fast_path(decoder) -> bool:
+    return callable(getattr(decoder, "jvp_packed", None))
+
+
+def _push_tangents(decoder, u: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g(u) (B, D), J V (B, K, D))`` for tangents ``V (B, K, d)``, differentiable."""
+    if _has_fast_path(decoder):
+        YV = decoder.jvp_packed(torch.cat([u.unsqueeze(1), V], dim=1))
+        return YV[:, 0], YV[:, 1:]
+    outs = [torch.func.jvp(decoder, (u,), (V[:, k],)) for k in range(V.shape[1])]
+    if not outs:
+        return decoder(u), u.new_zeros(u.shape[0], 0, 0)
+    return outs[0][0], torch.stack([o[1] for o in outs], dim=1)
+
+
+def decoder_jacobian(decoder, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g(u) (B, D), J (B, D, d))`` with all d tangents in one pass (fast path) or by
+    ``torch.func.jacfwd`` (generic path). Differentiable w.r.t. u and the decoder's parameters."""
+    B, d = u.shape
+    if _has_fast_path(decoder):
+        eye = torch.eye(d, dtype=u.dtype, device=u.device).expand(B, d, d)
+        x, JV = _push_tangents(decoder, u, eye)
+        return x, JV.mT
+    x = decoder(u)
+    J = torch.func.vmap(torch.func.jacfwd(lambda ui: decoder(ui.unsqueeze(0)).squeeze(0)))(u)
+    return x, J
+
+
+def _probes(B: int, K: int, d: int, kind: str, like: torch.Tensor,
+            generator: Optional[torch.Generator]) -> torch.Tensor:
+    if kind == "normal":
+        return torch.randn(B, K, d, dtype=like.dtype, device=like.device, generator=generator)
+    if kind == "rademacher":
+        bits = torch.randint(0, 2, (B, K, d), device=like.device, generator=generator)
+        return bits.to(like.dtype) * 2 - 1
+    raise ValueError(f"logdet_jtj: probe must be 'normal' or 'rademacher', got {kind!r}")
+
+
+def _gram_matvec(decoder, u: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``v (B, d, K) -> Jᵀ(J v) (B, d, K)`` without forming J: one JVP with K tangents, then K
+    VJPs through one graph of the primal decoder (no gradient to the parameters is kept)."""
+    u0 = u.detach().requires_grad_(True)
+    with torch.enable_grad():
+        x0 = decoder(u0) if not _has_fast_path(decoder) else decoder.jvp_packed(u0.unsqueeze(1))[:, 0]
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            _, JV = _push_tangents(decoder, u0.detach(), v.mT)      # (B, K, D)
+        cols = []
+        for k in range(JV.shape[1]):
+            g, = torch.autograd.grad(x0, u0, JV[:, k], retain_graph=True)
+            cols.append(g)
+        return torch.stack(cols, dim=-1)                             # (B, d, K)
+
+    return matvec
+
+
+def logdet_jtj(decoder, u: torch.Tensor, method: str = "exact", *, hutchinson_samples: int = 1,
+               probe: str = "normal", cg_rtol: float = 1e-5, cg_max_iter: int | None = None,
+               generator: Optional[torch.Generator] = None, **gram_kwargs) -> LogdetResult:
+    """Volume term of the decoder at ``u (B, d)``; see the module docstring.
+
+    Args:
+        decoder: a flow with ``jvp_packed`` or a callable ``(B, d) -> (B, D)``.
+        u: ``(B, d)`` latent points (may carry gradient, e.g. from an encoder).
+        method: "exact" or "hutchinson".
+        hutchinson_samples: probes K per sample.
+        probe: "normal" or "rademacher".
+        cg_rtol, cg_max_iter: CG tolerance and cap (default d iterations).
+        generator: random generator for the probes.
+        gram_kwargs: passed to ``gram_logdet`` (e.g. ``max_relative_jitter``).
+    """
+    if not isinstance(u, torch.Tensor) or u.dim() != 2:
+        raise ValueError(f"logdet_jtj: u must be a tensor (B, d), got "
+                         f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}")
+    if method == "exact":
+        x, J = decoder_jacobian(decoder, u)
+        if J.shape[-2] < J.shape[-1]:
+            raise ValueError(f"logdet_jtj: the decoder must map R^d to R^D with D >= d, got J of "
+                             f"shape {tuple(J.shape)}")
+        value, info = gram_logdet(J, return_info=True, **gram_kwargs)
+        return LogdetResult(value, x, method, {"jitter": info.jitter, "status": info.status})
+    if method == "hutchinson":
+        if not isinstance(hutchinson_samples, int) or hutchinson_samples < 1:
+            raise ValueError(f"logdet_jtj: hutchinson_samples must be a positive int, got "
+                             f"{hutchinson_samples!r}")
+        B, d = u.shape
+        K = hutchinson_samples
+        eps = _probes(B, K, d, probe, u, generator)                  # (B, K, d)
+        res = cg_solve(_gram_matvec(decoder, u), eps.mT.contiguous(), rtol=cg_rtol,
+                       max_iter=cg_max_iter)
+        xi = res.x.mT.detach()                                       # (B, K, d), sg(ξ)
+        x, JV = _push_tangents(decoder, u, torch.cat([eps, xi], dim=1))
+        J_eps, J_xi = JV[:, :K], JV[:, K:]
+        value = (J_xi * J_eps).sum(-1).mean(-1)
+        return LogdetResult(value, x, method, {"cg_iterations": res.iterations,
+                                               "cg_residual_norm": res.residual_norm,
+                                               "cg_converged": res.converged})
+    raise ValueError(f"logdet_jtj: method must be 'exact' or 'hutchinson', got {method!r}")

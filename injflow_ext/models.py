@@ -1,0 +1,223 @@
+"""RectangularFlow: an injective flow ``x = h(pad(f(z)))`` (DESIGN.md §1).
+
+``z ~ N(0, I_d)``, ``u = f(z)`` a d-dimensional prior flow, ``pad`` appends ``D − d`` zeros, ``h``
+a D-dimensional ambient flow. The density of ``x`` on the manifold ``g(R^d)``, ``g = h ∘ pad``, is
+``log p(x) = log p_U(u) − ½ log det(JᵀJ)`` at ``u = enc(x)`` (the first d coordinates of
+``h⁻¹(x)``), ``J = ∂g/∂u`` (D × d).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .estimators import logdet_jtj
+from .nn import ActNorm, AffineCoupling, Bijection, Permutation, Reverse, Sequential
+from .nn.base import check_width
+
+__all__ = ["RectangularFlow"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class _Decoder:
+    """``g = h ∘ pad`` as the estimators see it: ``__call__(u)`` and ``jvp_packed(UV)``."""
+
+    def __init__(self, model: "RectangularFlow"):
+        self.model = model
+
+    def jvp_packed(self, UV: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        pad = UV.new_zeros(*UV.shape[:-1], m.ambient_dim - m.latent_dim)
+        return m.ambient.jvp_packed(torch.cat([UV, pad], dim=-1))
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        return self.jvp_packed(u.unsqueeze(1))[:, 0]
+
+
+class RectangularFlow(nn.Module):
+    """Injective flow from ``R^latent_dim`` into ``R^ambient_dim`` with a density on its manifold.
+
+    Args:
+        ambient_dim: D, the data dimension.
+        latent_dim: d < D, the manifold dimension.
+        ambient_layers: blocks (ActNorm, AffineCoupling, Permutation) of the ambient flow h.
+        ambient_hidden: hidden widths of h's coupling conditioners.
+        prior_layers: blocks (ActNorm, AffineCoupling, Reverse) of the prior flow f.
+        prior_hidden: hidden widths of f's conditioners.
+        activation: conditioner activation; scale: coupling scale ("tanh" bounded, or "exp").
+        actnorm: include ActNorm layers (initialised from the first training batch).
+        seed: seed of the fixed permutations.
+    """
+
+    def __init__(self, ambient_dim: int, latent_dim: int, *, ambient_layers: int = 10,
+                 ambient_hidden: Sequence[int] = (128,) * 4, prior_layers: int = 5,
+                 prior_hidden: Sequence[int] = (32,) * 2, activation: str = "tanh",
+                 scale: str = "tanh", actnorm: bool = True, seed: int = 0):
+        super().__init__()
+        for name, v in (("ambient_dim", ambient_dim), ("latent_dim", latent_dim)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"RectangularFlow: {name} must be a positive int, got {v!r}")
+        if latent_dim >= ambient_dim:
+            raise ValueError(f"RectangularFlow: latent_dim must be smaller than ambient_dim "
+                             f"(an injective flow maps R^d into R^D with d < D), got "
+                             f"latent_dim={latent_dim}, ambient_dim={ambient_dim}")
+        self.ambient_dim, self.latent_dim = ambient_dim, latent_dim
+        self.config = dict(ambient_dim=ambient_dim, latent_dim=latent_dim,
+                           ambient_layers=ambient_layers, ambient_hidden=list(ambient_hidden),
+                           prior_layers=prior_layers, prior_hidden=list(prior_hidden),
+                           activation=activation, scale=scale, actnorm=actnorm, seed=seed)
+        D, d = ambient_dim, latent_dim
+        ambient: list[Bijection] = []
+        for i in range(ambient_layers):
+            if actnorm:
+                ambient.append(ActNorm(D))
+            ambient.append(AffineCoupling(D, ambient_hidden, activation, scale=scale))
+            ambient.append(Permutation(D, seed=seed + i))
+        prior: list[Bijection] = []
+        for _ in range(prior_layers):
+            if actnorm:
+                prior.append(ActNorm(d))
+            prior.append(AffineCoupling(d, prior_hidden, activation, scale=scale))
+            prior.append(Reverse(d))
+        self.ambient = Sequential(*ambient)
+        self.prior = Sequential(*prior)
+
+    # ------------------------------------------------------------------ maps
+    @property
+    def decoder(self) -> _Decoder:
+        """``g = h ∘ pad`` for :func:`injflow_ext.estimators.logdet_jtj`."""
+        return _Decoder(self)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, D) -> u (B, d)``: the first d coordinates of ``h⁻¹(x)``."""
+        check_width("RectangularFlow.encode", x, self.ambient_dim)
+        return self.ambient.inverse(x)[:, :self.latent_dim]
+
+    def decode(self, u: torch.Tensor) -> torch.Tensor:
+        """``u (B, d) -> x (B, D)``: ``h(pad(u))``."""
+        check_width("RectangularFlow.decode", u, self.latent_dim, "u")
+        return self.decoder(u)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, D) -> g(enc(x)) (B, D)``: the point of the learned manifold that x maps to."""
+        return self.decode(self.encode(x))
+
+    def prior_log_prob(self, u: torch.Tensor) -> torch.Tensor:
+        """``log p_U(u) (B,)`` of the prior flow: ``log N(f⁻¹(u)) + log|det ∂f⁻¹/∂u|``."""
+        check_width("RectangularFlow.prior_log_prob", u, self.latent_dim, "u")
+        z, lad = self.prior.inverse_with_logabsdet(u)
+        return -0.5 * (z * z).sum(-1) - 0.5 * self.latent_dim * _LOG_2PI + lad
+
+    def log_prob(self, x: torch.Tensor, **gram_kwargs) -> torch.Tensor:
+        """Exact on-manifold log-density ``(B,)`` of the projection of ``x (B, D)``."""
+        u = self.encode(x)
+        vol = logdet_jtj(self.decoder, u, "exact", **gram_kwargs).value
+        return self.prior_log_prob(u) - 0.5 * vol
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`log_prob`."""
+        return self.log_prob(x)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` samples ``(n, D)`` from the model (on the learned manifold)."""
+        p = next(self.parameters())
+        z = torch.randn(n, self.latent_dim, dtype=p.dtype, device=p.device, generator=generator)
+        u, _ = self.prior(z)
+        return self.decode(u)
+
+    # ------------------------------------------------------------------ training
+    def parameter_groups(self) -> dict:
+        """``{"ambient": [...], "prior": [...]}``: h's and f's parameters (two-step training)."""
+        return {"ambient": list(self.ambient.parameters()), "prior": list(self.prior.parameters())}
+
+    def loss(self, x: torch.Tensor, method: str = "exact", beta: float = 50.0,
+             likelihood_weight: float = 1.0, *, phase: str | None = None,
+             hutchinson_samples: int = 1, probe: str = "normal", cg_rtol: float = 1e-5,
+             cg_max_iter: int | None = None, generator: torch.Generator | None = None) -> dict:
+        """Training objective on a batch ``x (B, D)``; returns a dict of scalars:
+
+        ``loss`` (to minimise), ``nll`` (mean ``−log p(x)`` on the manifold when the volume term
+        is known, else None), ``prior_nll`` (mean ``−log p_U(u)``), ``reconstruction`` (mean
+        ``‖x − g(u)‖²``) and ``logdet`` (mean ``log det JᵀJ``, None when not computed).
+
+        method "exact" / "hutchinson" (RNF-ML): ``w·(−log p_U(u) + ½ log det JᵀJ) + β·‖x − g(u)‖²``
+        with the volume term's gradient exact or estimated. method "two-step" (RNF-TS baseline):
+        ``phase="reconstruction"`` gives ``β·‖x − g(u)‖²`` (train the ambient flow),
+        ``phase="likelihood"`` gives ``−w·log p_U(sg(u))`` (train the prior flow).
+        """
+        check_width("RectangularFlow.loss", x, self.ambient_dim)
+        if method in ("exact", "hutchinson"):
+            if phase is not None:
+                raise ValueError(f"RectangularFlow.loss: phase is only for method='two-step', got "
+                                 f"phase={phase!r} with method={method!r}")
+            u = self.encode(x)
+            res = logdet_jtj(self.decoder, u, method, hutchinson_samples=hutchinson_samples,
+                             probe=probe, cg_rtol=cg_rtol, cg_max_iter=cg_max_iter,
+                             generator=generator)
+            rec = ((x - res.decoded) ** 2).sum(-1)
+            prior_nll = -self.prior_log_prob(u)
+            loss = (likelihood_weight * (prior_nll + 0.5 * res.value) + beta * rec).mean()
+            exact = method == "exact"
+            return {"loss": loss,
+                    "nll": (prior_nll + 0.5 * res.value).mean().detach() if exact else None,
+                    "prior_nll": prior_nll.mean().detach(),
+                    "reconstruction": rec.mean().detach(),
+                    "logdet": res.value.mean().detach() if exact else None,
+                    "diagnostics": res.diagnostics}
+        if method == "two-step":
+            if phase == "reconstruction":
+                u = self.encode(x)
+                rec = ((x - self.decode(u)) ** 2).sum(-1)
+                with torch.no_grad():
+                    prior_nll = -self.prior_log_prob(u)
+                return {"loss": beta * rec.mean(), "nll": None,
+                        "prior_nll": prior_nll.mean(), "reconstruction": rec.mean().detach(),
+                        "logdet": None, "diagnostics": {}}
+            if phase == "likelihood":
+                with torch.no_grad():
+                    u = self.encode(x)
+                    rec = ((x - self.decode(u)) ** 2).sum(-1)
+                prior_nll = -self.prior_log_prob(u)
+                return {"loss": likelihood_weight * prior_nll.mean(), "nll": None,
+                        "prior_nll": prior_nll.mean().detach(), "reconstruction": rec.mean(),
+                        "logdet": None, "diagnostics": {}}
+            raise ValueError(f"RectangularFlow.loss: method='two-step' needs "
+                             f"phase='reconstruction' or 'likelihood', got {phase!r}")
+        raise ValueError(f"RectangularFlow.loss: method must be 'exact', 'hutchinson' or "
+                         f"'two-step', got {method!r}")
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str) -> None:
+        """Config and weights in one file, written atomically (temporary file + rename)."""
+        from . import __version__
+        payload = {"format": "injflow_ext.RectangularFlow/1", "version": __version__,
+                   "config": self.config, "state_dict": self.state_dict()}
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str, map_location="cpu") -> "RectangularFlow":
+        """A model saved by :meth:`save` (on the CPU by default, also from a GPU run)."""
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(payload, dict) or "config" not in payload:
+            raise ValueError(f"RectangularFlow.load: {path} is not a file written by "
+                             "RectangularFlow.save")
+        model = cls(**payload["config"])
+        model.load_state_dict(payload["state_dict"])
+        return model.to(next(iter(payload["state_dict"].values())).dtype)
