@@ -84,6 +84,24 @@ C10_HOST_DEVICE inline ActValues<T> activation(int64_t act, T z, T slope, bool w
   return v;
 }
 
+// σ''(z) from z, σ(z) and σ'(z) without transcendental functions, for every activation but
+// silu (whose σ'' needs sigmoid(z); callers compute it from z). Used by the CPU backward.
+template <typename T>
+C10_HOST_DEVICE inline T second_derivative_from(int64_t act, T z, T f, T df) {
+  switch (act) {
+    case kActTanh:
+      return T(-2) * f * df;
+    case kActSigmoid:
+      return df * (T(1) - T(2) * f);
+    case kActElu:
+      return z > T(0) ? T(0) : df;
+    case kActSoftplus:
+      return z > T(20) ? T(0) : df * (T(1) - df);
+    default:  // none, relu, leaky_relu: piecewise linear
+      return T(0);
+  }
+}
+
 // Affine-coupling scale functions s̃ = scale(s): 0 = tanh (bounded), 1 = identity ("exp":
 // the multiplier is exp(s)). Returns s̃, s̃', s̃''.
 enum CouplingScale : int64_t { kScaleTanh = 0, kScaleExp = 1, kScaleCount = 2 };

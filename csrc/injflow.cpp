@@ -26,12 +26,14 @@ TORCH_LIBRARY(injflow, m) {
 
   // Linear layer with activation on a primal row and K tangent rows, stacked (B, 1+K, n):
   //   Z = XV Wᵀ (one GEMM over all rows), Z[:,0] += b, Y[:,0] = σ(Z[:,0]),
-  //   Y[:,k] = σ'(Z[:,0]) ⊙ Z[:,k]. Returns Y (B, 1+K, n_out) and Z (saved for backward).
-  //   activation: code of csrc/activations.h; slope: leaky_relu slope or elu alpha.
+  //   Y[:,k] = σ'(Z[:,0]) ⊙ Z[:,k]. Returns Y (B, 1+K, n_out), and for the backward Z and
+  //   dA = σ'(Z[:,0]) (B, n_out). activation: code of csrc/activations.h; slope: leaky_relu
+  //   slope or elu alpha.
   m.def("tangent_linear(Tensor XV, Tensor W, Tensor? b, int activation, float slope) -> "
-        "(Tensor Y, Tensor Z)");
-  m.def("tangent_linear_backward(Tensor grad_Y, Tensor XV, Tensor W, Tensor Z, int activation, "
-        "float slope) -> (Tensor grad_XV, Tensor grad_W, Tensor grad_b)");
+        "(Tensor Y, Tensor Z, Tensor dA)");
+  m.def("tangent_linear_backward(Tensor grad_Y, Tensor XV, Tensor W, Tensor Z, Tensor Y, "
+        "Tensor dA, int activation, float slope) -> (Tensor grad_XV, Tensor grad_W, "
+        "Tensor grad_b)");
   // Affine coupling (transformed half) on a primal row and K tangent rows:
   //   XV (B, 1+K, m) = [x; V], ST (B, 1+K, 2m) = [[s, t]; [Ṡ, Ṫ]],
   //   y = x ⊙ exp(s̃) + t, ẏ = v ⊙ exp(s̃) + x ⊙ exp(s̃) ⊙ s̃'(s) ⊙ ṡ + ṫ, s̃ = scale(s),

@@ -47,33 +47,40 @@ inline void check_tangent_coupling_args(const at::Tensor& XV, const at::Tensor& 
 
 // Device kernels, implemented in cpu/tangent_ops_cpu.cpp and cuda/tangent_ops_cuda.cu.
 // linear_epilogue: Z (B,R,n) pre-activations of all rows, adds b to row 0 in place and writes
-//   Y[:,0] = σ(z), Y[:,k] = σ'(z)·Z[:,k].
-// linear_grad_preact: GZ[:,0] = gY0·σ'(z) + Σ_k gYk·Z[:,k]·σ''(z), GZ[:,k] = gYk·σ'(z).
-using LinearEpilogueFn = void (*)(at::Tensor& Z, const c10::optional<at::Tensor>& b,
-                                  int64_t act, double slope, at::Tensor& Y);
-using LinearGradPreactFn = void (*)(const at::Tensor& gY, const at::Tensor& Z, int64_t act,
+//   Y[:,0] = σ(z), Y[:,k] = σ'(z)·Z[:,k]; returns dA = σ'(z) (B, n).
+// linear_grad_preact: GZ[:,0] = gY0·σ'(z) + Σ_k gYk·Z[:,k]·σ''(z), GZ[:,k] = gYk·σ'(z), given
+//   the forward's Z, Y and dA (a device may use them or recompute from Z).
+using LinearEpilogueFn = at::Tensor (*)(at::Tensor& Z, const c10::optional<at::Tensor>& b,
+                                        int64_t act, double slope, at::Tensor& Y);
+using LinearGradPreactFn = void (*)(const at::Tensor& gY, const at::Tensor& Z,
+                                    const at::Tensor& Y, const at::Tensor& dA, int64_t act,
                                     double slope, at::Tensor& GZ);
 
 // y-rows of tangent_linear: one GEMM over the stacked rows, then the fused epilogue.
-inline std::tuple<at::Tensor, at::Tensor> tangent_linear_composite(
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_composite(
     const at::Tensor& XV, const at::Tensor& W, const c10::optional<at::Tensor>& b, int64_t act,
     double slope, LinearEpilogueFn epilogue) {
   check_tangent_linear_args(XV, W, b, act);
   const int64_t B = XV.size(0), R = XV.size(1), n_in = XV.size(2), n_out = W.size(0);
   at::Tensor Z = at::mm(XV.reshape({B * R, n_in}), W.t()).view({B, R, n_out});
   at::Tensor Y = at::empty_like(Z);
-  epilogue(Z, b, act, slope, Y);
-  return {Y, Z};
+  at::Tensor dA = epilogue(Z, b, act, slope, Y);
+  return {Y, Z, dA};
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_composite(
     const at::Tensor& gY_in, const at::Tensor& XV, const at::Tensor& W, const at::Tensor& Z,
-    int64_t act, double slope, LinearGradPreactFn grad_preact) {
+    const at::Tensor& Y, const at::Tensor& dA, int64_t act, double slope,
+    LinearGradPreactFn grad_preact) {
   check_tangent_linear_args(XV, W, c10::nullopt, act);
   TORCH_CHECK(gY_in.sizes() == Z.sizes() && Z.size(0) == XV.size(0) && Z.size(1) == XV.size(1) &&
                   Z.size(2) == W.size(0),
               "tangent_linear_backward: grad and Z must be (B, 1+K, n_out), got ", gY_in.sizes(),
               " and ", Z.sizes());
+  TORCH_CHECK(Y.sizes() == Z.sizes() && dA.dim() == 2 && dA.size(0) == Z.size(0) &&
+                  dA.size(1) == Z.size(2),
+              "tangent_linear_backward: Y must be ", Z.sizes(), " and dA (B, n_out), got ",
+              Y.sizes(), " and ", dA.sizes());
   const int64_t B = XV.size(0), R = XV.size(1), n_in = XV.size(2), n_out = W.size(0);
   const at::Tensor gY = gY_in.contiguous();
   at::Tensor GZ;
@@ -81,7 +88,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_co
     GZ = gY;
   } else {
     GZ = at::empty_like(gY);
-    grad_preact(gY, Z.contiguous(), act, slope, GZ);
+    grad_preact(gY, Z.contiguous(), Y.contiguous(), dA.contiguous(), act, slope, GZ);
   }
   const at::Tensor GZ2 = GZ.view({B * R, n_out});
   at::Tensor gXV = at::mm(GZ2, W).view({B, R, n_in});

@@ -138,10 +138,10 @@ def test_opcheck(device, dtype, requires_grad):
     torch.library.opcheck(torch.ops.injflow.tangent_coupling.default, (XV, ST, 0))
     torch.library.opcheck(torch.ops.injflow.tangent_coupling.default, (XV, ST, 1))
     with torch.no_grad():
-        _, Z = torch.ops.injflow.tangent_linear.default(XV, W, b, 1, 0.0)
+        Y, Z, dA = torch.ops.injflow.tangent_linear.default(XV, W, b, 1, 0.0)
     gY = torch.randn(3, 3, 5, dtype=dtype, device=device)
     torch.library.opcheck(torch.ops.injflow.tangent_linear_backward.default,
-                          (gY, XV.detach(), W.detach(), Z, 1, 0.0))
+                          (gY, XV.detach(), W.detach(), Z, Y, dA, 1, 0.0))
     torch.library.opcheck(torch.ops.injflow.tangent_coupling_backward.default,
                           (torch.randn(3, 3, 4, dtype=dtype, device=device),
                            torch.randn(3, dtype=dtype, device=device), XV.detach(), ST.detach(), 0))

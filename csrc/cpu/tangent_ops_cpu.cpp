@@ -33,8 +33,8 @@ ActTensors activation_values(const at::Tensor& z_in, int64_t act, double slope, 
       break;
     case kActTanh:
       r.f = at::tanh(z);
-      r.df = 1 - r.f * r.f;
-      if (want_d2) r.d2f = -2 * r.f * r.df;
+      r.df = (r.f * r.f).neg_().add_(1);
+      if (want_d2) r.d2f = (r.f * r.df).mul_(-2);
       break;
     case kActRelu:
       r.f = at::relu(z);
@@ -99,10 +99,18 @@ ActTensors activation_values(const at::Tensor& z_in, int64_t act, double slope, 
 INJFLOW_APPLY_TANGENT(float)
 INJFLOW_APPLY_TANGENT(double)
 
-// GZ[0] = gY[0] ⊙ df + Σ_k gY[k] ⊙ Z[k] ⊙ d2f,  GZ[k] = gY[k] ⊙ df
+// GZ[0] = gY[0] ⊙ df + Σ_k gY[k] ⊙ Z[k] ⊙ d2f,  GZ[k] = gY[k] ⊙ df. d2f is given, or (when
+// null) derived from z = Z[0], f = Y[0] and df by second_derivative_from (no transcendentals).
 #define INJFLOW_GRAD_PREACT(T)                                                                \
-  INJFLOW_MULTIVERSION void grad_preact_rows(const T* g, const T* Z, const T* df, const T* d2f, \
-                                             int64_t R, int64_t n, T* GZ) {                   \
+  INJFLOW_MULTIVERSION void grad_preact_rows(const T* g, const T* Z, const T* Y, const T* df, \
+                                             const T* d2f_in, int64_t act, int64_t R,         \
+                                             int64_t n, T* GZ, T* d2f) {                      \
+    if (d2f_in) {                                                                             \
+      for (int64_t j = 0; j < n; ++j) d2f[j] = d2f_in[j];                                     \
+    } else {                                                                                  \
+      for (int64_t j = 0; j < n; ++j)                                                         \
+        d2f[j] = second_derivative_from<T>(act, Z[j], Y[j], df[j]);                           \
+    }                                                                                         \
     _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) GZ[j] = g[j] * df[j];                 \
     for (int64_t k = 1; k < R; ++k) {                                                         \
       const T* gk = g + k * n;                                                                \
@@ -121,8 +129,8 @@ int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, 32768 / (work_per_item + 1));
 }
 
-void linear_epilogue_cpu(at::Tensor& Z, const c10::optional<at::Tensor>& b, int64_t act,
-                         double slope, at::Tensor& Y) {
+at::Tensor linear_epilogue_cpu(at::Tensor& Z, const c10::optional<at::Tensor>& b, int64_t act,
+                               double slope, at::Tensor& Y) {
   const int64_t B = Z.size(0), R = Z.size(1), n = Z.size(2);
   at::Tensor z0 = Z.select(1, 0);
   if (b.has_value()) z0.add_(*b);
@@ -137,36 +145,42 @@ void linear_epilogue_cpu(at::Tensor& Z, const c10::optional<at::Tensor>& b, int6
         apply_tangent_rows(fp + bi * n, dfp + bi * n, zp + bi * R * n, R, n, yp + bi * R * n);
     });
   });
+  return a.df;
 }
 
-void linear_grad_preact_cpu(const at::Tensor& gY, const at::Tensor& Z, int64_t act, double slope,
-                            at::Tensor& GZ) {
+void linear_grad_preact_cpu(const at::Tensor& gY, const at::Tensor& Z, const at::Tensor& Y,
+                            const at::Tensor& dA, int64_t act, double slope, at::Tensor& GZ) {
   const int64_t B = Z.size(0), R = Z.size(1), n = Z.size(2);
-  const ActTensors a = activation_values(Z.select(1, 0), act, slope, true);
+  // σ' comes from the forward; σ'' from (z, σ, σ') by arithmetic, except silu (ATen, from z)
+  at::Tensor d2f_silu;
+  if (act == kActSilu) d2f_silu = activation_values(Z.select(1, 0), act, slope, true).d2f;
   AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "tangent_linear_backward_cpu", [&] {
     const scalar_t* g = gY.const_data_ptr<scalar_t>();
     const scalar_t* z = Z.const_data_ptr<scalar_t>();
-    const scalar_t* dfp = a.df.const_data_ptr<scalar_t>();
-    const scalar_t* d2fp = a.d2f.const_data_ptr<scalar_t>();
+    const scalar_t* y = Y.const_data_ptr<scalar_t>();
+    const scalar_t* dfp = dA.const_data_ptr<scalar_t>();
+    const scalar_t* d2p = d2f_silu.defined() ? d2f_silu.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* gz = GZ.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B, grain_for(R * n), [&](int64_t lo, int64_t hi) {
+      std::vector<scalar_t> d2f(n);
       for (int64_t bi = lo; bi < hi; ++bi)
-        grad_preact_rows(g + bi * R * n, z + bi * R * n, dfp + bi * n, d2fp + bi * n, R, n,
-                         gz + bi * R * n);
+        grad_preact_rows(g + bi * R * n, z + bi * R * n, y + bi * R * n, dfp + bi * n,
+                         d2p ? d2p + bi * n : nullptr, act, R, n, gz + bi * R * n, d2f.data());
     });
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> tangent_linear_cpu(const at::Tensor& XV, const at::Tensor& W,
-                                                      const c10::optional<at::Tensor>& b,
-                                                      int64_t act, double slope) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_cpu(
+    const at::Tensor& XV, const at::Tensor& W, const c10::optional<at::Tensor>& b, int64_t act,
+    double slope) {
   return tangent_linear_composite(XV, W, b, act, slope, &linear_epilogue_cpu);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_cpu(
     const at::Tensor& gY, const at::Tensor& XV, const at::Tensor& W, const at::Tensor& Z,
-    int64_t act, double slope) {
-  return tangent_linear_backward_composite(gY, XV, W, Z, act, slope, &linear_grad_preact_cpu);
+    const at::Tensor& Y, const at::Tensor& dA, int64_t act, double slope) {
+  return tangent_linear_backward_composite(gY, XV, W, Z, Y, dA, act, slope,
+                                           &linear_grad_preact_cpu);
 }
 
 // s̃ = scale(s), e = exp(s̃), s̃' and s̃'' of the primal scale pre-activations s (B, m).

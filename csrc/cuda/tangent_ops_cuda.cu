@@ -21,7 +21,7 @@ inline int64_t blocks_for(int64_t n) {
 template <typename T>
 __global__ void linear_epilogue_kernel(T* __restrict__ z, const T* __restrict__ bias, int64_t B,
                                        int64_t R, int64_t n, int64_t act, T slope,
-                                       T* __restrict__ y) {
+                                       T* __restrict__ y, T* __restrict__ da) {
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < B * n;
        e += (int64_t)gridDim.x * blockDim.x) {
     const int64_t b = e / n, j = e - b * n;
@@ -30,6 +30,7 @@ __global__ void linear_epilogue_kernel(T* __restrict__ z, const T* __restrict__ 
     z[o] = z0;
     const auto a = activation<T>(act, z0, slope, false);
     y[o] = a.f;
+    da[e] = a.df;
     for (int64_t k = 1; k < R; ++k) y[o + k * n] = a.df * z[o + k * n];
   }
 }
@@ -53,21 +54,26 @@ __global__ void linear_grad_preact_kernel(const T* __restrict__ g, const T* __re
   }
 }
 
-void linear_epilogue_cuda(at::Tensor& Z, const c10::optional<at::Tensor>& b, int64_t act,
-                          double slope, at::Tensor& Y) {
+at::Tensor linear_epilogue_cuda(at::Tensor& Z, const c10::optional<at::Tensor>& b, int64_t act,
+                                double slope, at::Tensor& Y) {
   const int64_t B = Z.size(0), R = Z.size(1), n = Z.size(2);
+  at::Tensor dA = at::empty({B, n}, Z.options());
   const at::Tensor bias = b.has_value() ? b->contiguous() : at::Tensor();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "tangent_linear_cuda", [&] {
     linear_epilogue_kernel<scalar_t><<<blocks_for(B * n), kThreads, 0, stream>>>(
         Z.mutable_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-        B, R, n, act, static_cast<scalar_t>(slope), Y.mutable_data_ptr<scalar_t>());
+        B, R, n, act, static_cast<scalar_t>(slope), Y.mutable_data_ptr<scalar_t>(),
+        dA.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  return dA;
 }
 
-void linear_grad_preact_cuda(const at::Tensor& gY, const at::Tensor& Z, int64_t act,
-                             double slope, at::Tensor& GZ) {
+// The GPU recomputes σ' and σ'' from Z in the kernel (cheaper than reading Y and dA).
+void linear_grad_preact_cuda(const at::Tensor& gY, const at::Tensor& Z, const at::Tensor& /*Y*/,
+                             const at::Tensor& /*dA*/, int64_t act, double slope,
+                             at::Tensor& GZ) {
   const int64_t B = Z.size(0), R = Z.size(1), n = Z.size(2);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "tangent_linear_backward_cuda", [&] {
@@ -78,18 +84,19 @@ void linear_grad_preact_cuda(const at::Tensor& gY, const at::Tensor& Z, int64_t 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> tangent_linear_cuda(const at::Tensor& XV, const at::Tensor& W,
-                                                       const c10::optional<at::Tensor>& b,
-                                                       int64_t act, double slope) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_cuda(
+    const at::Tensor& XV, const at::Tensor& W, const c10::optional<at::Tensor>& b, int64_t act,
+    double slope) {
   const c10::cuda::CUDAGuard guard(XV.device());
   return tangent_linear_composite(XV, W, b, act, slope, &linear_epilogue_cuda);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_cuda(
     const at::Tensor& gY, const at::Tensor& XV, const at::Tensor& W, const at::Tensor& Z,
-    int64_t act, double slope) {
+    const at::Tensor& Y, const at::Tensor& dA, int64_t act, double slope) {
   const c10::cuda::CUDAGuard guard(XV.device());
-  return tangent_linear_backward_composite(gY, XV, W, Z, act, slope, &linear_grad_preact_cuda);
+  return tangent_linear_backward_composite(gY, XV, W, Z, Y, dA, act, slope,
+                                           &linear_grad_preact_cuda);
 }
 
 // One block per batch row: threads over features j, each covering all K tangents; the block

@@ -143,12 +143,13 @@ def _gram_logdet_setup_context(ctx, inputs, output):
     _, jitter, status, L = output
     ctx.save_for_backward(J, L, status)
     ctx.mark_non_differentiable(jitter, status, L)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the diagnostics and L
 
 
 def _gram_logdet_backward(ctx, grad_logdet, _grad_jitter, _grad_status, _grad_L):
     J, L, status = ctx.saved_tensors
     grad_J = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad_logdet is not None:
         grad_J = torch.ops.injflow.gram_logdet_backward.default(grad_logdet, J, L, status)
     return grad_J, None, None
 

@@ -59,7 +59,7 @@ def tangent_linear_packed(XV: torch.Tensor, W: torch.Tensor, b: torch.Tensor | N
     if b is not None:
         check_tensor(op, "b", b, shape=(W.shape[0],), like=XV)
     code, param = activation_code(activation, activation_param)
-    Y, _ = torch.ops.injflow.tangent_linear.default(XV, W, b, code, param)
+    Y, _, _ = torch.ops.injflow.tangent_linear.default(XV, W, b, code, param)
     return Y
 
 
@@ -125,26 +125,29 @@ def tangent_affine_coupling(x_b, V_b, s, S_dot, t, T_dot, scale: str = "tanh"):
 def _tangent_linear_fake(XV, W, b, activation, slope):
     B, R, _ = XV.shape
     shape = (B, R, W.shape[0])
-    return XV.new_empty(shape), XV.new_empty(shape)
+    return XV.new_empty(shape), XV.new_empty(shape), XV.new_empty(B, W.shape[0])
 
 
 @torch.library.register_fake("injflow::tangent_linear_backward")
-def _tangent_linear_backward_fake(grad_Y, XV, W, Z, activation, slope):
+def _tangent_linear_backward_fake(grad_Y, XV, W, Z, Y, dA, activation, slope):
     return XV.new_empty(XV.shape), W.new_empty(W.shape), W.new_empty(W.shape[0])
 
 
 def _tangent_linear_setup_context(ctx, inputs, output):
     XV, W, b, activation, slope = inputs
-    _, Z = output
-    ctx.save_for_backward(XV, W, Z)
+    Y, Z, dA = output
+    ctx.save_for_backward(XV, W, Z, Y, dA)
     ctx.activation, ctx.slope, ctx.has_bias = activation, slope, b is not None
-    ctx.mark_non_differentiable(Z)
+    ctx.mark_non_differentiable(Z, dA)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for Z and dA, never used
 
 
-def _tangent_linear_backward(ctx, grad_Y, _grad_Z):
-    XV, W, Z = ctx.saved_tensors
+def _tangent_linear_backward(ctx, grad_Y, _grad_Z, _grad_dA):
+    XV, W, Z, Y, dA = ctx.saved_tensors
+    if grad_Y is None:
+        return None, None, None, None, None
     gXV, gW, gb = torch.ops.injflow.tangent_linear_backward.default(
-        grad_Y, XV, W, Z, ctx.activation, ctx.slope)
+        grad_Y, XV, W, Z, Y, dA, ctx.activation, ctx.slope)
     return gXV, gW, (gb if ctx.has_bias else None), None, None
 
 
@@ -166,10 +169,17 @@ def _tangent_coupling_setup_context(ctx, inputs, output):
     XV, ST, scale = inputs
     ctx.save_for_backward(XV, ST)
     ctx.scale = scale
+    ctx.set_materialize_grads(False)
 
 
 def _tangent_coupling_backward(ctx, grad_Y, grad_logabsdet):
     XV, ST = ctx.saved_tensors
+    if grad_Y is None and grad_logabsdet is None:
+        return None, None, None
+    if grad_Y is None:
+        grad_Y = torch.zeros_like(XV)
+    if grad_logabsdet is None:
+        grad_logabsdet = XV.new_zeros(XV.shape[0])
     gXV, gST = torch.ops.injflow.tangent_coupling_backward.default(
         grad_Y, grad_logabsdet, XV, ST, ctx.scale)
     return gXV, gST, None

@@ -1,0 +1,198 @@
+"""Benchmark: one RectangularFlow training step (loss forward + backward) at the paper's sizes,
+ours against plain-PyTorch references on the same weights (DESIGN.md §5).
+
+Methods: ours_exact, ours_hutchinson (K=1 probe, CG capped at d iterations), and from
+bench/plain_reference.py: ref_one_tangent (d separate tangent passes, the paper's code style),
+ref_batched (primal once + d tangents, eager), ref_jacfwd (torch.func.jacfwd under vmap),
+ref_hutchinson_cg (torch-ops CG), and on CUDA ref_batched_graph (ref_batched replayed from a
+CUDA graph). Before timing, every exact method must give the same loss and gradients (checked
+in float64 on a slice of the batch).
+
+    python bench/step.py [--device cpu|cuda] [--configs MINIBOONE,HEPMASS] [--methods ...]
+                         [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import plain_reference as ref  # noqa: E402
+from common import environment, median_time, print_table, write_json  # noqa: E402
+
+from injflow_ext import RectangularFlow  # noqa: E402
+
+CONFIGS = {  # name: (D, d, batch, hidden)
+    "POWER": (6, 2, 5000, (128,) * 4),
+    "GAS": (8, 2, 2500, (128,) * 4),
+    "HEPMASS": (21, 10, 750, (128,) * 4),
+    "MINIBOONE": (43, 21, 400, (128,) * 4),
+    "IMAGE": (784, 20, 50, (512,) * 2),
+}
+QUICK_CONFIGS = {"TINY": (6, 2, 64, (16,) * 2)}
+METHODS = ["ours_exact", "ours_hutchinson", "ref_one_tangent", "ref_batched", "ref_jacfwd",
+           "ref_hutchinson_cg", "ref_batched_graph"]
+EXACT = ["ours_exact", "ref_one_tangent", "ref_batched", "ref_jacfwd"]
+BETA = 50.0
+
+
+def build_model(D, d, hidden, device, dtype, seed=0):
+    torch.manual_seed(seed)
+    model = RectangularFlow(D, d, ambient_layers=10, ambient_hidden=hidden, prior_layers=5,
+                            prior_hidden=(32, 32), actnorm=True, seed=seed)
+    model = model.to(device=device, dtype=dtype)
+    x = make_batch(256, D, device, dtype, seed)
+    model.loss(x)  # data-dependent ActNorm initialisation
+    with torch.no_grad():  # move off the identity initialisation of the couplings
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def make_batch(B, D, device, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, D, generator=g) * 0.5).to(device=device, dtype=dtype)
+
+
+def loss_fn(method, model, x, gen):
+    if method == "ours_exact":
+        return model.loss(x, "exact", beta=BETA)["loss"]
+    if method == "ours_hutchinson":
+        return model.loss(x, "hutchinson", beta=BETA, generator=gen)["loss"]
+    if method == "ref_one_tangent":
+        return ref.exact_one_tangent(model, x, BETA)
+    if method in ("ref_batched", "ref_batched_graph"):
+        return ref.exact_batched(model, x, BETA)
+    if method == "ref_jacfwd":
+        return ref.exact_jacfwd(model, x, BETA)
+    if method == "ref_hutchinson_cg":
+        return ref.hutchinson_cg(model, x, BETA, generator=gen)
+    raise ValueError(method)
+
+
+def check_exact_methods_agree(model, x, methods):
+    """Loss and gradients of every exact method in float64 on the same batch."""
+    m64 = model.to(torch.float64)
+    x64 = x[:16].to(torch.float64)
+    params = list(m64.parameters())
+    results = {}
+    for method in methods:
+        if method not in EXACT:
+            continue
+        loss = loss_fn(method, m64, x64, None)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        results[method] = (loss.detach(), [torch.zeros_like(p) if g is None else g
+                                           for g, p in zip(grads, params)])
+    model.to(x.dtype)
+    base_loss, base_grads = results["ours_exact"]
+    worst = 0.0
+    for method, (loss, grads) in results.items():
+        num = sum(((a - b) ** 2).sum() for a, b in zip(grads, base_grads)) ** 0.5
+        den = sum((b ** 2).sum() for b in base_grads) ** 0.5
+        rel_loss = (loss - base_loss).abs() / base_loss.abs().clamp(min=1e-12)
+        worst = max(worst, float(num / den), float(rel_loss))
+        if rel_loss > 1e-8 or num / den > 1e-7:
+            raise AssertionError(f"{method} disagrees with ours_exact: loss rel err "
+                                 f"{float(rel_loss):.2e}, gradient rel err {float(num / den):.2e}")
+    return worst
+
+
+def time_method(method, model, x, device, budget):
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        loss_fn(method, model, x, gen).backward()
+
+    if method == "ref_batched_graph":
+        if device.type != "cuda":
+            return None, None
+        static_x = x.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                for p in model.parameters():
+                    p.grad = None
+                ref.exact_batched(model, static_x, BETA).backward()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ref.exact_batched(model, static_x, BETA).backward()
+        step = graph.replay  # noqa: F811
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = median_time(step, device, budget_s=budget, min_repeats=3, max_repeats=30, warmup=2)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    return t, peak
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--configs", default=None, help="comma-separated names of " + ",".join(CONFIGS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--quick", action="store_true", help="one tiny configuration (smoke test)")
+    p.add_argument("--budget", type=float, default=2.0, help="seconds of timing per method")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    configs = QUICK_CONFIGS if args.quick else CONFIGS
+    if args.configs:
+        configs = {k: CONFIGS[k] for k in args.configs.split(",")}
+    methods = args.methods.split(",")
+    rows = []
+    for name, (D, d, B, hidden) in configs.items():
+        model = build_model(D, d, hidden, device, dtype)
+        x = make_batch(B, D, device, dtype)
+        worst = check_exact_methods_agree(model, x, methods)
+        row = {"config": name, "D": D, "d": d, "batch": B, "exact_agreement": worst}
+        for method in methods:
+            t, peak = time_method(method, model, x, device, 0.3 if args.quick else args.budget)
+            row[f"{method}_ms"] = t
+            row[f"{method}_peak_mib"] = peak
+            if t is not None:
+                print(f"  {name} {method}: {t:.2f} ms", flush=True)
+        with torch.no_grad():
+            pass
+        diag = model.loss(x, "hutchinson", beta=BETA)["diagnostics"]
+        row["ours_cg_iterations_mean"] = float(diag["cg_iterations"].float().mean())
+        row["ours_cg_converged_fraction"] = float(diag["cg_converged"].float().mean())
+        _, it = ref.hutchinson_cg(model, x, BETA, return_iterations=True)
+        row["ref_cg_iterations"] = it
+        for method in methods:
+            if method != "ours_exact" and row.get(f"{method}_ms") and row.get("ours_exact_ms"):
+                row[f"exact_speedup_vs_{method}"] = row[f"{method}_ms"] / row["ours_exact_ms"]
+        if row.get("ref_hutchinson_cg_ms") and row.get("ours_hutchinson_ms"):
+            row["hutchinson_speedup_vs_ref"] = row["ref_hutchinson_cg_ms"] / row["ours_hutchinson_ms"]
+        rows.append(row)
+    env = environment(device)
+    print(f"\ntraining step (loss forward + backward), {args.dtype}, {env['device_name']}, torch "
+          f"{env['torch_version']} (median ms)")
+    cols = [("config", "config", "s"), ("D", "D", "d"), ("d", "d", "d"), ("batch", "batch", "d")]
+    cols += [(f"{m}_ms", m, ".1f") for m in methods]
+    print_table(rows, cols)
+    print("\nratios (reference / ours; exact references against ours_exact, "
+          "Hutchinson against ours_hutchinson)")
+    rcols = [("config", "config", "s")]
+    rcols += [(f"exact_speedup_vs_{m}", f"vs {m}", ".2f") for m in methods
+              if m not in ("ours_exact", "ours_hutchinson", "ref_hutchinson_cg")]
+    rcols += [("hutchinson_speedup_vs_ref", "hutch vs ref", ".2f"),
+              ("ours_cg_iterations_mean", "CG it ours", ".1f"), ("ref_cg_iterations", "CG it ref", "d")]
+    print_table(rows, rcols)
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                     f"step_{device.type}.json")
+    write_json(path, {"benchmark": "step", "dtype": args.dtype, "environment": env,
+                      "metric": "median ms of one loss forward + backward", "beta": BETA,
+                      "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
