@@ -9,15 +9,14 @@ a D-dimensional ambient flow. The density of ``x`` on the manifold ``g(R^d)``, `
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from ._io import atomic_torch_save
 from .estimators import logdet_jtj
-from .nn import ActNorm, AffineCoupling, Bijection, Permutation, Reverse, Sequential
+from .nn import ActNorm, AffineCoupling, Bijection, FixedAffine, Permutation, Reverse, Sequential
 from .nn.base import check_width
 
 __all__ = ["RectangularFlow"]
@@ -53,12 +52,17 @@ class RectangularFlow(nn.Module):
         activation: conditioner activation; scale: coupling scale ("tanh" bounded, or "exp").
         actnorm: include ActNorm layers (initialised from the first training batch).
         seed: seed of the fixed permutations.
+        data_shift, data_scale: optional per-feature standardisation ``x = x_std·scale + shift``
+            kept as a fixed last layer of h, so that the model is trained on standardised data
+            while encode/decode/log_prob/sample work in the data's own units.
     """
 
     def __init__(self, ambient_dim: int, latent_dim: int, *, ambient_layers: int = 10,
                  ambient_hidden: Sequence[int] = (128,) * 4, prior_layers: int = 5,
                  prior_hidden: Sequence[int] = (32,) * 2, activation: str = "tanh",
-                 scale: str = "tanh", actnorm: bool = True, seed: int = 0):
+                 scale: str = "tanh", actnorm: bool = True, seed: int = 0,
+                 data_shift: Sequence[float] | None = None,
+                 data_scale: Sequence[float] | None = None):
         super().__init__()
         for name, v in (("ambient_dim", ambient_dim), ("latent_dim", latent_dim)):
             if not isinstance(v, int) or v < 1:
@@ -71,7 +75,9 @@ class RectangularFlow(nn.Module):
         self.config = dict(ambient_dim=ambient_dim, latent_dim=latent_dim,
                            ambient_layers=ambient_layers, ambient_hidden=list(ambient_hidden),
                            prior_layers=prior_layers, prior_hidden=list(prior_hidden),
-                           activation=activation, scale=scale, actnorm=actnorm, seed=seed)
+                           activation=activation, scale=scale, actnorm=actnorm, seed=seed,
+                           data_shift=None if data_shift is None else [float(v) for v in data_shift],
+                           data_scale=None if data_scale is None else [float(v) for v in data_scale])
         D, d = ambient_dim, latent_dim
         ambient: list[Bijection] = []
         for i in range(ambient_layers):
@@ -85,6 +91,10 @@ class RectangularFlow(nn.Module):
                 prior.append(ActNorm(d))
             prior.append(AffineCoupling(d, prior_hidden, activation, scale=scale))
             prior.append(Reverse(d))
+        if (data_shift is None) != (data_scale is None):
+            raise ValueError("RectangularFlow: give both data_shift and data_scale, or neither")
+        if data_shift is not None:
+            ambient.append(FixedAffine(D, data_shift, data_scale))
         self.ambient = Sequential(*ambient)
         self.prior = Sequential(*prior)
 
@@ -197,19 +207,8 @@ class RectangularFlow(nn.Module):
     def save(self, path: str) -> None:
         """Config and weights in one file, written atomically (temporary file + rename)."""
         from . import __version__
-        payload = {"format": "injflow_ext.RectangularFlow/1", "version": __version__,
-                   "config": self.config, "state_dict": self.state_dict()}
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_torch_save({"format": "injflow_ext.RectangularFlow/1", "version": __version__,
+                           "config": self.config, "state_dict": self.state_dict()}, path)
 
     @classmethod
     def load(cls, path: str, map_location="cpu") -> "RectangularFlow":

@@ -1,9 +1,9 @@
 """Bijections (``nn.Module``s) with forward, inverse, log|det| and batched tangents."""
 
 from .base import Bijection
-from .layers import (ActNorm, AffineCoupling, InvertibleLinear, Permutation, Reverse,
-                     Sequential)
+from .layers import (ActNorm, AffineCoupling, FixedAffine, InvertibleLinear, Permutation,
+                     Reverse, Sequential)
 from .mlp import MLP
 
 __all__ = ["Bijection", "AffineCoupling", "ActNorm", "Permutation", "Reverse",
-           "InvertibleLinear", "Sequential", "MLP"]
+           "InvertibleLinear", "FixedAffine", "Sequential", "MLP"]

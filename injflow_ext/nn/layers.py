@@ -187,6 +187,34 @@ class InvertibleLinear(Bijection):
         return x, (-self.log_s.sum()).expand(y.shape[0])
 
 
+class FixedAffine(Bijection):
+    """``y = x ⊙ scale + shift`` with fixed (non-trainable) per-feature ``shift`` and ``scale``:
+    a data standardisation kept inside a model so that its densities are in the data's units."""
+
+    def __init__(self, n: int, shift, scale):
+        super().__init__()
+        shift = torch.as_tensor(shift, dtype=torch.float32).reshape(-1)
+        scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+        if shift.shape != (n,) or scale.shape != (n,):
+            raise ValueError(f"FixedAffine: shift and scale must have {n} entries, got "
+                             f"{tuple(shift.shape)} and {tuple(scale.shape)}")
+        if not bool((scale > 0).all()):
+            raise ValueError("FixedAffine: every scale must be positive")
+        self.n = n
+        self.register_buffer("shift", shift)
+        self.register_buffer("scale", scale)
+
+    def forward_packed(self, XV):
+        check_width("FixedAffine", XV, self.n)
+        YV = XV * self.scale
+        YV = torch.cat([YV[:, :1] + self.shift, YV[:, 1:]], dim=1)
+        return YV, torch.log(self.scale).sum().expand(XV.shape[0])
+
+    def inverse_with_logabsdet(self, y):
+        check_width("FixedAffine", y, self.n, "y")
+        return (y - self.shift) / self.scale, (-torch.log(self.scale).sum()).expand(y.shape[0])
+
+
 class Sequential(Bijection):
     """Composition: ``forward`` applies the layers in order, ``inverse`` in reverse order."""
 

@@ -1,0 +1,290 @@
+"""``injflow`` command line: train, eval, ood, sample (also ``python -m injflow_ext``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from ._io import atomic_json
+from .data import DATASET_NAMES, Dataset, load_dataset
+from .models import RectangularFlow
+
+__all__ = ["main", "load_run"]
+
+
+def load_run(run_dir: str, map_location="cpu") -> RectangularFlow:
+    """The trained model of a run directory (its best checkpoint, ``model.pt``), in eval mode.
+    Its ``log_prob``, ``sample``, ``encode``, ``decode`` work in the data's own units (the
+    standardisation used in training is a fixed layer of the model)."""
+    path = os.path.join(run_dir, "model.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir} has no model.pt; is it a run directory written by "
+                                "'injflow train'?")
+    return RectangularFlow.load(path, map_location=map_location).eval()
+
+
+def _read_config(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir} has no config.json; is it a run directory written by "
+                                "'injflow train'?")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _hidden(text: str) -> tuple:
+    try:
+        return tuple(int(v) for v in text.split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated widths like 128,128, got "
+                                         f"{text!r}") from None
+
+
+def _device(name: str) -> str:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("injflow: --device cuda but no GPU is visible to torch")
+    return name
+
+
+def cmd_train(args) -> int:
+    from . import build_info
+    from .evaluation import evaluate
+    from .plots import make_plots
+    from .training import TrainConfig, Trainer
+
+    device = _device(args.device)
+    if args.resume:  # the data of a resumed run is the data it started with
+        saved_data = _read_config(args.out)["data"] if args.out else None
+        if saved_data is None:
+            raise SystemExit("injflow train: --resume needs --out RUN_DIR")
+        args.data, args.seed = saved_data["name"], saved_data["seed"]
+        args.data_dir = args.data_dir or saved_data.get("data_dir")
+        args.n_samples = saved_data.get("n_samples")
+    data = load_dataset(args.data, seed=args.seed, data_dir=args.data_dir,
+                        n_samples=args.n_samples)
+    d = args.latent_dim or data.latent_dim
+    if d is None:
+        raise SystemExit(f"injflow train: --latent-dim is required for {args.data} (its manifold "
+                         "dimension is not known)")
+    if d >= data.dim:
+        raise SystemExit(f"injflow train: --latent-dim must be smaller than the data dimension "
+                         f"{data.dim}, got {d}")
+    out = args.out or os.path.join("runs", f"{os.path.basename(data.name)}-{args.method}")
+    config_path = os.path.join(out, "config.json")
+    if args.resume:
+        saved = _read_config(out)
+        model = RectangularFlow(**saved["model"])
+        tcfg = TrainConfig(**{**saved["train"],
+                              "likelihood_warmup": (tuple(saved["train"]["likelihood_warmup"])
+                                                    if saved["train"]["likelihood_warmup"] else None),
+                              "device": device})
+    else:
+        if os.path.exists(os.path.join(out, "checkpoint.pt")) and not args.overwrite:
+            raise SystemExit(f"injflow train: {out} already holds a run; use --resume to continue "
+                             "it, --overwrite to start again, or another --out")
+        shift = scale = None
+        if args.standardize:
+            shift = data.train.mean(0)
+            scale = data.train.std(0) + 1e-6 * (np.abs(data.train).max() + 1e-12)
+        torch.manual_seed(args.seed)
+        model = RectangularFlow(data.dim, d, ambient_layers=args.ambient_layers,
+                                ambient_hidden=args.ambient_hidden, prior_layers=args.prior_layers,
+                                prior_hidden=args.prior_hidden, activation=args.activation,
+                                seed=args.seed, data_shift=shift, data_scale=scale)
+        tcfg = TrainConfig(method=args.method, hutchinson_samples=args.hutchinson_samples,
+                           beta=args.beta, epochs=args.epochs, steps=args.steps,
+                           batch_size=args.batch_size, lr=args.lr,
+                           likelihood_warmup=tuple(args.likelihood_warmup)
+                           if args.likelihood_warmup else None, seed=args.seed, device=device,
+                           checkpoint_every=args.checkpoint_every, patience=args.patience)
+        tcfg.validate()
+        os.makedirs(out, exist_ok=True)
+        atomic_json({"data": {"name": args.data, "data_dir": args.data_dir,
+                              "n_samples": args.n_samples, "seed": args.seed,
+                              "standardize": args.standardize, "dim": data.dim},
+                     "model": model.config, "train": asdict(tcfg), "build_info": build_info(),
+                     "torch_version": torch.__version__,
+                     "command": " ".join(sys.argv)}, config_path)
+    if args.dtype == "float64":
+        model = model.double()
+    trainer = Trainer(model, data.train, data.val, tcfg, out, progress=not args.quiet)
+    try:
+        summary = trainer.run(resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {trainer.step}; checkpoint written to "
+              f"{trainer.checkpoint_path}; continue with: injflow train --out {out} --resume",
+              file=sys.stderr)
+        return 130
+    print(f"trained {summary['steps']} steps ({summary['epochs']:.1f} epochs) in "
+          f"{summary['wall_time_s']:.1f} s; best validation objective "
+          f"{summary['best_val_objective']:.4g} at epoch {summary['best_epoch']}")
+    if args.no_eval:
+        atomic_json({"train": summary}, os.path.join(out, "metrics.json"))
+        return 0
+    model = load_run(out, map_location=device)
+    metrics = evaluate(model, data, seed=args.seed)
+    atomic_json({"train": summary, "test": metrics, "data": data.name, "method": tcfg.method},
+                os.path.join(out, "metrics.json"))
+    plots = make_plots(model, data, out)
+    _print_metrics(metrics)
+    print(f"run directory: {out}")
+    for p in plots:
+        print(f"  plot: {p}")
+    return 0
+
+
+def _print_metrics(m: dict) -> None:
+    names = {"test_log_likelihood": "test log-likelihood (nats, on the manifold)",
+             "reconstruction": "reconstruction error (mean ‖x − proj(x)‖²)",
+             "frechet_distance": "Fréchet distance (samples vs test)",
+             "kl_divergence": "KL(true ‖ model) on the manifold"}
+    for k, label in names.items():
+        if m.get(k) is not None:
+            print(f"  {label}: {m[k]:.4f}")
+
+
+def _data_of_run(run_dir: str, args) -> Dataset:
+    cfg = _read_config(run_dir)["data"]
+    name = args.data or cfg["name"]
+    return load_dataset(name, seed=cfg["seed"], data_dir=args.data_dir or cfg.get("data_dir"),
+                        n_samples=cfg.get("n_samples") if name == cfg["name"] else None)
+
+
+def cmd_eval(args) -> int:
+    from .evaluation import evaluate
+    model = load_run(args.run, map_location=_device(args.device))
+    data = _data_of_run(args.run, args)
+    if data.dim != model.ambient_dim:
+        raise SystemExit(f"injflow eval: the data has {data.dim} features, the model "
+                         f"{model.ambient_dim}")
+    metrics = evaluate(model, data)
+    path = os.path.join(args.run, "metrics.json")
+    old = json.load(open(path)) if os.path.exists(path) else {}
+    atomic_json({**old, "test": metrics, "data": data.name}, path)
+    _print_metrics(metrics)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_ood(args) -> int:
+    from .evaluation import ood_report
+    model = load_run(args.run, map_location=_device(args.device))
+    seed = _read_config(args.run)["data"]["seed"]
+    x_in = load_dataset(args.in_data, seed=seed, data_dir=args.data_dir).test
+    x_out = load_dataset(args.out_data, seed=seed, data_dir=args.data_dir).test
+    for name, x in (("--in-data", x_in), ("--out-data", x_out)):
+        if x.shape[1] != model.ambient_dim:
+            raise SystemExit(f"injflow ood: {name} has {x.shape[1]} features, the model "
+                             f"{model.ambient_dim}")
+    rep = {"in_data": args.in_data, "out_data": args.out_data, **ood_report(model, x_in, x_out)}
+    path = os.path.join(args.run, f"ood_{os.path.basename(args.out_data)}.json")
+    atomic_json(rep, path)
+    for score in ("log_likelihood", "reconstruction"):
+        print(f"  {score}: AUROC {rep[score]['auroc']:.3f}, decision-stump accuracy "
+              f"{rep[score]['stump_accuracy']:.3f}")
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    model = load_run(args.run, map_location=_device(args.device))
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    x = model.sample(args.n, generator=g).cpu().numpy()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    np.save(args.out, x)
+    print(f"wrote {args.n} samples of dimension {x.shape[1]} to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="injflow", description="Train and evaluate rectangular "
+                                "(injective) normalizing flows.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model; writes a run directory with config, logs, "
+                       "checkpoints, metrics and plots")
+    t.add_argument("--data", default=None,
+                   help=f"dataset name ({', '.join(DATASET_NAMES)}) or a .npy/.csv file (N × D)")
+    t.add_argument("--data-dir", default=None, help="folder of the tabular/image data files")
+    t.add_argument("--n-samples", type=int, default=None, help="use at most this many points")
+    t.add_argument("--latent-dim", type=int, default=None,
+                   help="manifold dimension d (default: known for synthetic data)")
+    t.add_argument("--method", default="exact", choices=["exact", "hutchinson", "two-step"])
+    t.add_argument("--hutchinson-samples", type=int, default=1)
+    t.add_argument("--beta", type=float, default=50.0, help="weight of the reconstruction term")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--steps", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=200)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--likelihood-warmup", type=float, nargs=2, metavar=("START", "END"),
+                   default=None, help="likelihood weight 0 before epoch START, 1 after END")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    t.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    t.add_argument("--out", default=None, help="run directory (default runs/DATA-METHOD)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    t.add_argument("--overwrite", action="store_true", help="start again in an existing --out")
+    t.add_argument("--checkpoint-every", type=int, default=500)
+    t.add_argument("--patience", type=int, default=20,
+                   help="stop after this many epochs without validation improvement")
+    t.add_argument("--ambient-layers", type=int, default=10)
+    t.add_argument("--ambient-hidden", type=_hidden, default=(128,) * 4)
+    t.add_argument("--prior-layers", type=int, default=5)
+    t.add_argument("--prior-hidden", type=_hidden, default=(32, 32))
+    t.add_argument("--activation", default="tanh")
+    t.add_argument("--no-standardize", dest="standardize", action="store_false",
+                   help="train on the raw data (default: a fixed per-feature standardisation "
+                        "layer inside the model)")
+    t.add_argument("--no-eval", action="store_true", help="skip the evaluation and plots")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a run on its test data; writes RUN/metrics.json")
+    e.add_argument("run")
+    e.add_argument("--data", default=None, help="another dataset of the same dimension")
+    e.add_argument("--data-dir", default=None)
+    e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    e.set_defaults(func=cmd_eval)
+
+    o = sub.add_parser("ood", help="out-of-distribution detection scores of a run")
+    o.add_argument("run")
+    o.add_argument("--in-data", required=True)
+    o.add_argument("--out-data", required=True)
+    o.add_argument("--data-dir", default=None)
+    o.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    o.set_defaults(func=cmd_ood)
+
+    s = sub.add_parser("sample", help="draw samples from a run's model into a .npy file")
+    s.add_argument("run")
+    s.add_argument("-n", type=int, default=1000)
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    s.set_defaults(func=cmd_sample)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train" and not args.data and not args.resume:
+        parser.error("train: --data is required (unless --resume)")
+    if args.command == "train" and args.epochs is None and args.steps is None:
+        args.epochs = 50
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as exc:
+        print(f"injflow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

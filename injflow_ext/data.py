@@ -1,0 +1,238 @@
+"""Datasets for training and evaluation: synthetic manifolds with known densities, scikit-learn's
+digits, the paper's tabular sets, MNIST/FashionMNIST (torchvision), and user files.
+
+Every loader returns a :class:`Dataset` with float arrays of shape (N, D) split
+deterministically into train/validation/test from a seed. Synthetic sets also carry the true
+log-density on their manifold (w.r.t. its d-dimensional volume) for the KL metric.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+__all__ = ["Dataset", "load_dataset", "SYNTHETIC", "TABULAR", "DATASET_NAMES"]
+
+
+@dataclass
+class Dataset:
+    """train/val/test: float64 arrays (N, D). latent_dim: the manifold dimension when known.
+    log_density: the true log-density on the manifold for points on it, when known.
+    sampler: draws n fresh points from the true distribution (synthetic sets).
+    image_shape: (H, W) for image data."""
+
+    name: str
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    latent_dim: Optional[int] = None
+    log_density: Optional[Callable[[np.ndarray], np.ndarray]] = None
+    sampler: Optional[Callable[[int, np.random.Generator], np.ndarray]] = None
+    image_shape: Optional[tuple] = None
+
+    @property
+    def dim(self) -> int:
+        return self.train.shape[1]
+
+
+def _split(x: np.ndarray, seed: int, val_frac=0.1, test_frac=0.1):
+    idx = np.random.default_rng(seed).permutation(len(x))
+    n_test, n_val = int(round(len(x) * test_frac)), int(round(len(x) * val_frac))
+    test, val, train = idx[:n_test], idx[n_test:n_test + n_val], idx[n_test + n_val:]
+    return x[train], x[val], x[test]
+
+
+def _log_i0(kappa):
+    from scipy.special import i0e
+    return np.log(i0e(kappa)) + kappa
+
+
+# ----------------------------------------------------------------------- synthetic manifolds
+
+def _von_mises(n, rng, kappa=1.0, loc=np.pi / 2):
+    """The paper's: angle ~ von Mises(κ=1, loc=π/2) on the unit circle in R² (d = 1)."""
+    theta = rng.vonmises(loc, kappa, size=n)
+    return np.stack([np.cos(theta), np.sin(theta)], -1)
+
+
+def _von_mises_logpdf(x, kappa=1.0, loc=np.pi / 2):
+    theta = np.arctan2(x[:, 1], x[:, 0])  # arc length on the unit circle is dθ
+    return kappa * np.cos(theta - loc) - np.log(2 * np.pi) - _log_i0(kappa)
+
+
+_SPHERE_MU = np.array([0.0, 0.0, 1.0])
+_SPHERE_KAPPA = 3.0
+
+
+def _sphere(n, rng, kappa=_SPHERE_KAPPA):
+    """von Mises–Fisher on S² ⊂ R³ (d = 2), mean direction +z: w = cos(polar angle) has density
+    ∝ exp(κw) on [-1, 1], sampled by inverting its CDF; the azimuth is uniform."""
+    u = rng.uniform(size=n)
+    w = 1 + np.log(u + (1 - u) * np.exp(-2 * kappa)) / kappa
+    phi = rng.uniform(0, 2 * np.pi, size=n)
+    r = np.sqrt(np.clip(1 - w * w, 0, None))
+    return np.stack([r * np.cos(phi), r * np.sin(phi), w], -1)
+
+
+def _sphere_logpdf(x, kappa=_SPHERE_KAPPA):
+    # C₃(κ) = κ / (4π sinh κ), density w.r.t. surface area
+    log_c = np.log(kappa) - np.log(4 * np.pi) - (kappa + np.log1p(-np.exp(-2 * kappa)) - np.log(2))
+    return log_c + kappa * (x @ _SPHERE_MU)
+
+
+_TORUS = dict(R=2.0, r=1.0, k_theta=2.0, mu_theta=0.0, k_phi=1.0, mu_phi=np.pi / 2)
+
+
+def _torus(n, rng, p=_TORUS):
+    """Torus in R³ (radii R=2, r=1, d = 2) with independent von Mises angles:
+    x = ((R + r cos θ) cos φ, (R + r cos θ) sin φ, r sin θ)."""
+    theta = rng.vonmises(p["mu_theta"], p["k_theta"], size=n)
+    phi = rng.vonmises(p["mu_phi"], p["k_phi"], size=n)
+    ring = p["R"] + p["r"] * np.cos(theta)
+    return np.stack([ring * np.cos(phi), ring * np.sin(phi), p["r"] * np.sin(theta)], -1)
+
+
+def _torus_logpdf(x, p=_TORUS):
+    phi = np.arctan2(x[:, 1], x[:, 0])
+    ring = np.hypot(x[:, 0], x[:, 1])
+    theta = np.arctan2(x[:, 2], ring - p["R"])
+    log_angles = (p["k_theta"] * np.cos(theta - p["mu_theta"]) - np.log(2 * np.pi)
+                  - _log_i0(p["k_theta"]) + p["k_phi"] * np.cos(phi - p["mu_phi"])
+                  - np.log(2 * np.pi) - _log_i0(p["k_phi"]))
+    # area element of the torus: r (R + r cos θ) dθ dφ
+    return log_angles - np.log(p["r"] * (p["R"] + p["r"] * np.cos(theta)))
+
+
+SYNTHETIC = {
+    "von-mises": (_von_mises, _von_mises_logpdf, 1),
+    "sphere": (_sphere, _sphere_logpdf, 2),
+    "torus": (_torus, _torus_logpdf, 2),
+}
+SYNTHETIC_SIZE = 10_000
+
+# ----------------------------------------------------------------------- real data
+
+TABULAR = {  # name: (file under --data-dir as in the MAF preprocessing, D)
+    "power": ("power/data.npy", 6),
+    "gas": ("gas/ethylene_CO.pickle", 8),
+    "hepmass": ("hepmass/1000_train.csv", 21),
+    "miniboone": ("miniboone/data.npy", 43),
+}
+TABULAR_SOURCE = ("the preprocessed UCI files of Papamakarios et al. (MAF, 2017), distributed as "
+                  "'data.tar.gz' on Zenodo (record 1161203); unpack it and pass its folder as "
+                  "--data-dir")
+
+DATASET_NAMES = list(SYNTHETIC) + ["digits", "mnist", "fashion-mnist"] + list(TABULAR)
+
+
+def _digits(seed, rng):
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError("the 'digits' dataset needs scikit-learn: pip install scikit-learn") from exc
+    x = load_digits().data.astype(np.float64)            # (1797, 64), integers 0..16
+    x = (x + rng.uniform(size=x.shape)) / 17.0            # dequantised to (0, 1)
+    return x
+
+
+def _torchvision(name, data_dir):
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise ImportError(f"the '{name}' dataset needs torchvision (pip install torchvision, "
+                          "matching your torch)") from exc
+    cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
+    root = data_dir or os.path.join(os.path.expanduser("~"), ".cache", "injflow_ext")
+    try:
+        ds = cls(root, train=True, download=True)
+    except Exception as exc:  # noqa: BLE001 - network errors vary
+        raise RuntimeError(f"could not load {name} from {root} and could not download it ({exc}); "
+                           "put the torchvision files there or pass --data-dir") from exc
+    return ds.data.numpy().reshape(len(ds.data), -1).astype(np.float64)
+
+
+def _tabular(name, data_dir):
+    rel, D = TABULAR[name]
+    if not data_dir:
+        raise FileNotFoundError(f"dataset '{name}' is read from {TABULAR_SOURCE}; --data-dir is "
+                                "not set")
+    path = os.path.join(data_dir, rel)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"dataset '{name}': {path} does not exist. It comes from "
+                                f"{TABULAR_SOURCE}.")
+    if path.endswith(".npy"):
+        x = np.load(path)
+    elif path.endswith(".csv"):
+        x = np.loadtxt(path, delimiter=",", skiprows=1)[:, 1:]  # first column: class label
+    else:
+        import pandas as pd
+        x = pd.read_pickle(path).to_numpy()
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] < D:
+        raise ValueError(f"dataset '{name}': {path} must hold an (N, >= {D}) table, got "
+                         f"{x.shape}")
+    return x[:, x.shape[1] - D:] if x.shape[1] != D else x
+
+
+def _user_file(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file {path} does not exist (expected a .npy or .csv file "
+                                f"holding an (N, D) array, or one of {DATASET_NAMES})")
+    if path.endswith(".npy"):
+        x = np.load(path)
+    elif path.endswith(".csv"):
+        x = np.loadtxt(path, delimiter=",", ndmin=2)
+    else:
+        raise ValueError(f"data file {path}: expected a .npy or .csv file")
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 10 or x.shape[1] < 2:
+        raise ValueError(f"data file {path} must hold an (N, D) array with N >= 10 rows and "
+                         f"D >= 2 columns, got shape {x.shape}")
+    return x
+
+
+def _check_finite(name, x):
+    bad = ~np.isfinite(x).all(1)
+    if bad.any():
+        rows = np.nonzero(bad)[0]
+        raise ValueError(f"dataset {name}: {bad.sum()} rows have NaN or inf values (first rows: "
+                         f"{rows[:10].tolist()}); clean or drop them first")
+
+
+def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
+                 n_samples: int | None = None) -> Dataset:
+    """Load a dataset by name (see ``DATASET_NAMES``) or a path to a .npy/.csv file (N × D).
+
+    Splits (80/10/10) are deterministic given ``seed``; synthetic sets draw ``n_samples``
+    points (default 10,000) from ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    if name in SYNTHETIC:
+        sample, logpdf, d = SYNTHETIC[name]
+        x = sample(n_samples or SYNTHETIC_SIZE, rng)
+        tr, va, te = _split(x, seed)
+        return Dataset(name, tr, va, te, latent_dim=d, log_density=logpdf, sampler=sample)
+    if name == "digits":
+        x = _digits(seed, rng)
+        tr, va, te = _split(x, seed)
+        return Dataset(name, tr, va, te, image_shape=(8, 8))
+    if name in ("mnist", "fashion-mnist"):
+        x = _torchvision(name, data_dir)
+        x = (x + rng.uniform(size=x.shape)) / 256.0
+        tr, va, te = _split(x, seed)
+        return Dataset(name, tr, va, te, image_shape=(28, 28))
+    if name in TABULAR:
+        x = _tabular(name, data_dir)
+    elif name.endswith((".npy", ".csv")) or os.path.sep in name:
+        x = _user_file(name)
+    else:
+        raise ValueError(f"unknown dataset {name!r}: expected one of {DATASET_NAMES} or a path "
+                         "to a .npy/.csv file")
+    _check_finite(name, x)
+    if n_samples:
+        x = x[:n_samples]
+    tr, va, te = _split(x, seed)
+    return Dataset(os.path.basename(name) if name not in TABULAR else name, tr, va, te)

@@ -1,0 +1,162 @@
+"""Report figures with matplotlib (written as PNG files into a run directory)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+import numpy as np
+import torch
+
+from .data import Dataset
+from .models import RectangularFlow
+
+__all__ = ["make_plots"]
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_losses(run_dir: str) -> str | None:
+    path = os.path.join(run_dir, "train_log.csv")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    step = [int(r["step"]) for r in rows]
+    for ax, key, title in ((axes[0], "loss", "training loss"),
+                           (axes[1], "reconstruction", "reconstruction ‖x − g(u)‖²"),
+                           (axes[2], "nll", "NLL on the manifold")):
+        ys = [(s, float(r[key])) for s, r in zip(step, rows) if r.get(key) not in (None, "")]
+        if ys:
+            ax.plot(*zip(*ys), lw=1, label="train")
+        if key == "nll":
+            vs = [(s, -float(r["val_log_likelihood"])) for s, r in zip(step, rows)
+                  if r.get("val_log_likelihood") not in (None, "")]
+            if vs:
+                ax.plot(*zip(*vs), "o-", ms=3, lw=1, label="validation")
+            ax.legend()
+        if key == "reconstruction":
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    out = os.path.join(run_dir, "loss.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+@torch.no_grad()
+def plot_manifold_2d(model: RectangularFlow, data: Dataset, run_dir: str) -> list:
+    plt = _plt()
+    p = next(model.parameters())
+    x = torch.as_tensor(data.test, dtype=p.dtype, device=p.device)
+    u = model.encode(x).double().cpu()
+    lo, hi = float(u.min()), float(u.max())
+    pad = 0.1 * (hi - lo + 1e-6)
+    grid = torch.linspace(lo - pad, hi + pad, 800, dtype=p.dtype, device=p.device)[:, None]
+    curve = model.decode(grid)
+    dens = model.log_prob(curve).exp().double().cpu().numpy()
+    curve = curve.double().cpu().numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    ax = axes[0]
+    ax.scatter(data.test[:, 0], data.test[:, 1], s=3, c="0.7", label="test data")
+    sc = ax.scatter(curve[:, 0], curve[:, 1], c=dens, s=6, cmap="viridis", label="learned manifold")
+    fig.colorbar(sc, ax=ax, label="model density on the manifold")
+    ax.set_aspect("equal")
+    ax.legend(loc="lower right")
+    ax.set_title("learned manifold and its density")
+    ax = axes[1]
+    if data.log_density is not None and data.name == "von-mises":
+        theta = np.linspace(-np.pi, np.pi, 400)
+        pts = np.stack([np.cos(theta), np.sin(theta)], -1)
+        true = np.exp(data.log_density(pts))
+        model_d = np.exp(model.log_prob(torch.as_tensor(pts, dtype=p.dtype, device=p.device))
+                         .double().cpu().numpy())
+        ax.plot(theta, true, label="true von Mises density")
+        ax.plot(theta, model_d, "--", label="model (at the projection)")
+        ax.set_xlabel("angle θ")
+        ax.legend()
+        ax.set_title("density along the circle")
+    else:
+        samples = model.sample(len(data.test)).double().cpu().numpy()
+        ax.scatter(samples[:, 0], samples[:, 1], s=3)
+        ax.set_aspect("equal")
+        ax.set_title("model samples")
+    fig.tight_layout()
+    out = os.path.join(run_dir, "manifold.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return [out]
+
+
+@torch.no_grad()
+def plot_manifold_3d(model: RectangularFlow, data: Dataset, run_dir: str) -> list:
+    plt = _plt()
+    p = next(model.parameters())
+    samples = model.sample(2000).double()
+    dens = model.log_prob(samples.to(p.dtype)).double().cpu().numpy()
+    samples = samples.cpu().numpy()
+    fig = plt.figure(figsize=(11, 5))
+    ax = fig.add_subplot(1, 2, 1, projection="3d")
+    t = data.test[:2000]
+    ax.scatter(t[:, 0], t[:, 1], t[:, 2], s=2, c="0.6")
+    ax.set_title("test data")
+    ax = fig.add_subplot(1, 2, 2, projection="3d")
+    sc = ax.scatter(samples[:, 0], samples[:, 1], samples[:, 2], s=2, c=np.exp(dens), cmap="viridis")
+    fig.colorbar(sc, ax=ax, shrink=0.6, label="model density")
+    ax.set_title("model samples coloured by density")
+    fig.tight_layout()
+    out = os.path.join(run_dir, "manifold.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return [out]
+
+
+@torch.no_grad()
+def plot_images(model: RectangularFlow, data: Dataset, run_dir: str) -> list:
+    plt = _plt()
+    p = next(model.parameters())
+    h, w = data.image_shape
+    samples = model.sample(64).double().cpu().numpy()
+    x = torch.as_tensor(data.test[:32], dtype=p.dtype, device=p.device)
+    rec = model.project(x).double().cpu().numpy()
+    outs = []
+    for name, imgs in (("samples.png", samples),
+                       ("reconstructions.png", np.stack([data.test[:32], rec], 1).reshape(64, -1))):
+        fig, axes = plt.subplots(8, 8, figsize=(6, 6))
+        for ax, img in zip(axes.flat, imgs):
+            ax.imshow(np.clip(img.reshape(h, w), 0, 1), cmap="gray", vmin=0, vmax=1)
+            ax.axis("off")
+        fig.suptitle("model samples" if name == "samples.png"
+                     else "test images (odd) and their projections (even)")
+        fig.tight_layout()
+        out = os.path.join(run_dir, name)
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        outs.append(out)
+    return outs
+
+
+def make_plots(model: RectangularFlow, data: Dataset, run_dir: str) -> list:
+    """All figures that apply to the data: loss curves, and the manifold (2-D/3-D data) or
+    sample and reconstruction grids (images). Returns the written paths."""
+    model.eval()
+    outs = [plot_losses(run_dir)]
+    if data.image_shape is not None:
+        outs += plot_images(model, data, run_dir)
+    elif data.dim == 2 and model.latent_dim == 1:
+        outs += plot_manifold_2d(model, data, run_dir)
+    elif data.dim == 3:
+        outs += plot_manifold_3d(model, data, run_dir)
+    return [o for o in outs if o]
