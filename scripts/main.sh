@@ -6,6 +6,6 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/bootstrap.sh"
 cd "$ROOT"
-exec .venv/bin/injflow train --data von-mises --latent-dim 1 --method exact --epochs 30 \
-  --ambient-layers 6 --ambient-hidden 64,64 --prior-layers 3 --likelihood-warmup 5 15 \
+exec .venv/bin/injflow train --data von-mises --latent-dim 1 --method exact --epochs 50 \
+  --ambient-layers 6 --ambient-hidden 64,64 --prior-layers 3 --likelihood-warmup 5 20 \
   --out runs/von-mises-exact --overwrite "$@"
