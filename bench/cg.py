@@ -17,31 +17,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, median_time, print_table, write_json  # noqa: E402
+from common import add_common_args, environment, median_time, print_table, write_json  # noqa: E402
+from plain_reference import reference_cg  # noqa: E402
 
 from injflow_ext import cg_solve  # noqa: E402
-
-
-def reference_cg(A, b, rtol, max_iter):
-    """CG as commonly written with torch ops: b (N, d, K); stops when all systems converged."""
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rs = (r * r).sum(1, keepdim=True)
-    tol2 = rtol ** 2 * (b * b).sum(1, keepdim=True)
-    iters = 0
-    for _ in range(max_iter):
-        Ap = torch.bmm(A, p)
-        alpha = rs / (p * Ap).sum(1, keepdim=True)
-        x = x + alpha * p
-        r = r - alpha * Ap
-        rs_new = (r * r).sum(1, keepdim=True)
-        iters += 1
-        if bool((rs_new <= tol2).all()):
-            break
-        p = r + (rs_new / rs) * p
-        rs = rs_new
-    return x, iters
 
 
 def make_problem(N, d, K, cond, device, dtype):
@@ -56,10 +35,7 @@ def make_problem(N, d, K, cond, device, dtype):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--json", default=None)
+    add_common_args(p)
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     budget = 0.3 if args.quick else 1.5
@@ -69,13 +45,14 @@ def main(argv=None):
     for N, K in shapes:
         for d in (2, 10, 21, 64):
             A, b = make_problem(N, d, K, 1e3, device, dtype)
-            x_ref, it_ref = reference_cg(A, b, rtol, d)
+            matvec = lambda p, A=A: torch.bmm(A, p)  # noqa: E731
+            x_ref, it_ref = reference_cg(matvec, b, rtol, d)
             res = cg_solve(A, b, rtol=rtol, max_iter=d)
             exact = torch.linalg.solve(A.double(), b.double())
             err_ours = ((res.x.double() - exact).norm(dim=1) / exact.norm(dim=1)).max().item()
             err_ref = ((x_ref.double() - exact).norm(dim=1) / exact.norm(dim=1)).max().item()
             reps = dict(budget_s=budget, min_repeats=3)
-            t_ref = median_time(lambda: reference_cg(A, b, rtol, d), device, **reps)
+            t_ref = median_time(lambda: reference_cg(matvec, b, rtol, d), device, **reps)
             t_ours = median_time(lambda: cg_solve(A, b, rtol=rtol, max_iter=d), device, **reps)
             t_ours_early = median_time(
                 lambda: cg_solve(A, b, rtol=rtol, max_iter=d, check_every=4), device, **reps)

@@ -14,6 +14,14 @@ import torch
 import injflow_ext
 
 
+def add_common_args(parser) -> None:
+    """--device, --dtype, --quick, --json: the options every benchmark script takes."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--quick", action="store_true", help="small sizes, short timing budget")
+    parser.add_argument("--json", default=None, help="output JSON path")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, median_time, print_table, write_json  # noqa: E402
+from common import add_common_args, environment, median_time, print_table, write_json  # noqa: E402
 
 from injflow_ext import gram_logdet  # noqa: E402
 
@@ -41,10 +41,7 @@ def fwd_bwd(fn, J):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--quick", action="store_true", help="small batch only, short timing budget")
-    p.add_argument("--json", default=None, help="output JSON path")
+    add_common_args(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

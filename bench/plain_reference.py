@@ -153,7 +153,7 @@ def exact_jacfwd(model, x, beta=50.0):
     return _loss(model, x, u, x_rec, _cholesky_logdet(J), beta)
 
 
-def _reference_cg(matvec, b, rtol, max_iter):
+def reference_cg(matvec, b, rtol, max_iter):
     """CG on b (B, d, K) with torch ops, host sync per iteration for the convergence test."""
     x = torch.zeros_like(b)
     r = b.clone()
@@ -189,7 +189,7 @@ def hutchinson_cg(model, x, beta=50.0, K=1, rtol=1e-5, generator=None, return_it
                 for k in range(Jv.shape[1])]
         return torch.stack(cols, -1)
 
-    xi, iterations = _reference_cg(matvec, eps.mT, rtol, d)
+    xi, iterations = reference_cg(matvec, eps.mT, rtol, d)
     xi = xi.mT.detach()
     x_rec, JV = ambient_tangents(model, _pad(model, u), _pad(model, torch.cat([eps, xi], 1)))
     surrogate = (JV[:, K:] * JV[:, :K]).sum(-1).mean(-1)

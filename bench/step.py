@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import plain_reference as ref  # noqa: E402
-from common import environment, median_time, print_table, write_json  # noqa: E402
+from common import add_common_args, environment, median_time, print_table, write_json  # noqa: E402
 
 from injflow_ext import RectangularFlow  # noqa: E402
 
@@ -135,13 +135,10 @@ def time_method(method, model, x, device, budget):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    add_common_args(p)
     p.add_argument("--configs", default=None, help="comma-separated names of " + ",".join(CONFIGS))
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--quick", action="store_true", help="one tiny configuration (smoke test)")
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timing per method")
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     configs = QUICK_CONFIGS if args.quick else CONFIGS

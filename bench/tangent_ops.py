@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, median_time, print_table, write_json  # noqa: E402
+from common import add_common_args, environment, median_time, print_table, write_json  # noqa: E402
 
 from injflow_ext import tangent_coupling_packed, tangent_linear_packed  # noqa: E402
 
@@ -88,10 +88,7 @@ def bench_coupling(B, K, m, device, dtype, budget):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--json", default=None)
+    add_common_args(p)
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     budget = 0.3 if args.quick else 1.5
