@@ -73,8 +73,13 @@ def write_table(results, seeds, path):
         cells = [fmt([r.get(k) for r in rows]) for k, _ in COLUMNS]
         lines.append(f"| {data} | {method} (n={len(rows)}) | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    with open(path + ".table", "w") as f:
-        f.write(table + "\n")
+    # the table goes between the markers of docs/experiments.md (the prose around it stays)
+    doc = open(path).read() if os.path.exists(path) else "<!-- table -->\n<!-- /table -->\n"
+    if "<!-- table -->" in doc:
+        head, rest = doc.split("<!-- table -->", 1)
+        tail = rest.split("<!-- /table -->", 1)[1]
+        with open(path, "w") as f:
+            f.write(f"{head}<!-- table -->\n{table}\n<!-- /table -->{tail}")
     print(table)
     return table
 
