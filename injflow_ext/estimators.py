@@ -102,7 +102,8 @@ def _gram_matvec(decoder, u: torch.Tensor) -> Callable[[torch.Tensor], torch.Ten
 
 def logdet_jtj(decoder, u: torch.Tensor, method: str = "exact", *, hutchinson_samples: int = 1,
                probe: str = "normal", cg_rtol: float = 1e-5, cg_max_iter: int | None = None,
-               generator: Optional[torch.Generator] = None, **gram_kwargs) -> LogdetResult:
+               cg_check_every="auto", generator: Optional[torch.Generator] = None,
+               **gram_kwargs) -> LogdetResult:
     """Volume term of the decoder at ``u (B, d)``; see the module docstring.
 
     Args:
@@ -112,6 +113,9 @@ def logdet_jtj(decoder, u: torch.Tensor, method: str = "exact", *, hutchinson_sa
         hutchinson_samples: probes K per sample.
         probe: "normal" or "rademacher".
         cg_rtol, cg_max_iter: CG tolerance and cap (default d iterations).
+        cg_check_every: stop CG once every system converged, testing every this many
+            iterations (a host synchronisation each); "auto": every iteration on the CPU
+            (where a test is free and saves matvecs), never on CUDA (capturable, no syncs).
         generator: random generator for the probes.
         gram_kwargs: passed to ``gram_logdet`` (e.g. ``max_relative_jitter``).
     """
@@ -132,8 +136,10 @@ def logdet_jtj(decoder, u: torch.Tensor, method: str = "exact", *, hutchinson_sa
         B, d = u.shape
         K = hutchinson_samples
         eps = _probes(B, K, d, probe, u, generator)                  # (B, K, d)
+        if cg_check_every == "auto":
+            cg_check_every = 1 if u.device.type == "cpu" else None
         res = cg_solve(_gram_matvec(decoder, u), eps.mT.contiguous(), rtol=cg_rtol,
-                       max_iter=cg_max_iter)
+                       max_iter=cg_max_iter, check_every=cg_check_every)
         xi = res.x.mT.detach()                                       # (B, K, d), sg(ξ)
         x, JV = _push_tangents(decoder, u, torch.cat([eps, xi], dim=1))
         J_eps, J_xi = JV[:, :K], JV[:, K:]
