@@ -103,3 +103,39 @@ def test_console_entry_point_and_module():
     proc = subprocess.run([sys.executable, "-m", "injflow_ext", "--help"], capture_output=True,
                           text=True)
     assert proc.returncode == 0 and "train" in proc.stdout
+
+
+def test_ctrl_c_leaves_a_valid_checkpoint_and_resume_finishes(tmp_path, monkeypatch):
+    from injflow_ext.training import Trainer
+
+    out = tmp_path / "run"
+    original = Trainer._train_step
+
+    def interrupt_at_step_5(self, x, w):
+        if self.step == 5:
+            raise KeyboardInterrupt
+        return original(self, x, w)
+
+    monkeypatch.setattr(Trainer, "_train_step", interrupt_at_step_5)
+    assert train(out, "--steps", "9", "--checkpoint-every", "100", "--no-eval") == 130
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 5
+    monkeypatch.setattr(Trainer, "_train_step", original)
+    assert main(["train", "--out", str(out), "--resume", "--quiet", "--no-eval"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 9
+
+
+def test_image_datasets_without_torchvision_say_what_to_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torchvision(name, *args, **kwargs):
+        if name == "torchvision":
+            raise ImportError("No module named 'torchvision'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchvision)
+    from injflow_ext.data import load_dataset
+    with pytest.raises(ImportError, match="needs torchvision"):
+        load_dataset("mnist")
