@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_common_args, environment, median_time, print_table, write_json  # noqa: E402
+from common import add_common_args, environment, median_time, print_table, write_results  # noqa: E402
 from plain_reference import reference_cg  # noqa: E402
 
 from injflow_ext import cg_solve  # noqa: E402
@@ -71,10 +71,8 @@ def main(argv=None):
                        ("iterations_plain", "it plain", "d"),
                        ("iterations_ours_max", "it ours", "d"),
                        ("rel_err_plain", "err plain", ".1e"), ("rel_err_ours", "err ours", ".1e")])
-    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                     f"cg_{device.type}.json")
-    write_json(path, {"benchmark": "cg", "dtype": args.dtype, "environment": env,
-                      "metric": "median ms of a full solve", "cases": rows})
+    write_results(args, "cg", device, {"environment": env,
+        "metric": "median ms of a full solve", "cases": rows})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_common_args, environment, median_time, print_table, write_json  # noqa: E402
+from common import add_common_args, environment, median_time, print_table, write_results  # noqa: E402
 
 from injflow_ext import gram_logdet  # noqa: E402
 
@@ -81,10 +81,8 @@ def main(argv=None):
                        ("speedup", "speedup", ".2f"), ("ours_f32acc_ms", "ours f32-acc ms", ".3f"),
                        ("speedup_f32acc", "speedup f32-acc", ".2f"),
                        ("max_rel_err_vs_f64", "rel err", ".1e")])
-    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                     f"gram_logdet_{device.type}.json")
-    write_json(path, {"benchmark": "gram_logdet", "dtype": args.dtype, "environment": env,
-                      "metric": "median ms of forward+backward", "cases": rows})
+    write_results(args, "gram_logdet", device, {"environment": env,
+        "metric": "median ms of forward+backward", "cases": rows})
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import plain_reference as ref  # noqa: E402
-from common import add_common_args, environment, median_time, print_table, write_json  # noqa: E402
+from common import add_common_args, environment, median_time, print_table, write_results  # noqa: E402
 
 from injflow_ext import RectangularFlow  # noqa: E402
 
@@ -184,11 +184,9 @@ def main(argv=None):
     rcols += [("hutchinson_speedup_vs_ref", "hutch vs ref", ".2f"),
               ("ours_cg_iterations_mean", "CG it ours", ".1f"), ("ref_cg_iterations", "CG it ref", "d")]
     print_table(rows, rcols)
-    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                     f"step_{device.type}.json")
-    write_json(path, {"benchmark": "step", "dtype": args.dtype, "environment": env,
-                      "metric": "median ms of one loss forward + backward", "beta": BETA,
-                      "rows": rows})
+    write_results(args, "step", device, {"environment": env,
+        "metric": "median ms of one loss forward + backward", "beta": BETA,
+        "rows": rows})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_common_args, environment, median_time, print_table, write_json  # noqa: E402
+from common import add_common_args, environment, median_time, print_table, write_results  # noqa: E402
 
 from injflow_ext import tangent_coupling_packed, tangent_linear_packed  # noqa: E402
 
@@ -118,10 +118,8 @@ def main(argv=None):
                        ("K", "K", "d"), ("plain_ms", "plain ms", ".3f"),
                        ("ours_ms", "ours ms", ".3f"), ("speedup", "speedup", ".2f"),
                        ("max_abs_err", "max err", ".1e")])
-    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                     f"tangent_ops_{device.type}.json")
-    write_json(path, {"benchmark": "tangent_ops", "dtype": args.dtype, "environment": env,
-                      "metric": "median ms of forward+backward", "cases": rows})
+    write_results(args, "tangent_ops", device, {"environment": env,
+        "metric": "median ms of forward+backward", "cases": rows})
 
 
 if __name__ == "__main__":

@@ -22,6 +22,14 @@ def _plt():
     return plt
 
 
+def _save(fig, run_dir: str, name: str, dpi: int = 110) -> str:
+    out = os.path.join(run_dir, name)
+    fig.tight_layout()
+    fig.savefig(out, dpi=dpi)
+    _plt().close(fig)
+    return out
+
+
 def plot_losses(run_dir: str) -> str | None:
     path = os.path.join(run_dir, "train_log.csv")
     if not os.path.exists(path):
@@ -49,11 +57,7 @@ def plot_losses(run_dir: str) -> str | None:
             ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xlabel("step")
-    fig.tight_layout()
-    out = os.path.join(run_dir, "loss.png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, run_dir, "loss.png")
 
 
 @torch.no_grad()
@@ -93,11 +97,7 @@ def plot_manifold_2d(model: RectangularFlow, data: Dataset, run_dir: str) -> lis
         ax.scatter(samples[:, 0], samples[:, 1], s=3)
         ax.set_aspect("equal")
         ax.set_title("model samples")
-    fig.tight_layout()
-    out = os.path.join(run_dir, "manifold.png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return [out]
+    return [_save(fig, run_dir, "manifold.png")]
 
 
 @torch.no_grad()
@@ -116,11 +116,7 @@ def plot_manifold_3d(model: RectangularFlow, data: Dataset, run_dir: str) -> lis
     sc = ax.scatter(samples[:, 0], samples[:, 1], samples[:, 2], s=2, c=np.exp(dens), cmap="viridis")
     fig.colorbar(sc, ax=ax, shrink=0.6, label="model density")
     ax.set_title("model samples coloured by density")
-    fig.tight_layout()
-    out = os.path.join(run_dir, "manifold.png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return [out]
+    return [_save(fig, run_dir, "manifold.png")]
 
 
 @torch.no_grad()
@@ -140,11 +136,7 @@ def plot_images(model: RectangularFlow, data: Dataset, run_dir: str) -> list:
             ax.axis("off")
         fig.suptitle("model samples" if name == "samples.png"
                      else "test images (odd) and their projections (even)")
-        fig.tight_layout()
-        out = os.path.join(run_dir, name)
-        fig.savefig(out, dpi=100)
-        plt.close(fig)
-        outs.append(out)
+        outs.append(_save(fig, run_dir, name, dpi=100))
     return outs
 
 
