@@ -35,6 +35,16 @@ inline void check_cg_vectors(const char* op, std::initializer_list<const at::Ten
   }
 }
 
+// The tensors cg_init returns for vectors r (N, d, K): p like r; rs, tol2 (N, K) in r's dtype;
+// status, iterations (N, K) int32. Allocated here once for both devices.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cg_init_outputs(
+    const at::Tensor& r) {
+  const int64_t N = r.size(0), K = r.size(2);
+  return {at::empty_like(r), at::empty({N, K}, r.options()), at::empty({N, K}, r.options()),
+          at::empty({N, K}, r.options().dtype(at::kInt)),
+          at::empty({N, K}, r.options().dtype(at::kInt))};
+}
+
 inline void check_cg_matrix(const at::Tensor& x, const c10::optional<at::Tensor>& A) {
   if (!A.has_value()) return;
   const auto N = x.size(0), d = x.size(1);

@@ -15,16 +15,20 @@ __all__ = ["evaluate", "per_sample_scores", "ood_report"]
 
 
 @torch.no_grad()
-def per_sample_scores(model: RectangularFlow, x: np.ndarray, batch_size: int = 1000) -> dict:
+def per_sample_scores(model: RectangularFlow, x, batch_size: int = 1000) -> dict:
     """Per-sample exact log-likelihood on the manifold and reconstruction error ``‖x − proj(x)‖²``
-    (numpy arrays of shape (N,))."""
+    of ``x`` (N, D) (numpy or tensor), as float64 numpy arrays of shape (N,). Runs in eval mode
+    and restores the model's mode."""
+    was_training = model.training
     model.eval()
     p = next(model.parameters())
     ll, rec = [], []
     for i in range(0, len(x), batch_size):
         xb = torch.as_tensor(x[i:i + batch_size], dtype=p.dtype, device=p.device)
-        ll.append(model.log_prob(xb).double().cpu())
-        rec.append(((xb - model.project(xb)) ** 2).sum(-1).double().cpu())
+        log_p, proj = model.log_prob_and_projection(xb)
+        ll.append(log_p.double().cpu())
+        rec.append(((xb - proj) ** 2).sum(-1).double().cpu())
+    model.train(was_training)
     return {"log_likelihood": torch.cat(ll).numpy(), "reconstruction": torch.cat(rec).numpy()}
 
 

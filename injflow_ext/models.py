@@ -124,11 +124,16 @@ class RectangularFlow(nn.Module):
         z, lad = self.prior.inverse_with_logabsdet(u)
         return -0.5 * (z * z).sum(-1) - 0.5 * self.latent_dim * _LOG_2PI + lad
 
+    def log_prob_and_projection(self, x: torch.Tensor, **gram_kwargs):
+        """``(log p (B,), proj(x) (B, D))``: the exact on-manifold log-density of the projection
+        of ``x (B, D)`` and the projection itself, from one encode and one tangent pass."""
+        u = self.encode(x)
+        res = logdet_jtj(self.decoder, u, "exact", **gram_kwargs)
+        return self.prior_log_prob(u) - 0.5 * res.value, res.decoded
+
     def log_prob(self, x: torch.Tensor, **gram_kwargs) -> torch.Tensor:
         """Exact on-manifold log-density ``(B,)`` of the projection of ``x (B, D)``."""
-        u = self.encode(x)
-        vol = logdet_jtj(self.decoder, u, "exact", **gram_kwargs).value
-        return self.prior_log_prob(u) - 0.5 * vol
+        return self.log_prob_and_projection(x, **gram_kwargs)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`log_prob`."""

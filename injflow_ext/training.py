@@ -18,7 +18,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._io import atomic_json, atomic_torch_save
+from ._io import atomic_torch_save
+from .evaluation import per_sample_scores
 from .models import RectangularFlow
 
 __all__ = ["TrainConfig", "Trainer", "validation_objective", "likelihood_weight"]
@@ -72,25 +73,14 @@ def likelihood_weight(progress_epochs: float, warmup) -> float:
     return (progress_epochs - start) / (end - start)
 
 
-@torch.no_grad()
 def validation_objective(model: RectangularFlow, x: torch.Tensor, beta: float,
                          batch_size: int = 1000) -> dict:
     """Mean ``−log p(x) + β‖x − proj(x)‖²`` with the exact log-density, the same for every
     training method, plus its parts."""
-    was_training = model.training
-    model.eval()
-    ll, rec = [], []
-    for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
-        u = model.encode(xb)
-        from .estimators import logdet_jtj
-        res = logdet_jtj(model.decoder, u, "exact")
-        ll.append(model.prior_log_prob(u) - 0.5 * res.value)
-        rec.append(((xb - res.decoded) ** 2).sum(-1))
-    model.train(was_training)
-    ll, rec = torch.cat(ll), torch.cat(rec)
-    return {"val_objective": float((-ll + beta * rec).mean()),
-            "val_log_likelihood": float(ll.mean()), "val_reconstruction": float(rec.mean())}
+    scores = per_sample_scores(model, x, batch_size)
+    ll, rec = scores["log_likelihood"], scores["reconstruction"]
+    return {"val_objective": float(np.mean(-ll + beta * rec)),
+            "val_log_likelihood": float(np.mean(ll)), "val_reconstruction": float(np.mean(rec))}
 
 
 class Trainer:
@@ -231,7 +221,6 @@ class Trainer:
             self.model.train()
             with torch.no_grad():
                 n = min(len(self.train_x), 2000)
-                self.model.encode(self.train_x[:n])
                 self.model.prior_log_prob(self.model.encode(self.train_x[:n]))
             self._initialized = True
         from tqdm.auto import tqdm

@@ -12,12 +12,6 @@ def batched_jacobian(f, x: torch.Tensor) -> torch.Tensor:
     return J[idx, :, idx, :]
 
 
-def reference_logdet_jtj(decoder, u: torch.Tensor) -> torch.Tensor:
-    """``torch.logdet(JᵀJ)`` with J the decoder's per-sample Jacobian (differentiable)."""
-    J = batched_jacobian(decoder, u)
-    return torch.logdet(J.mT @ J)
-
-
 # ------------------------------------------------------------------ plain-PyTorch flows
 
 _PLAIN_ACTIVATIONS = {

@@ -3,7 +3,6 @@ load_run; bad input gives clear errors and loses no checkpoint."""
 
 import csv
 import json
-import os
 import subprocess
 import sys
 

@@ -6,7 +6,7 @@ import pytest
 from scipy import integrate
 
 from injflow_ext import metrics
-from injflow_ext.data import SYNTHETIC, TABULAR, load_dataset
+from injflow_ext.data import SYNTHETIC, load_dataset
 
 
 @pytest.mark.parametrize("name", list(SYNTHETIC))

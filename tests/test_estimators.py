@@ -4,7 +4,7 @@ path against the generic path, errors."""
 
 import pytest
 import torch
-from reference import jacfwd_logdet_jtj, plain_decoder, reference_logdet_jtj
+from reference import jacfwd_logdet_jtj, plain_decoder
 
 from injflow_ext import tangent_linear_packed
 from injflow_ext import RectangularFlow

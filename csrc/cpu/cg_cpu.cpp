@@ -16,11 +16,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cg_init_c
   const at::Tensor r = r_in.contiguous(), b = b_in.contiguous();
   check_cg_vectors("cg_init", {&r, &b});
   const int64_t N = r.size(0), d = r.size(1), K = r.size(2);
-  at::Tensor p = at::empty_like(r);
-  at::Tensor rs = at::empty({N, K}, r.options());
-  at::Tensor tol2 = at::empty({N, K}, r.options());
-  at::Tensor status = at::empty({N, K}, r.options().dtype(at::kInt));
-  at::Tensor iterations = at::empty({N, K}, r.options().dtype(at::kInt));
+  at::Tensor p, rs, tol2, status, iterations;
+  std::tie(p, rs, tol2, status, iterations) = cg_init_outputs(r);
   AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "cg_init_cpu", [&] {
     const scalar_t* rp = r.const_data_ptr<scalar_t>();
     const scalar_t* bp = b.const_data_ptr<scalar_t>();

@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple, Union
 
 import torch
 
-from ._checks import check_tensor, shape_str
+from ._checks import check_tensor
 
 __all__ = ["cg_solve", "CGResult", "CG_RUNNING", "CG_CONVERGED", "CG_BREAKDOWN"]
 
