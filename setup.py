@@ -69,9 +69,15 @@ _cuda_home = find_cuda_home()
 if _cuda_home and not _is_toolkit_root(os.environ.get("CUDA_HOME", "")):
     os.environ["CUDA_HOME"] = _cuda_home
 
+import runpy  # noqa: E402
+
 import torch  # noqa: E402
 from torch.utils.cpp_extension import (  # noqa: E402
     BuildExtension, CppExtension, CUDAExtension)
+
+# Loaded by path: importing the package would need the extension this script builds.
+_versioning = runpy.run_path(os.path.join(HERE, "injflow_ext", "_versioning.py"))
+RUNTIME_REQUIREMENTS = ["numpy", "tqdm", "matplotlib", "scikit-learn", "scipy"]
 
 
 def want_cuda():
@@ -104,11 +110,13 @@ def nvidia_pip_include_dirs():
     return sorted(d for d in set(dirs) if os.path.isdir(d))
 
 
-def write_build_config(with_cuda, arch_list):
-    """Record how this build was made; ``injflow_ext.build_info()`` reads it."""
+def write_build_config(with_cuda, arch_list, version):
+    """Record how this build was made; ``injflow_ext.build_info()`` reads it (it ships in the
+    wheel)."""
     path = os.path.join(HERE, "injflow_ext", "_build_config.py")
     text = (
         "# Written by setup.py at build time; do not edit.\n"
+        f"VERSION = {version!r}\n"
         f"TORCH_VERSION = {torch.__version__!r}\n"
         f"CUDA_VERSION = {(torch.version.cuda if with_cuda else None)!r}\n"
         f"CUDA_ARCH_LIST = {arch_list!r}\n"
@@ -118,8 +126,7 @@ def write_build_config(with_cuda, arch_list):
         f.write(text)
 
 
-def make_extension():
-    with_cuda = want_cuda()
+def make_extension(with_cuda):
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # The C++ standard is left to torch (C++17 code; torch >= 2.14 headers need C++20).
@@ -151,14 +158,24 @@ def make_extension():
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=extra_link)
-    write_build_config(with_cuda, arch_list)
-    print(f"injflow_ext: building {'CPU+CUDA' if with_cuda else 'CPU-only'} extension against "
-          f"torch {torch.__version__}" + (f", CUDA_HOME={_cuda_home}" if with_cuda else ""))
+    write_build_config(with_cuda, arch_list, VERSION)
+    print(f"injflow_ext {VERSION}: building {'CPU+CUDA' if with_cuda else 'CPU-only'} extension "
+          f"against torch {torch.__version__}"
+          + (f", CUDA_HOME={_cuda_home}" if with_cuda else ""))
     return ext
 
 
+WITH_CUDA = want_cuda()
+# The version names the torch (and CUDA) of this build, e.g. 0.1.0+pt213cpu, and the metadata
+# pins that torch release: the compiled module works with no other.
+VERSION = _versioning["package_version"](torch.__version__,
+                                         torch.version.cuda if WITH_CUDA else None)
+
 setup(
+    version=VERSION,
+    install_requires=[f"torch=={_versioning['torch_release'](torch.__version__)}"]
+    + RUNTIME_REQUIREMENTS,
     packages=find_packages(include=["injflow_ext", "injflow_ext.*"]),
-    ext_modules=[make_extension()],
+    ext_modules=[make_extension(WITH_CUDA)],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

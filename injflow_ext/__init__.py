@@ -18,7 +18,7 @@ from . import estimators, nn  # noqa: E402  (after the ops they build on)
 from .models import RectangularFlow  # noqa: E402
 from .cli import load_run  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = build_info()["version"]
 
 __all__ = ["build_info", "gram_logdet", "GramLogdetInfo", "tangent_linear",
            "tangent_linear_packed", "tangent_affine_coupling", "tangent_coupling_packed",

@@ -10,11 +10,26 @@ import os
 
 import torch
 
+from ._versioning import BASE_VERSION, local_version_tag
+
 REBUILD_HINT = (
     "Build it against the installed torch from the repository root with\n"
     "    pip install --no-build-isolation -e .\n"
     "(add FORCE_CUDA=1 for the CUDA kernels; see README.md, 'Building for GPUs')."
 )
+
+
+def mismatch_message(built: str, installed: str, installed_cuda) -> str:
+    """What to do when the compiled module and the installed torch differ."""
+    want_tag = local_version_tag(installed, installed_cuda)
+    return (
+        f"injflow_ext: the compiled extension was built against torch {built}, but torch "
+        f"{installed} is installed; the two must match. Either\n"
+        f"  - install the torch it was built for: pip install \"torch=={built}\" (a CUDA build "
+        "from the index of your CUDA version), or\n"
+        f"  - install an injflow_ext wheel built for your torch (its version ends in +{want_tag}; "
+        "build one with scripts/build_wheel.sh), or\n"
+        f"  - rebuild from source. {REBUILD_HINT}")
 
 
 def _load():
@@ -30,11 +45,7 @@ def _load():
     built = _C.built_torch_version()
     running = torch.__version__.split("+")[0]
     if built != running:
-        raise ImportError(
-            f"injflow_ext: the compiled extension was built against torch {built}, but torch "
-            f"{running} is installed; the two must match. {REBUILD_HINT}\n"
-            "For a wheel: install the injflow_ext wheel whose local version names your torch "
-            "(e.g. +pt213cpu), or build one with scripts/build_wheel.sh.")
+        raise ImportError(mismatch_message(built, torch.__version__, torch.version.cuda))
     return _C
 
 
@@ -44,20 +55,24 @@ _C = _load()
 def build_info() -> dict:
     """How the compiled extension was built.
 
-    Returns a dict with ``torch_version`` (the torch it was compiled against),
+    Returns a dict with ``version`` (the package version with its local tag naming torch and
+    CUDA, e.g. ``0.1.0+pt213cpu``), ``torch_version`` (the torch it was compiled against),
     ``cuda_version`` (CUDA toolkit version of the kernels, or None), ``cuda_arch_list``
     (``TORCH_CUDA_ARCH_LIST`` of the build, or None) and ``cuda_compiled`` (bool).
     """
     try:
         from . import _build_config as cfg
         torch_version, cuda_version, arch = cfg.TORCH_VERSION, cfg.CUDA_VERSION, cfg.CUDA_ARCH_LIST
+        version = getattr(cfg, "VERSION", BASE_VERSION)
     except ImportError:  # built by other means than setup.py
         torch_version, cuda_version, arch = _C.built_torch_version(), None, None
+        version = BASE_VERSION
     cuda = bool(_C.cuda_compiled())
     if cuda and cuda_version is None:
         v = _C.cuda_runtime_version()
         cuda_version = f"{v // 1000}.{(v % 1000) // 10}"
     return {
+        "version": version,
         "torch_version": torch_version,
         "cuda_version": cuda_version if cuda else None,
         "cuda_arch_list": arch if cuda else None,
