@@ -53,12 +53,22 @@ def _device(name: str) -> str:
 
 
 def cmd_train(args) -> int:
+    """``injflow train``; under ``torchrun --nproc-per-node N`` every process runs this, trains
+    its share of each batch through DistributedDataParallel, and rank 0 writes the run."""
+    from .distributed import init_from_env
+
+    dist = init_from_env(_device(args.device))
+    try:
+        return _train(args, dist)
+    finally:
+        dist.close()
+
+
+def _train(args, dist) -> int:
     from . import build_info
-    from .evaluation import evaluate
-    from .plots import make_plots
     from .training import TrainConfig, Trainer
 
-    device = _device(args.device)
+    device = args.device
     if args.resume:  # the data of a resumed run is the data it started with
         saved_data = _read_config(args.out)["data"] if args.out else None
         if saved_data is None:
@@ -76,9 +86,9 @@ def cmd_train(args) -> int:
         raise SystemExit(f"injflow train: --latent-dim must be smaller than the data dimension "
                          f"{data.dim}, got {d}")
     out = args.out or os.path.join("runs", f"{os.path.basename(data.name)}-{args.method}")
-    config_path = os.path.join(out, "config.json")
     if args.resume:
         saved = _read_config(out)
+        args.dtype = saved.get("dtype", args.dtype)  # a float64 run resumes in float64
         model = RectangularFlow(**saved["model"])
         tcfg = TrainConfig(**{**saved["train"],
                               "likelihood_warmup": (tuple(saved["train"]["likelihood_warmup"])
@@ -104,30 +114,47 @@ def cmd_train(args) -> int:
                            if args.likelihood_warmup else None, seed=args.seed, device=device,
                            checkpoint_every=args.checkpoint_every, patience=args.patience)
         tcfg.validate()
-        os.makedirs(out, exist_ok=True)
-        atomic_json({"data": {"name": args.data, "data_dir": args.data_dir,
-                              "n_samples": args.n_samples, "seed": args.seed,
-                              "standardize": args.standardize, "dim": data.dim},
-                     "model": model.config, "train": asdict(tcfg), "build_info": build_info(),
-                     "torch_version": torch.__version__,
-                     "command": " ".join(sys.argv)}, config_path)
+        dist.barrier()  # every rank has checked for an existing run before rank 0 writes one
+        if dist.is_main:
+            _write_config(out, args, data, model, tcfg, build_info, world_size=dist.world_size)
     if args.dtype == "float64":
         model = model.double()
-    trainer = Trainer(model, data.train, data.val, tcfg, out, progress=not args.quiet)
+    trainer = Trainer(model, data.train, data.val, tcfg, out, progress=not args.quiet, dist=dist)
     try:
         summary = trainer.run(resume=args.resume)
     except KeyboardInterrupt:
-        print(f"\ninterrupted at step {trainer.step}; checkpoint written to "
-              f"{trainer.checkpoint_path}; continue with: injflow train --out {out} --resume",
-              file=sys.stderr)
+        if dist.is_main:
+            print(f"\ninterrupted at step {trainer.step}; checkpoint written to "
+                  f"{trainer.checkpoint_path}; continue with: injflow train --out {out} --resume",
+                  file=sys.stderr)
         return 130
+    if not dist.is_main:
+        return 0
+    return _report(args, summary, out, data, tcfg)
+
+
+def _write_config(out, args, data, model, tcfg, build_info, world_size):
+    os.makedirs(out, exist_ok=True)
+    atomic_json({"data": {"name": args.data, "data_dir": args.data_dir,
+                          "n_samples": args.n_samples, "seed": args.seed,
+                          "standardize": args.standardize, "dim": data.dim},
+                 "model": model.config, "train": asdict(tcfg), "build_info": build_info(),
+                 "dtype": args.dtype, "torch_version": torch.__version__,
+                 "world_size": world_size,
+                 "command": " ".join(sys.argv)}, os.path.join(out, "config.json"))
+
+
+def _report(args, summary, out, data, tcfg) -> int:
+    """Rank 0 after training: evaluation, metrics.json, plots, and what it printed."""
+    from .evaluation import evaluate
+    from .plots import make_plots
     print(f"trained {summary['steps']} steps ({summary['epochs']:.1f} epochs) in "
           f"{summary['wall_time_s']:.1f} s; best validation objective "
           f"{summary['best_val_objective']:.4g} at epoch {summary['best_epoch']}")
     if args.no_eval:
         atomic_json({"train": summary}, os.path.join(out, "metrics.json"))
         return 0
-    model = load_run(out, map_location=device)
+    model = load_run(out, map_location=args.device)
     metrics = evaluate(model, data, seed=args.seed)
     atomic_json({"train": summary, "test": metrics, "data": data.name, "method": tcfg.method},
                 os.path.join(out, "metrics.json"))
@@ -221,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--steps", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=200)
+    t.add_argument("--batch-size", type=int, default=200,
+                   help="global batch; under torchrun each of the N processes trains on 1/N of it")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--likelihood-warmup", type=float, nargs=2, metavar=("START", "END"),
                    default=None, help="likelihood weight 0 before epoch START, 1 after END")

@@ -4,6 +4,10 @@ for the two-step baseline, atomic checkpoints every N steps and at the end, exac
 A run directory holds ``config.json``, ``train_log.csv``, ``checkpoint.pt`` (for ``--resume``:
 model, optimisers, step, RNG states, early-stopping state) and ``model.pt`` (the best model by
 validation objective, loadable with ``RectangularFlow.load`` or ``injflow_ext.load_run``).
+
+Under ``torchrun`` (several processes) the step runs through DistributedDataParallel: every rank
+takes its share of the same global batch (``distributed.shard``), metrics are reduced over the
+ranks, and only rank 0 writes the run directory; see ``injflow_ext.distributed``.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from ._io import atomic_torch_save
+from .distributed import DistContext, shard
 from .evaluation import per_sample_scores
 from .models import RectangularFlow
 
@@ -74,23 +80,49 @@ def likelihood_weight(progress_epochs: float, warmup) -> float:
 
 
 def validation_objective(model: RectangularFlow, x: torch.Tensor, beta: float,
-                         batch_size: int = 1000) -> dict:
-    """Mean ``−log p(x) + β‖x − proj(x)‖²`` with the exact log-density, the same for every
-    training method, plus its parts."""
-    scores = per_sample_scores(model, x, batch_size)
-    ll, rec = scores["log_likelihood"], scores["reconstruction"]
-    return {"val_objective": float(np.mean(-ll + beta * rec)),
-            "val_log_likelihood": float(np.mean(ll)), "val_reconstruction": float(np.mean(rec))}
+                         batch_size: int = 1000, dist: Optional[DistContext] = None) -> dict:
+    """Mean ``−log p(x) + β‖x − proj(x)‖²`` over ``x`` (N, D) with the exact log-density, the
+    same for every training method, plus its parts. With a distributed ``dist`` each rank scores
+    its share of ``x`` and the means are over all of it."""
+    dist = dist or DistContext()
+    start, stop = shard(len(x), dist.rank, dist.world_size)
+    sums = {"objective": 0.0, "ll": 0.0, "rec": 0.0, "n": float(stop - start)}
+    if stop > start:
+        scores = per_sample_scores(model, x[start:stop], batch_size)
+        ll, rec = scores["log_likelihood"], scores["reconstruction"]
+        sums.update(objective=float(np.sum(-ll + beta * rec)), ll=float(np.sum(ll)),
+                    rec=float(np.sum(rec)))
+    sums = dist.sum(sums)
+    n = max(sums["n"], 1.0)
+    return {"val_objective": sums["objective"] / n, "val_log_likelihood": sums["ll"] / n,
+            "val_reconstruction": sums["rec"] / n}
+
+
+class _LossOf(torch.nn.Module):
+    """``model.loss`` as a module's forward, so that DistributedDataParallel sees the step."""
+
+    def __init__(self, model: RectangularFlow):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, **kwargs) -> dict:
+        return self.model.loss(x, **kwargs)
 
 
 class Trainer:
-    """Trains a RectangularFlow on ``train`` (N, D) with validation on ``val``."""
+    """Trains a RectangularFlow on ``train`` (N, D) with validation on ``val``.
+
+    ``dist``: the process group of a multi-process run (``distributed.init_from_env``); by
+    default a single process on ``config.device``. ``config.batch_size`` is the global batch."""
 
     def __init__(self, model: RectangularFlow, train: np.ndarray, val: np.ndarray,
-                 config: TrainConfig, out_dir: str, progress: bool = True):
+                 config: TrainConfig, out_dir: str, progress: bool = True,
+                 dist: Optional[DistContext] = None):
         config.validate()
-        self.cfg, self.out_dir, self.progress = config, out_dir, progress
-        self.device = torch.device(config.device)
+        self.dist = dist or DistContext(device=torch.device(config.device))
+        self.cfg, self.out_dir = config, out_dir
+        self.progress = progress and self.dist.is_main
+        self.device = self.dist.device if self.dist.enabled else torch.device(config.device)
         self.model = model.to(self.device)
         dtype = next(model.parameters()).dtype
         self.train_x = torch.as_tensor(train, dtype=dtype, device=self.device)
@@ -102,8 +134,9 @@ class Trainer:
         self.bad_epochs = 0
         self.stopped_early = False
         self.nonfinite_streak = 0
-        self.probe_gen = torch.Generator(device=self.device).manual_seed(config.seed + 7)
+        self.probe_gen = torch.Generator(device=self.device)
         self._initialized = False
+        self._step_fn = None   # model.loss, through DistributedDataParallel when distributed
         self._build_optimizers()
         self.checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
         self.model_path = os.path.join(out_dir, "model.pt")
@@ -125,12 +158,18 @@ class Trainer:
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "step": self.step, "best": self.best, "bad_epochs": self.bad_epochs,
                 "stopped_early": self.stopped_early, "elapsed": self.elapsed,
-                "probe_rng": self.probe_gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "world_size": self.dist.world_size, "torch_rng": torch.get_rng_state(),
                 "numpy_rng": np.random.get_state(), "train_config": asdict(self.cfg),
                 "initialized": self._initialized}
 
     def save_checkpoint(self):
-        atomic_torch_save(self.state(), self.checkpoint_path)
+        """Write ``checkpoint.pt`` atomically (rank 0 only; the ranks hold identical states)."""
+        if self.dist.is_main:
+            atomic_torch_save(self.state(), self.checkpoint_path)
+
+    def _save_model(self):
+        if self.dist.is_main:
+            self.model.save(self.model_path)
 
     def load_checkpoint(self, path: Optional[str] = None):
         st = torch.load(path or self.checkpoint_path, map_location=self.device, weights_only=False)
@@ -139,43 +178,66 @@ class Trainer:
             o.load_state_dict(st["optimizers"][k])
         self.step, self.best, self.bad_epochs = st["step"], st["best"], st["bad_epochs"]
         self.stopped_early, self.elapsed = st["stopped_early"], st["elapsed"]
-        self.probe_gen.set_state(st["probe_rng"].cpu() if self.device.type == "cpu"
-                                 else st["probe_rng"])
         torch.set_rng_state(st["torch_rng"].cpu())
         np.random.set_state(st["numpy_rng"])
         self._initialized = st.get("initialized", True)
 
     # ------------------------------------------------------------------ loop
-    def _batch(self, step: int) -> torch.Tensor:
-        """The batch of a global step: the epoch's permutation comes from (seed, epoch), so a
-        resumed run sees exactly the batches an uninterrupted run would."""
+    def _batch(self, step: int):
+        """This rank's share of the global batch of ``step`` and its loss weight
+        ``n_rank · world_size / n`` (1 for a single process; see ``injflow_ext.distributed``).
+
+        The epoch's permutation comes from (seed, epoch), so a resumed run, with any number of
+        ranks, sees exactly the batches an uninterrupted run would."""
         epoch, i = divmod(step, self.steps_per_epoch)
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
         perm = torch.randperm(len(self.train_x), generator=g)
-        idx = perm[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size].to(self.device)
-        return self.train_x[idx]
+        idx = perm[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
+        start, stop = shard(len(idx), self.dist.rank, self.dist.world_size)
+        if stop == start:  # an empty share still takes part in the gradient average, weighted 0
+            return self.train_x[idx[:1].to(self.device)], 0.0
+        weight = (stop - start) * self.dist.world_size / len(idx)
+        return self.train_x[idx[start:stop].to(self.device)], weight
 
-    def _train_step(self, x: torch.Tensor, weight: float) -> dict:
-        cfg, m = self.cfg, self.model
+    def _build_step_fn(self):
+        loss_of = _LossOf(self.model)
+        if not self.dist.enabled:
+            return loss_of
+        # two-step trains the ambient and the prior flow in separate backward passes, each
+        # leaving the other flow's parameters without gradients
+        return DistributedDataParallel(
+            loss_of, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=self.cfg.method == "two-step")
+
+    def _seed_probes(self):
+        """Hutchinson probes from (seed, step, rank): reproducible on resume with any world size,
+        independent across ranks."""
+        self.probe_gen.manual_seed(((self.cfg.seed + 7) * 1_000_003 + self.step) * 4096
+                                   + self.dist.rank)
+
+    def _train_step(self, x: torch.Tensor, weight: float, share: float = 1.0) -> dict:
+        cfg, loss_of = self.cfg, self._step_fn
         if cfg.method == "two-step":
-            out = m.loss(x, "two-step", beta=cfg.beta, phase="reconstruction")
-            self._apply(out["loss"], [self.optimizers["ambient"]])
-            out2 = m.loss(x, "two-step", likelihood_weight=max(weight, 1e-12),
-                          phase="likelihood")
-            self._apply(out2["loss"], [self.optimizers["prior"]])
+            out = loss_of(x, method="two-step", beta=cfg.beta, phase="reconstruction")
+            self._apply(out["loss"], [self.optimizers["ambient"]], share)
+            out2 = loss_of(x, method="two-step", likelihood_weight=max(weight, 1e-12),
+                           phase="likelihood")
+            self._apply(out2["loss"], [self.optimizers["prior"]], share)
             out = {**out, "loss": out["loss"].detach() + out2["loss"].detach(),
                    "prior_nll": out2["prior_nll"]}
         else:
-            out = m.loss(x, cfg.method, beta=cfg.beta, likelihood_weight=weight,
-                         hutchinson_samples=cfg.hutchinson_samples, cg_rtol=cfg.cg_rtol,
-                         generator=self.probe_gen)
-            self._apply(out["loss"], [self.optimizers["all"]])
+            self._seed_probes()
+            out = loss_of(x, method=cfg.method, beta=cfg.beta, likelihood_weight=weight,
+                          hutchinson_samples=cfg.hutchinson_samples, cg_rtol=cfg.cg_rtol,
+                          generator=self.probe_gen)
+            self._apply(out["loss"], [self.optimizers["all"]], share)
         return out
 
-    def _apply(self, loss: torch.Tensor, optimizers):
+    def _apply(self, loss: torch.Tensor, optimizers, share: float = 1.0):
         for o in optimizers:
             o.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        # every rank must take the same branch (a skipped backward would hang the others)
+        if not self.dist.all_true(bool(torch.isfinite(loss)) or share == 0.0):
             self.nonfinite_streak += 1
             if self.nonfinite_streak > self.cfg.max_nonfinite_steps:
                 raise FloatingPointError(
@@ -184,11 +246,13 @@ class Trainer:
                     f"{self.checkpoint_path}. Lower --lr or --beta, or use float64.")
             return
         self.nonfinite_streak = 0
-        loss.backward()
+        (loss * share if share != 1.0 else loss).backward()
         for o in optimizers:
             o.step()
 
     def _log(self, row: dict):
+        if not self.dist.is_main:
+            return
         new = not os.path.exists(self.log_path)
         with open(self.log_path, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=LOG_FIELDS, extrasaction="ignore")
@@ -198,7 +262,7 @@ class Trainer:
 
     def _truncate_log(self):
         """On resume, drop log rows written after the checkpoint's step."""
-        if not os.path.exists(self.log_path):
+        if not self.dist.is_main or not os.path.exists(self.log_path):
             return
         with open(self.log_path) as f:
             rows = list(csv.DictReader(f))
@@ -215,7 +279,7 @@ class Trainer:
                 raise FileNotFoundError(f"--resume: no checkpoint at {self.checkpoint_path}")
             self.load_checkpoint()
             self._truncate_log()
-        elif os.path.exists(self.log_path):
+        elif os.path.exists(self.log_path) and self.dist.is_main:
             os.remove(self.log_path)
         if not self._initialized:  # data-dependent ActNorm initialisation on a large batch
             self.model.train()
@@ -223,6 +287,7 @@ class Trainer:
                 n = min(len(self.train_x), 2000)
                 self.model.prior_log_prob(self.model.encode(self.train_x[:n]))
             self._initialized = True
+        self._step_fn = self._build_step_fn()
         from tqdm.auto import tqdm
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress,
                    dynamic_ncols=True, mininterval=0.5, desc=f"train {self.cfg.method}")
@@ -233,7 +298,8 @@ class Trainer:
             while self.step < self.total_steps and not self.stopped_early:
                 epoch, i = divmod(self.step, self.steps_per_epoch)
                 w = likelihood_weight(epoch + i / self.steps_per_epoch, self.cfg.likelihood_warmup)
-                out = self._train_step(self._batch(self.step), w)
+                x, share = self._batch(self.step)
+                out = self._train_step(x, w, share)
                 self.step += 1
                 bar.update(1)
                 end_of_epoch = (i == self.steps_per_epoch - 1) or self.step == self.total_steps
@@ -242,9 +308,7 @@ class Trainer:
                     sps = (self.step - s_last) / max(now - t_last, 1e-9)
                     t_last, s_last = now, self.step
                     row = {"step": self.step, "epoch": epoch, "likelihood_weight": w,
-                           "steps_per_s": round(sps, 3),
-                           **{k: (None if out[k] is None else float(out[k].detach()))
-                              for k in ("loss", "nll", "prior_nll", "reconstruction")}}
+                           "steps_per_s": round(sps, 3), **self._batch_metrics(out, share)}
                     if end_of_epoch:
                         row.update(self._end_epoch(epoch))
                     self._log(row)
@@ -262,25 +326,34 @@ class Trainer:
         self.elapsed = time.perf_counter() - t_start
         self.save_checkpoint()
         if not os.path.exists(self.model_path):  # no validation improvement was ever recorded
-            self.model.save(self.model_path)
+            self._save_model()
+        self.dist.barrier()  # rank 0's files are complete before any rank returns
         return {"steps": self.step, "epochs": self.step / self.steps_per_epoch,
                 "wall_time_s": self.elapsed, "best_epoch": self.best["epoch"],
                 "best_val_objective": self.best["val_objective"],
                 "stopped_early": self.stopped_early}
 
+    def _batch_metrics(self, out: dict, share: float) -> dict:
+        """The step's loss and its parts, averaged over the global batch (all ranks)."""
+        keys = [k for k in ("loss", "nll", "prior_nll", "reconstruction") if out[k] is not None]
+        local = {k: float(out[k].detach()) * share if share else 0.0 for k in keys}
+        reduced = self.dist.sum(local)
+        return {k: reduced[k] / self.dist.world_size if k in reduced else None
+                for k in ("loss", "nll", "prior_nll", "reconstruction")}
+
     def _end_epoch(self, epoch: int) -> dict:
-        val = validation_objective(self.model, self.val_x, self.cfg.beta)
+        val = validation_objective(self.model, self.val_x, self.cfg.beta, dist=self.dist)
         warm = self.cfg.likelihood_warmup
         comparable = warm is None or epoch + 1 >= warm[1]  # only after the warm-up ends
         if comparable and np.isfinite(val["val_objective"]):
             if val["val_objective"] < self.best["val_objective"]:
                 self.best = {"val_objective": val["val_objective"], "epoch": epoch}
                 self.bad_epochs = 0
-                self.model.save(self.model_path)
+                self._save_model()
             else:
                 self.bad_epochs += 1
                 if self.bad_epochs >= self.cfg.patience:
                     self.stopped_early = True
         elif not comparable:
-            self.model.save(self.model_path)
+            self._save_model()
         return val

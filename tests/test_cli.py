@@ -110,10 +110,10 @@ def test_ctrl_c_leaves_a_valid_checkpoint_and_resume_finishes(tmp_path, monkeypa
     out = tmp_path / "run"
     original = Trainer._train_step
 
-    def interrupt_at_step_5(self, x, w):
+    def interrupt_at_step_5(self, *args):
         if self.step == 5:
             raise KeyboardInterrupt
-        return original(self, x, w)
+        return original(self, *args)
 
     monkeypatch.setattr(Trainer, "_train_step", interrupt_at_step_5)
     assert train(out, "--steps", "9", "--checkpoint-every", "100", "--no-eval") == 130

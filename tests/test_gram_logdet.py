@@ -269,7 +269,8 @@ def test_raw_op_checks_shapes():
 
 def test_build_info():
     info = injflow_ext.build_info()
-    assert set(info) == {"torch_version", "cuda_version", "cuda_arch_list", "cuda_compiled"}
+    assert set(info) == {"version", "torch_version", "cuda_version", "cuda_arch_list",
+                         "cuda_compiled"}
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert isinstance(info["cuda_compiled"], bool)
     if not info["cuda_compiled"]:
