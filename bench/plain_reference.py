@@ -49,6 +49,12 @@ def mlp_tangents(mlp, h, Hd):
     return h, Hd
 
 
+def _take(x, idx):
+    """x[..., idx] as a gather (much faster backward than advanced indexing on the CPU); the
+    coupling layers' split/merge do the same, so ours and the references index alike."""
+    return torch.gather(x, -1, idx.expand(*x.shape[:-1], idx.numel()))
+
+
 def ambient_tangents(model, x, V):
     """y = h(x) (B, D) and Ẏ = (∂h/∂x) V (B, K, D), plain torch ops."""
     for layer in model.ambient.layers:
@@ -56,13 +62,12 @@ def ambient_tangents(model, x, V):
             e = torch.exp(layer.log_scale)
             x, V = x * e + layer.shift, V * e
         elif isinstance(layer, Permutation):
-            x, V = x[:, layer.perm], V[..., layer.perm]
+            x, V = _take(x, layer.perm), _take(V, layer.perm)
         elif isinstance(layer, InvertibleLinear):
             W = layer.weight()
             x, V = x @ W.T, V @ W.T
         elif isinstance(layer, AffineCoupling):
-            xa, xb = x[:, layer.idx_a], x[:, layer.idx_b]
-            Va, Vb = V[..., layer.idx_a], V[..., layer.idx_b]
+            (xa, xb), (Va, Vb) = layer.split(x), layer.split(V)
             st, STd = mlp_tangents(layer.conditioner, xa, Va)
             m = xb.shape[-1]
             s, t, Sd, Td = st[:, :m], st[:, m:], STd[..., :m], STd[..., m:]
@@ -70,8 +75,7 @@ def ambient_tangents(model, x, V):
             e = torch.exp(ts)
             yb = xb * e + t
             Yb = Vb * e.unsqueeze(1) + (xb * e * (1 - ts * ts)).unsqueeze(1) * Sd + Td
-            x = torch.cat([xa, yb], -1)[:, layer.unperm]
-            V = torch.cat([Va, Yb], -1)[..., layer.unperm]
+            x, V = layer.merge(xa, yb), layer.merge(Va, Yb)
         else:
             raise TypeError(type(layer).__name__)
     return x, V
@@ -84,13 +88,13 @@ def _inverse_layers(layers, y):
             y = (y - layer.shift) * torch.exp(-layer.log_scale)
             lad_total = lad_total - layer.log_scale.sum()
         elif isinstance(layer, Permutation):
-            y = y[:, layer.inv_perm]
+            y = _take(y, layer.inv_perm)
         elif isinstance(layer, AffineCoupling):
-            ya, yb = y[:, layer.idx_a], y[:, layer.idx_b]
+            ya, yb = layer.split(y)
             st, _ = mlp_tangents(layer.conditioner, ya, ya.new_zeros(ya.shape[0], 0, ya.shape[1]))
             s, t = st.chunk(2, -1)
             ts = torch.tanh(s)
-            y = torch.cat([ya, (yb - t) * torch.exp(-ts)], -1)[:, layer.unperm]
+            y = layer.merge(ya, (yb - t) * torch.exp(-ts))
             lad_total = lad_total - ts.sum(-1)
         else:
             raise TypeError(type(layer).__name__)

@@ -57,3 +57,11 @@ def check_width(layer: str, x: torch.Tensor, n: int, name: str = "x") -> None:
     if x.dim() < 2 or x.shape[-1] != n:
         raise ValueError(f"{layer}: {name} must have {n} features in its last dimension "
                          f"(shape (B, {n}) or (B, 1+K, {n})), got shape {tuple(x.shape)}")
+
+
+def take_features(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[..., idx]`` for an index vector ``idx (m,)``: a gather along the last dimension,
+    whose backward (a scatter-add) is about 4x faster on the CPU than that of advanced
+    indexing (an ``index_put_`` with accumulation)."""
+    return torch.gather(x, -1, idx.expand(*x.shape[:-1], idx.numel()))
+

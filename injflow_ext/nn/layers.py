@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..ops.tangent import COUPLING_SCALES, tangent_coupling_packed
-from .base import Bijection, check_width
+from .base import Bijection, check_width, take_features
 from .mlp import MLP
 
 # s̃ = scale(s) of the coupling, for the inverse pass (the forward pass runs in the fused op).
@@ -51,22 +51,36 @@ class AffineCoupling(Bijection):
         self.register_buffer("idx_a", idx_a, persistent=False)
         self.register_buffer("idx_b", idx_b, persistent=False)
         self.register_buffer("unperm", torch.argsort(perm), persistent=False)
+        # the half split (x_a the first features) needs no gathers: slices and a concatenation
+        self.m = len(idx_a)
+        self.leading_split = bool(torch.equal(idx_a, torch.arange(self.m)))
         self.conditioner = MLP(len(idx_a), 2 * len(idx_b), hidden, activation, zero_last=True)
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x (..., n) -> (x_a (..., m), x_b (..., n − m))``."""
+        if self.leading_split:
+            return x[..., :self.m], x[..., self.m:]
+        return take_features(x, self.idx_a), take_features(x, self.idx_b)
+
+    def merge(self, xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`split`."""
+        x = torch.cat([xa, xb], dim=-1)
+        return x if self.leading_split else take_features(x, self.unperm)
 
     def forward_packed(self, XV):
         check_width("AffineCoupling", XV, self.n)
-        XVa, XVb = XV[..., self.idx_a], XV[..., self.idx_b]
+        XVa, XVb = self.split(XV)
         ST = self.conditioner.forward_packed(XVa)
         YVb, logabsdet = tangent_coupling_packed(XVb, ST, self.scale)
-        return torch.cat([XVa, YVb], dim=-1)[..., self.unperm], logabsdet
+        return self.merge(XVa, YVb), logabsdet
 
     def inverse_with_logabsdet(self, y):
         check_width("AffineCoupling", y, self.n, "y")
-        ya, yb = y[:, self.idx_a], y[:, self.idx_b]
+        ya, yb = self.split(y)
         s, t = self.conditioner(ya).chunk(2, dim=-1)
         st = _SCALE_FUNCTIONS[self.scale](s)
         xb = (yb - t) * torch.exp(-st)
-        return torch.cat([ya, xb], dim=-1)[:, self.unperm], -st.sum(-1)
+        return self.merge(ya, xb), -st.sum(-1)
 
 
 class ActNorm(Bijection):
@@ -131,11 +145,11 @@ class Permutation(Bijection):
 
     def forward_packed(self, XV):
         check_width(type(self).__name__, XV, self.n)
-        return XV[..., self.perm], XV.new_zeros(XV.shape[0])
+        return take_features(XV, self.perm), XV.new_zeros(XV.shape[0])
 
     def inverse_with_logabsdet(self, y):
         check_width(type(self).__name__, y, self.n, "y")
-        return y[:, self.inv_perm], y.new_zeros(y.shape[0])
+        return take_features(y, self.inv_perm), y.new_zeros(y.shape[0])
 
 
 class Reverse(Permutation):
