@@ -1,7 +1,8 @@
 // The schema of every injflow op, in one place, and the Python module that carries them.
 //
 // Kernels: csrc/cpu/*_cpu.cpp register the CPU implementations, csrc/cuda/*_cuda.cu the CUDA
-// ones (built only with CUDA). Autograd and fake (meta) kernels live in injflow_ext/ops.py.
+// ones (built only with CUDA). Autograd: csrc/tangent_autograd.cpp for the tangent ops,
+// injflow_ext/ops/ for the others; fake (meta) kernels in injflow_ext/ops/.
 
 #include <torch/extension.h>
 #include <torch/library.h>
