@@ -5,7 +5,8 @@ Methods: ours_exact, ours_hutchinson (K=1 probe, CG capped at d iterations), and
 bench/plain_reference.py: ref_one_tangent (d separate tangent passes, the paper's code style),
 ref_batched (primal once + d tangents, eager), ref_jacfwd (torch.func.jacfwd under vmap),
 ref_hutchinson_cg (torch-ops CG), and on CUDA ref_batched_graph (ref_batched replayed from a
-CUDA graph). Before timing, every exact method must give the same loss and gradients (checked
+CUDA graph) and ours_exact_graph / ours_hutchinson_graph (injflow_ext.CapturedStep: loss and
+backward replayed from a CUDA graph). Before timing, every exact method must give the same loss and gradients (checked
 in float64 on a slice of the batch).
 
     python bench/step.py [--device cpu|cuda] [--configs MINIBOONE,HEPMASS] [--methods ...]
@@ -24,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import plain_reference as ref  # noqa: E402
 from common import add_common_args, environment, median_time, print_table, write_results  # noqa: E402
 
-from injflow_ext import RectangularFlow  # noqa: E402
+from injflow_ext import CapturedStep, RectangularFlow  # noqa: E402
 
 CONFIGS = {  # name: (D, d, batch, hidden)
     "POWER": (6, 2, 5000, (128,) * 4),
@@ -34,8 +35,8 @@ CONFIGS = {  # name: (D, d, batch, hidden)
     "IMAGE": (784, 20, 50, (512,) * 2),
 }
 QUICK_CONFIGS = {"TINY": (6, 2, 64, (16,) * 2)}
-METHODS = ["ours_exact", "ours_hutchinson", "ref_one_tangent", "ref_batched", "ref_jacfwd",
-           "ref_hutchinson_cg", "ref_batched_graph"]
+METHODS = ["ours_exact", "ours_hutchinson", "ours_exact_graph", "ours_hutchinson_graph",
+           "ref_one_tangent", "ref_batched", "ref_jacfwd", "ref_hutchinson_cg", "ref_batched_graph"]
 EXACT = ["ours_exact", "ref_one_tangent", "ref_batched", "ref_jacfwd"]
 BETA = 50.0
 
@@ -110,6 +111,11 @@ def time_method(method, model, x, device, budget):
         loss_fn(method, model, x, gen).backward()
 
     step = eager_step
+    if method in ("ours_exact_graph", "ours_hutchinson_graph"):
+        if device.type != "cuda":
+            return None, None
+        captured = CapturedStep(model, None, x, method=method.split("_")[1], beta=BETA)
+        step = lambda: captured(x)  # noqa: E731
     if method == "ref_batched_graph":
         if device.type != "cuda":
             return None, None
@@ -168,6 +174,13 @@ def main(argv=None):
                 row[f"exact_speedup_vs_{method}"] = row[f"{method}_ms"] / row["ours_exact_ms"]
         if row.get("ref_hutchinson_cg_ms") and row.get("ours_hutchinson_ms"):
             row["hutchinson_speedup_vs_ref"] = row["ref_hutchinson_cg_ms"] / row["ours_hutchinson_ms"]
+        if row.get("ours_exact_graph_ms"):   # the GPU targets compare the captured steps too
+            for m in ("ref_batched", "ref_batched_graph", "ref_one_tangent"):
+                if row.get(f"{m}_ms"):
+                    row[f"exact_graph_speedup_vs_{m}"] = row[f"{m}_ms"] / row["ours_exact_graph_ms"]
+        if row.get("ours_hutchinson_graph_ms") and row.get("ref_hutchinson_cg_ms"):
+            row["hutchinson_graph_speedup_vs_ref"] = (row["ref_hutchinson_cg_ms"]
+                                                      / row["ours_hutchinson_graph_ms"])
         rows.append(row)
     env = environment(device)
     print(f"\ntraining step (loss forward + backward), {args.dtype}, {env['device_name']}, torch "
@@ -179,10 +192,17 @@ def main(argv=None):
           "Hutchinson against ours_hutchinson)")
     rcols = [("config", "config", "s")]
     rcols += [(f"exact_speedup_vs_{m}", f"vs {m}", ".2f") for m in methods
-              if m not in ("ours_exact", "ours_hutchinson", "ref_hutchinson_cg")]
+              if m.startswith("ref_") and m != "ref_hutchinson_cg"]
     rcols += [("hutchinson_speedup_vs_ref", "hutch vs ref", ".2f"),
               ("ours_cg_iterations_mean", "CG it ours", ".1f"), ("ref_cg_iterations", "CG it ref", "d")]
     print_table(rows, rcols)
+    if any(r.get("ours_exact_graph_ms") for r in rows):
+        print("\nratios of the captured steps (reference / ours_*_graph)")
+        gcols = [("config", "config", "s")]
+        gcols += [(f"exact_graph_speedup_vs_{m}", f"exact graph vs {m}", ".2f")
+                  for m in ("ref_batched", "ref_batched_graph", "ref_one_tangent")]
+        gcols += [("hutchinson_graph_speedup_vs_ref", "hutch graph vs ref", ".2f")]
+        print_table(rows, gcols)
     write_results(args, "step", device, {"environment": env,
         "metric": "median ms of one loss forward + backward", "beta": BETA,
         "rows": rows})

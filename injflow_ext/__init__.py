@@ -16,11 +16,13 @@ from .ops import (CGResult, GramLogdetInfo, cg_solve, gram_logdet, tangent_affin
 
 from . import estimators, nn  # noqa: E402  (after the ops they build on)
 from .models import RectangularFlow  # noqa: E402
+from .capture import CapturedStep  # noqa: E402
 from .cli import load_run  # noqa: E402
 
 __version__ = build_info()["version"]
 
 __all__ = ["build_info", "gram_logdet", "GramLogdetInfo", "tangent_linear",
            "tangent_linear_packed", "tangent_affine_coupling", "tangent_coupling_packed",
-           "cg_solve", "CGResult", "RectangularFlow", "load_run", "estimators", "nn",
+           "cg_solve", "CGResult", "RectangularFlow", "CapturedStep", "load_run", "estimators",
+           "nn",
            "__version__"]

@@ -94,6 +94,7 @@ class ActNorm(Bijection):
         self.log_scale = nn.Parameter(torch.zeros(n))
         self.shift = nn.Parameter(torch.zeros(n))
         self.register_buffer("initialized", torch.tensor(False))
+        self._seen_initialized = False
 
     @torch.no_grad()
     def _initialize(self, data: torch.Tensor, direction: str) -> None:
@@ -107,10 +108,20 @@ class ActNorm(Bijection):
             self.log_scale.copy_(torch.log(std))
             self.shift.copy_(mean)
         self.initialized.fill_(True)
+        self._seen_initialized = True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._seen_initialized = False   # read the loaded buffer again
 
     def _maybe_initialize(self, data, direction):
-        if self.training and not bool(self.initialized):
-            self._initialize(data, direction)
+        # the buffer is read (a host sync on a GPU) only until it is seen set, so that training
+        # steps can be captured in a CUDA graph (injflow_ext.CapturedStep)
+        if self.training and not self._seen_initialized:
+            if bool(self.initialized):
+                self._seen_initialized = True
+            else:
+                self._initialize(data, direction)
 
     def forward_packed(self, XV):
         check_width("ActNorm", XV, self.n)
