@@ -1,23 +1,75 @@
 #!/usr/bin/env bash
-# One prepared GPU check (for a lent GPU machine, see the device tool): build the extension with
-# its CUDA kernels against the machine's torch, run the CUDA tests, run every benchmark on the
-# GPU, and write everything under $OUT (default bench/results/gpu).
+# One prepared GPU check (for a lent GPU machine, see the device tool): get the extension with
+# its CUDA kernels for the machine's torch, run the CUDA tests, run every benchmark and the step
+# profile on the GPU, and leave everything under $OUT (default bench/results/gpu):
+#   $OUT/gpu_check.log   everything printed
+#   $OUT/results.tgz     the benchmarks' JSON, the tests' junit XML, the build log
 #
 #   bash bench/gpu_check.sh            # on the GPU machine, from the repository root
+#
+# The extension: if .devbuild/ holds a prebuilt injflow_ext/_C*.so and _build_config.py (built
+# elsewhere against the same torch, see docs of this script below), they are copied in and used
+# when they import; otherwise it is built in place with FORCE_CUDA=1 (TORCH_CUDA_ARCH_LIST,
+# default 9.0; MAX_JOBS, default 16). Prebuilding where a CUDA toolkit and the same torch exist:
+#   FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace   (in a copy)
+#   mkdir -p .devbuild && cp COPY/injflow_ext/_C*.so COPY/injflow_ext/_build_config.py .devbuild/
+# Each stage has a time limit (seconds, environment): TEST_S, STEP_S, OPS_S, PROFILE_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
+PY=${PYTHON:-python3}
 mkdir -p "$OUT"
+RES=$(mktemp -d)
 exec > >(tee "$OUT/gpu_check.log") 2>&1
-nvidia-smi || true
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
-start=$(date +%s)
-FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
-  python3 -m pip install --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1 \
-  || { tail -50 "$OUT/build.log"; echo "gpu_check: BUILD FAILED"; exit 1; }
-echo "gpu_check: built in $(( $(date +%s) - start )) s"
-python3 -c "import injflow_ext, json; print(json.dumps(injflow_ext.build_info()))" | tee "$OUT/build_info.json"
-python3 -m pytest tests -q -x -k "cuda" -p no:cacheprovider --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -15
-python3 -m pytest tests -q -p no:cacheprovider 2>&1 | tail -5
-python3 bench/run_all.py --device cuda --out "$OUT" 2>&1 | tail -80
-echo "gpu_check: done in $(( $(date +%s) - start )) s"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+T0=$(date +%s)
+stage() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
+pack() { tar czf "$OUT/results.tgz.tmp" -C "$RES" . && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"; }
+
+stage "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
+  --format=csv || true
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
+git rev-parse --short HEAD 2>/dev/null || true
+
+stage "extension"
+cuda_ok() { $PY -c "import injflow_ext, sys; sys.exit(0 if injflow_ext.build_info()['cuda_compiled'] else 1)"; }
+if ls .devbuild/_C*.so >/dev/null 2>&1; then
+  cp .devbuild/_C*.so .devbuild/_build_config.py injflow_ext/
+fi
+if cuda_ok; then
+  echo "using the prebuilt extension"
+else
+  echo "building the extension here"
+  rm -f injflow_ext/_C*.so
+  FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+    $PY setup.py build_ext --inplace > "$RES/build.log" 2>&1
+  cuda_ok || { tail -60 "$RES/build.log"; pack; echo "gpu_check: BUILD FAILED"; exit 1; }
+fi
+$PY -c "import injflow_ext, json; print(json.dumps(injflow_ext.build_info()))" | tee "$RES/build_info.json"
+
+stage "CUDA tests"
+XDIST=""
+$PY -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-8}"
+timeout "${TEST_S:-150}" $PY -m pytest tests -q -rfE -k cuda -p no:cacheprovider $XDIST \
+  --junitxml="$RES/cuda_tests.xml" 2>&1 | tail -40
+pack
+
+stage "bench/step.py"
+timeout "${STEP_S:-170}" $PY bench/step.py --device cuda --budget "${STEP_BUDGET:-1.0}" \
+  --json "$RES/step.json" 2>&1 | grep -v "^  [A-Z]* [a-z_]*: "
+pack
+
+stage "op benchmarks"
+for b in gram_logdet tangent_ops cg; do
+  timeout "${OPS_S:-100}" $PY bench/$b.py --device cuda --json "$RES/$b.json" 2>&1 | tail -40
+done
+pack
+
+stage "step profile"
+timeout "${PROFILE_S:-70}" $PY bench/profile_step.py --device cuda --configs MINIBOONE,IMAGE \
+  --methods ours_exact,ref_batched,ours_exact_graph,ref_batched_graph,ours_hutchinson,ref_hutchinson_cg \
+  --steps 5 --top 8 --json "$RES/profile_step.json" 2>&1 | grep -v "^USDT\|profiler_st"
+pack
+stage "done"

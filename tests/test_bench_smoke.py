@@ -31,3 +31,10 @@ def test_op_benchmarks_smoke(tmp_path):
     for script in ("cg.py", "tangent_ops.py"):
         res = run(script, tmp_path)
         assert res["cases"] and all(c["ours_ms"] > 0 for c in res["cases"])
+
+
+def test_profile_step_smoke(tmp_path):
+    res = run("profile_step.py", tmp_path, "--methods", "ours_exact,ref_batched")
+    assert [r["method"] for r in res["rows"]] == ["ours_exact", "ref_batched"]
+    for r in res["rows"]:
+        assert r["wall_ms"] > 0 and r["launches_per_step"] > 0 and r["top"]
