@@ -13,7 +13,10 @@
 # default 9.0; MAX_JOBS, default 16). Prebuilding where a CUDA toolkit and the same torch exist:
 #   FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace   (in a copy)
 #   mkdir -p .devbuild && cp COPY/injflow_ext/_C*.so COPY/injflow_ext/_build_config.py .devbuild/
-# Each stage has a time limit (seconds, environment): TEST_S, STEP_S, OPS_S, PROFILE_S.
+#   (find csrc setup.py -type f | sort | xargs cat | sha256sum | cut -c1-16) > .devbuild/csrc.sha
+# Each stage has a time limit (seconds, environment): TEST_S, STEP_S, TF32_S, OPS_S, PROFILE_S.
+# STAGES (default "tests step tf32 ops profile") selects and orders the stages after the build;
+# OPS (default "gram_logdet tangent_ops cg") the op benchmarks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
@@ -35,8 +38,13 @@ git rev-parse --short HEAD 2>/dev/null || true
 
 stage "extension"
 cuda_ok() { $PY -c "import injflow_ext, sys; sys.exit(0 if injflow_ext.build_info()['cuda_compiled'] else 1)"; }
+csrc_hash() { find csrc setup.py -type f | sort | xargs cat | sha256sum | cut -c1-16; }
 if ls .devbuild/_C*.so >/dev/null 2>&1; then
-  cp .devbuild/_C*.so .devbuild/_build_config.py injflow_ext/
+  if [ "$(cat .devbuild/csrc.sha 2>/dev/null)" = "$(csrc_hash)" ]; then
+    cp .devbuild/_C*.so .devbuild/_build_config.py injflow_ext/
+  else
+    echo "the prebuilt extension in .devbuild/ is not of these sources; ignoring it"
+  fi
 fi
 if cuda_ok; then
   echo "using the prebuilt extension"
@@ -49,27 +57,36 @@ else
 fi
 $PY -c "import injflow_ext, json; print(json.dumps(injflow_ext.build_info()))" | tee "$RES/build_info.json"
 
-stage "CUDA tests"
-XDIST=""
-$PY -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-8}"
-timeout "${TEST_S:-150}" $PY -m pytest tests -q -rfE -k cuda -p no:cacheprovider $XDIST \
-  --junitxml="$RES/cuda_tests.xml" 2>&1 | tail -40
-pack
-
-stage "bench/step.py"
-timeout "${STEP_S:-170}" $PY bench/step.py --device cuda --budget "${STEP_BUDGET:-1.0}" \
-  --json "$RES/step.json" 2>&1 | grep -v "^  [A-Z]* [a-z_]*: "
-pack
-
-stage "op benchmarks"
-for b in gram_logdet tangent_ops cg; do
-  timeout "${OPS_S:-100}" $PY bench/$b.py --device cuda --json "$RES/$b.json" 2>&1 | tail -40
+run_tests() {
+  local xdist=""
+  $PY -c "import xdist" 2>/dev/null && xdist="-n ${TEST_WORKERS:-8}"
+  timeout "${TEST_S:-150}" $PY -m pytest tests -q -rfE -k cuda -p no:cacheprovider $xdist \
+    --junitxml="$RES/cuda_tests.xml" 2>&1 | grep -v "^DEBUG" | tail -40
+}
+run_step() {
+  timeout "${STEP_S:-200}" $PY bench/step.py --device cuda --budget "${STEP_BUDGET:-1.0}" \
+    --json "$RES/step.json" 2>&1 | grep -v "^  [A-Z]* [a-z_]*: [0-9.]* ms$"
+}
+run_tf32() {
+  timeout "${TF32_S:-90}" $PY bench/step.py --device cuda --tf32 --configs MINIBOONE,IMAGE \
+    --budget "${STEP_BUDGET:-1.0}" --json "$RES/step_tf32.json" 2>&1 \
+    | grep -v "^  [A-Z]* [a-z_]*: [0-9.]* ms$"
+}
+run_ops() {
+  for b in ${OPS:-gram_logdet tangent_ops cg}; do
+    timeout "${OPS_S:-100}" $PY bench/$b.py --device cuda --json "$RES/$b.json" 2>&1 \
+      | grep -v "^  [A-Za-z]*[ =]"
+  done
+}
+run_profile() {
+  timeout "${PROFILE_S:-90}" $PY bench/profile_step.py --device cuda --configs "${PROFILE_CONFIGS:-MINIBOONE}" \
+    --methods "${PROFILE_METHODS:-ours_exact_graph,ref_batched_graph,ours_exact,ours_hutchinson,ref_hutchinson_cg}" \
+    --steps 3 --top "${PROFILE_TOP:-12}" --json "$RES/profile_step.json" 2>&1 \
+    | grep -v "^USDT\|profiler_st\|UserWarning\|_warn_once"
+}
+for s in ${STAGES:-tests step tf32 ops profile}; do
+  stage "$s"
+  "run_$s"
+  pack
 done
-pack
-
-stage "step profile"
-timeout "${PROFILE_S:-70}" $PY bench/profile_step.py --device cuda --configs MINIBOONE,IMAGE \
-  --methods ours_exact,ref_batched,ours_exact_graph,ref_batched_graph,ours_hutchinson,ref_hutchinson_cg \
-  --steps 5 --top 8 --json "$RES/profile_step.json" 2>&1 | grep -v "^USDT\|profiler_st"
-pack
 stage "done"

@@ -115,7 +115,9 @@ def _pad(model, t):
 
 
 def _cholesky_logdet(J):
-    L = torch.linalg.cholesky(J.mT @ J)
+    # cholesky_ex: no host check of the factorisation's status, so the step has no
+    # synchronisation and can be captured in a CUDA graph (a failed factorisation gives NaN).
+    L = torch.linalg.cholesky_ex(J.mT @ J).L
     return 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
 
 

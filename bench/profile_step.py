@@ -40,7 +40,7 @@ def make_step(method, model, x, device):
     return eager_step
 
 
-def profile_method(method, model, x, device, steps, top):
+def profile_method(method, model, x, device, steps):
     """Per-step wall ms, launch count, summed device (or self-CPU) ms and the top entries."""
     fn = make_step(method, model, x, device)
     for _ in range(3):
@@ -70,8 +70,8 @@ def profile_method(method, model, x, device, steps, top):
         launches = sum(e.count for e in ops) / steps
         by_name = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in ops}
         busy = sum(t for t, _ in by_name.values()) / steps
-    for name, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
-        entries.append({"name": name[:90], "ms_per_step": t / steps, "calls_per_step": n / steps,
+    for name, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0]):
+        entries.append({"name": name[:160], "ms_per_step": t / steps, "calls_per_step": n / steps,
                         "share": t / steps / busy if busy else 0.0})
     return {"method": method, "wall_ms": wall, "launches_per_step": launches,
             "busy_ms": busy, "top": entries}
@@ -84,7 +84,7 @@ def main(argv=None):
     p.add_argument("--configs", default="MINIBOONE,IMAGE")
     p.add_argument("--methods", default="ours_exact,ref_batched,ours_hutchinson,ref_hutchinson_cg")
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--top", type=int, default=10, help="entries printed per method (JSON: all)")
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     configs = step_bench.QUICK_CONFIGS if args.quick else {
@@ -97,14 +97,14 @@ def main(argv=None):
         for method in args.methods.split(","):
             if method.endswith("_graph") and device.type != "cuda":
                 continue
-            r = profile_method(method, model, x, device, steps, args.top)
+            r = profile_method(method, model, x, device, steps)
             r["config"] = name
             results.append(r)
             unit = "kernels" if device.type == "cuda" else "op calls"
             what = "kernel" if device.type == "cuda" else "self-CPU"
             print(f"\n{name} {method}: wall {r['wall_ms']:.2f} ms/step, "
                   f"{r['launches_per_step']:.0f} {unit}/step, {what} time {r['busy_ms']:.2f} ms/step")
-            for e in r["top"]:
+            for e in r["top"][:args.top]:
                 print(f"  {e['ms_per_step']:8.3f} ms {100 * e['share']:5.1f}% "
                       f"{e['calls_per_step']:6.0f}x  {e['name']}")
     write_results(args, "profile_step", device, {**environment(device), "rows": results})

@@ -146,8 +146,11 @@ def main(argv=None):
     p.add_argument("--configs", default=None, help="comma-separated names of " + ",".join(CONFIGS))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timing per method")
+    p.add_argument("--tf32", action="store_true",
+                   help="let float32 GEMMs use TF32 tensor cores (CUDA; every method alike)")
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     if args.configs:
         configs = {k: CONFIGS[k] for k in args.configs.split(",")}
@@ -159,7 +162,17 @@ def main(argv=None):
         worst = check_exact_methods_agree(model, x, methods)
         row = {"config": name, "D": D, "d": d, "batch": B, "exact_agreement": worst}
         for method in methods:
-            t, peak = time_method(method, model, x, device, 0.3 if args.quick else args.budget)
+            try:
+                t, peak = time_method(method, model, x, device,
+                                      0.3 if args.quick else args.budget)
+            except Exception as e:  # one broken method must not lose the other methods' rows
+                if args.quick:
+                    raise
+                print(f"  {name} {method}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                row[f"{method}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                t, peak = None, None
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
             row[f"{method}_ms"] = t
             row[f"{method}_peak_mib"] = peak
             if t is not None:
@@ -183,7 +196,8 @@ def main(argv=None):
                                                       / row["ours_hutchinson_graph_ms"])
         rows.append(row)
     env = environment(device)
-    print(f"\ntraining step (loss forward + backward), {args.dtype}, {env['device_name']}, torch "
+    print(f"\ntraining step (loss forward + backward), {args.dtype}{' (TF32 GEMMs)' if args.tf32 else ''}, "
+          f"{env['device_name']}, torch "
           f"{env['torch_version']} (median ms)")
     cols = [("config", "config", "s"), ("D", "D", "d"), ("d", "d", "d"), ("batch", "batch", "d")]
     cols += [(f"{m}_ms", m, ".1f") for m in methods]
@@ -203,7 +217,7 @@ def main(argv=None):
                   for m in ("ref_batched", "ref_batched_graph", "ref_one_tangent")]
         gcols += [("hutchinson_graph_speedup_vs_ref", "hutch graph vs ref", ".2f")]
         print_table(rows, gcols)
-    write_results(args, "step", device, {"environment": env,
+    write_results(args, "step", device, {"environment": env, "tf32": args.tf32,
         "metric": "median ms of one loss forward + backward", "beta": BETA,
         "rows": rows})
 

@@ -80,9 +80,14 @@ def build_info() -> dict:
     }
 
 
+# Read once: a plain bool keeps the device checks traceable by torch.compile (dynamo cannot
+# call into a pybind11 function while tracing).
+CUDA_COMPILED = bool(_C.cuda_compiled())
+
+
 def check_device(name: str, op: str, t: torch.Tensor) -> None:
     """Raise a clear error for a device the build has no kernels for."""
-    if t.device.type == "cuda" and not _C.cuda_compiled():
+    if t.device.type == "cuda" and not CUDA_COMPILED:
         raise RuntimeError(
             f"{op}: {name} is on {t.device}, but injflow_ext was built without CUDA kernels. "
             "Rebuild with a CUDA build of torch and nvcc available: "

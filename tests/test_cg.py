@@ -162,10 +162,20 @@ def test_torch_compile_fullgraph(device):
 def test_cuda_matches_cpu():
     A = spd_with_condition(50, 21, 1e3)
     b = torch.randn(50, 21, 3, dtype=torch.float64)
-    cpu = cg_solve(A, b, rtol=1e-9, max_iter=60)
-    gpu = cg_solve(A.cuda(), b.cuda(), rtol=1e-9, max_iter=60)
-    torch.testing.assert_close(cpu.x, gpu.x.cpu(), rtol=1e-9, atol=1e-10)
-    assert (cpu.iterations == gpu.iterations.cpu()).all()
+    rtol = 1e-9
+    cpu = cg_solve(A, b, rtol=rtol, max_iter=60)
+    gpu = cg_solve(A.cuda(), b.cuda(), rtol=rtol, max_iter=60)
+    x_gpu = gpu.x.cpu()
+    # The kernels sum in different orders, so the iterates differ by rounding, which CG
+    # amplifies by up to the condition number; compare each system's solution norm-wise (the
+    # solutions' entries reach ~1e3 here, so elementwise tolerances measure nothing useful).
+    rel = (x_gpu - cpu.x).norm(dim=1) / cpu.x.norm(dim=1)
+    assert rel.max() < 1e-8, rel.max()
+    # Both stop by the same rule: the true residual of the GPU solution is below rtol·‖b‖ (with
+    # the slack of the recursively updated residual), and iteration counts differ by at most 1.
+    res = (b - A @ x_gpu).norm(dim=1) / b.norm(dim=1)
+    assert res.max() < 10 * rtol, res.max()
+    assert (cpu.iterations - gpu.iterations.cpu()).abs().max() <= 1
 
 
 @pytest.mark.parametrize("call,exc,pattern", [
