@@ -49,12 +49,14 @@ inline void check_tangent_coupling_args(const at::Tensor& XV, const at::Tensor& 
 // linear_epilogue: Z (B,R,n) pre-activations of all rows, adds b to row 0 in place and writes
 //   Y[:,0] = σ(z), Y[:,k] = σ'(z)·Z[:,k]; returns dA = σ'(z) (B, n).
 // linear_grad_preact: GZ[:,0] = gY0·σ'(z) + Σ_k gYk·Z[:,k]·σ''(z), GZ[:,k] = gYk·σ'(z), given
-//   the forward's Z, Y and dA (a device may use them or recompute from Z).
+//   the forward's Z, Y and dA (a device may use them or recompute from Z). A device may also
+//   set gb = Σ_b GZ[b,0] (the bias gradient) in the same pass; left undefined, the composite
+//   sums it.
 using LinearEpilogueFn = at::Tensor (*)(at::Tensor& Z, const c10::optional<at::Tensor>& b,
                                         int64_t act, double slope, at::Tensor& Y);
 using LinearGradPreactFn = void (*)(const at::Tensor& gY, const at::Tensor& Z,
                                     const at::Tensor& Y, const at::Tensor& dA, int64_t act,
-                                    double slope, at::Tensor& GZ);
+                                    double slope, at::Tensor& GZ, at::Tensor& gb);
 
 // y-rows of tangent_linear: one GEMM over the stacked rows, then the fused epilogue.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_composite(
@@ -83,17 +85,17 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_co
               Y.sizes(), " and ", dA.sizes());
   const int64_t B = XV.size(0), R = XV.size(1), n_in = XV.size(2), n_out = W.size(0);
   const at::Tensor gY = gY_in.contiguous();
-  at::Tensor GZ;
+  at::Tensor GZ, gb;
   if (act == kActNone) {
     GZ = gY;
   } else {
     GZ = at::empty_like(gY);
-    grad_preact(gY, Z.contiguous(), Y.contiguous(), dA.contiguous(), act, slope, GZ);
+    grad_preact(gY, Z.contiguous(), Y.contiguous(), dA.contiguous(), act, slope, GZ, gb);
   }
   const at::Tensor GZ2 = GZ.view({B * R, n_out});
   at::Tensor gXV = at::mm(GZ2, W).view({B, R, n_in});
   at::Tensor gW = at::mm(GZ2.t(), XV.reshape({B * R, n_in}));
-  at::Tensor gb = GZ.select(1, 0).sum(0);
+  if (!gb.defined()) gb = GZ.select(1, 0).sum(0);
   return {gXV, gW, gb};
 }
 

@@ -172,10 +172,18 @@ def test_cuda_matches_cpu():
     rel = (x_gpu - cpu.x).norm(dim=1) / cpu.x.norm(dim=1)
     assert rel.max() < 1e-8, rel.max()
     # Both stop by the same rule: the true residual of the GPU solution is below rtol·‖b‖ (with
-    # the slack of the recursively updated residual), and iteration counts differ by at most 1.
+    # the slack of the recursively updated residual).
     res = (b - A @ x_gpu).norm(dim=1) / b.norm(dim=1)
     assert res.max() < 10 * rtol, res.max()
-    assert (cpu.iterations - gpu.iterations.cpu()).abs().max() <= 1
+    # At κ = 1e3 and rtol = 1e-9 CG needs ~31 iterations for d = 21: past d, where rounding
+    # (loss of orthogonality) sets the pace, so the count is not stable under a change of
+    # summation order (seen on an H100: CPU and GPU counts differ by up to 3). Compare the
+    # counts where they are stable: a loose tolerance reached well before d iterations.
+    cpu_fast = cg_solve(A, b, rtol=0.1, max_iter=60)
+    gpu_fast = cg_solve(A.cuda(), b.cuda(), rtol=0.1, max_iter=60)
+    assert (cpu_fast.iterations < 21).all()
+    assert (cpu_fast.iterations - gpu_fast.iterations.cpu()).abs().max() <= 1
+    assert (cpu.iterations - gpu.iterations.cpu()).abs().max() <= 5
 
 
 @pytest.mark.parametrize("call,exc,pattern", [

@@ -199,6 +199,33 @@ def test_cuda_matches_cpu(activation):
         torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or not injflow_ext.build_info()["cuda_compiled"],
+                    reason="needs a GPU and an extension built with CUDA kernels")
+def test_cuda_bias_gradient_fused_and_deterministic_mode():
+    """The CUDA backward sums the bias gradient inside the pre-activation kernel (atomic adds
+    across blocks); deterministic mode sums it separately. Both must agree with the CPU, and
+    deterministic mode must repeat bit for bit. 3000 rows span many blocks; 50 features leave
+    a partial block of features."""
+    XV = torch.randn(3000, 3, 40, dtype=torch.float64)
+    W = torch.randn(50, 40, dtype=torch.float64) / 5
+    b = torch.randn(50, dtype=torch.float64)
+
+    def grad_b(dev):
+        bb = b.to(dev).requires_grad_()
+        Y = tangent_linear_packed(XV.to(dev), W.to(dev), bb, "tanh")
+        return torch.autograd.grad((Y * Y.detach().cos()).sum(), bb)[0].cpu()
+
+    cpu, fused = grad_b("cpu"), grad_b("cuda")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        det1, det2 = grad_b("cuda"), grad_b("cuda")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(det1, det2)
+    torch.testing.assert_close(fused, cpu, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(det1, cpu, rtol=1e-11, atol=1e-11)
+
+
 @pytest.mark.parametrize("call,exc,pattern", [
     (lambda: tangent_linear(torch.randn(2, 3), torch.randn(2, 1, 4), torch.randn(5, 3)),
      ValueError, r"V must have shape \(2, \*, 3\), got \(2, 1, 4\)"),

@@ -149,7 +149,8 @@ at::Tensor linear_epilogue_cpu(at::Tensor& Z, const c10::optional<at::Tensor>& b
 }
 
 void linear_grad_preact_cpu(const at::Tensor& gY, const at::Tensor& Z, const at::Tensor& Y,
-                            const at::Tensor& dA, int64_t act, double slope, at::Tensor& GZ) {
+                            const at::Tensor& dA, int64_t act, double slope, at::Tensor& GZ,
+                            at::Tensor& /*gb: summed by the composite on the CPU*/) {
   const int64_t B = Z.size(0), R = Z.size(1), n = Z.size(2);
   // σ' comes from the forward; σ'' from (z, σ, σ') by arithmetic, except silu (ATen, from z)
   at::Tensor d2f_silu;

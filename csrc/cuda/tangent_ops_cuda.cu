@@ -54,6 +54,44 @@ __global__ void linear_grad_preact_kernel(const T* __restrict__ g, const T* __re
   }
 }
 
+// The same, with the bias gradient gb[j] = Σ_b GZ[b,0,j] in the same pass: blocks of 32
+// features × 8 batch rows, each thread striding over batch rows and summing its GZ[b,0,j];
+// the block sums its 8 partial sums per feature and adds them to gb (zeroed before) with one
+// atomic add per feature and block. The order of the atomic adds varies from run to run (the
+// result by rounding); deterministic mode uses the kernel above and a separate sum.
+constexpr int kBiasRows = 8;
+
+template <typename T>
+__global__ void linear_grad_preact_bias_kernel(const T* __restrict__ g, const T* __restrict__ z,
+                                               int64_t B, int64_t R, int64_t n, int64_t act,
+                                               T slope, T* __restrict__ gz, T* __restrict__ gb) {
+  __shared__ T partial[kBiasRows][33];
+  const int64_t j = blockIdx.x * 32 + threadIdx.x;
+  T acc = 0;
+  if (j < n) {
+    for (int64_t b = blockIdx.y * kBiasRows + threadIdx.y; b < B;
+         b += (int64_t)gridDim.y * kBiasRows) {
+      const int64_t o = b * R * n + j;
+      const auto a = activation<T>(act, z[o], slope, true);
+      T g0 = g[o] * a.df;
+      for (int64_t k = 1; k < R; ++k) {
+        const int64_t ok = o + k * n;
+        g0 += g[ok] * z[ok] * a.d2f;
+        gz[ok] = g[ok] * a.df;
+      }
+      gz[o] = g0;
+      acc += g0;
+    }
+  }
+  partial[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < n) {
+    T s = 0;
+    for (int y = 0; y < kBiasRows; ++y) s += partial[y][threadIdx.x];
+    atomicAdd(gb + j, s);
+  }
+}
+
 at::Tensor linear_epilogue_cuda(at::Tensor& Z, const c10::optional<at::Tensor>& b, int64_t act,
                                 double slope, at::Tensor& Y) {
   const int64_t B = Z.size(0), R = Z.size(1), n = Z.size(2);
@@ -73,9 +111,25 @@ at::Tensor linear_epilogue_cuda(at::Tensor& Z, const c10::optional<at::Tensor>& 
 // The GPU recomputes σ' and σ'' from Z in the kernel (cheaper than reading Y and dA).
 void linear_grad_preact_cuda(const at::Tensor& gY, const at::Tensor& Z, const at::Tensor& /*Y*/,
                              const at::Tensor& /*dA*/, int64_t act, double slope,
-                             at::Tensor& GZ) {
+                             at::Tensor& GZ, at::Tensor& gb) {
   const int64_t B = Z.size(0), R = Z.size(1), n = Z.size(2);
   auto stream = at::cuda::getCurrentCUDAStream();
+  if (!at::globalContext().deterministicAlgorithms() && B > 0 && n > 0) {
+    gb = at::empty({n}, Z.options());
+    AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "tangent_linear_backward_cuda", [&] {
+      C10_CUDA_CHECK(cudaMemsetAsync(gb.mutable_data_ptr<scalar_t>(), 0, n * sizeof(scalar_t),
+                                     stream));
+      const dim3 block(32, kBiasRows);
+      const int64_t row_blocks = std::min<int64_t>((B + kBiasRows - 1) / kBiasRows, 1024);
+      const dim3 grid(static_cast<unsigned>((n + 31) / 32), static_cast<unsigned>(row_blocks));
+      linear_grad_preact_bias_kernel<scalar_t><<<grid, block, 0, stream>>>(
+          gY.const_data_ptr<scalar_t>(), Z.const_data_ptr<scalar_t>(), B, R, n, act,
+          static_cast<scalar_t>(slope), GZ.mutable_data_ptr<scalar_t>(),
+          gb.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "tangent_linear_backward_cuda", [&] {
     linear_grad_preact_kernel<scalar_t><<<blocks_for(B * n), kThreads, 0, stream>>>(
         gY.const_data_ptr<scalar_t>(), Z.const_data_ptr<scalar_t>(), B, R, n, act,
