@@ -175,14 +175,11 @@ def test_cuda_matches_cpu():
     # the slack of the recursively updated residual).
     res = (b - A @ x_gpu).norm(dim=1) / b.norm(dim=1)
     assert res.max() < 10 * rtol, res.max()
-    # At κ = 1e3 and rtol = 1e-9 CG needs ~31 iterations for d = 21: past d, where rounding
-    # (loss of orthogonality) sets the pace, so the count is not stable under a change of
-    # summation order (seen on an H100: CPU and GPU counts differ by up to 3). Compare the
-    # counts where they are stable: a loose tolerance reached well before d iterations.
-    cpu_fast = cg_solve(A, b, rtol=0.1, max_iter=60)
-    gpu_fast = cg_solve(A.cuda(), b.cuda(), rtol=0.1, max_iter=60)
-    assert (cpu_fast.iterations < 21).all()
-    assert (cpu_fast.iterations - gpu_fast.iterations.cpu()).abs().max() <= 1
+    # Iteration counts are not an invariant across devices: CG's residual norm is not monotone
+    # (CG minimises the A-norm of the error), so where it hovers about rtol·‖b‖ a change of
+    # summation order moves the first crossing by a few iterations. Seen on an H100 with these
+    # inputs: differences of up to 3 at rtol = 1e-9 (≈31 iterations) and of 2 at rtol = 0.1
+    # (≈16 iterations), while the rtol = 1e-9 solutions and residuals above agree.
     assert (cpu.iterations - gpu.iterations.cpu()).abs().max() <= 5
 
 
