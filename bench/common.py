@@ -90,6 +90,27 @@ def median_time(fn, device: torch.device, *, min_repeats: int = 5, max_repeats: 
     return statistics.median(times)
 
 
+def median_times_interleaved(fns, device: torch.device, *, min_repeats: int = 5,
+                             max_repeats: int = 50, budget_s: float = 2.0,
+                             warmup: int = 2) -> list[float]:
+    """Median times (ms) of several callables timed in alternation (A B A B ...), so that slow
+    drifts of the machine (other jobs, frequency, page faults) fall on all of them alike; the
+    ratios of these medians are steadier than those of back-to-back ``median_time`` calls."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < max_repeats:
+        for fn, ts in zip(fns, times):
+            ts.append(median_time(fn, device, min_repeats=1, max_repeats=1, budget_s=0.0,
+                                  warmup=0))
+        if len(times[0]) >= min_repeats and time.perf_counter() - start > budget_s * len(fns):
+            break
+    return [statistics.median(ts) for ts in times]
+
+
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     """columns: (key, header, format)."""
     headers = [h for _, h, _ in columns]

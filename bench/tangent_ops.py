@@ -4,7 +4,10 @@ Plain PyTorch writes the same math with separate ops: for the linear layer
 ``z = x Wᵀ + b; y = σ(z); Ẏ = σ'(z) ⊙ (V Wᵀ)`` (two GEMMs, several elementwise kernels),
 for the coupling ``e = exp(tanh(s)); y = x e + t; Ẏ = V e + x e (1 − tanh²s) Ṡ + Ṫ``.
 Ours: ``tangent_linear_packed`` (one GEMM over the stacked rows + fused epilogue) and
-``tangent_coupling_packed`` (one fused kernel), on the stacked (B, 1+K, n) layout.
+``tangent_coupling_packed`` (one fused kernel), on the stacked (B, 1+K, n) layout. Both are
+timed with the same dense random upstream gradient (``(out * G).sum()``), as inside a network;
+a bare ``.sum()`` would hand both an expanded all-ones gradient, which ours copies to a dense
+tensor and elementwise autograd does not.
 
     python bench/tangent_ops.py [--device cpu|cuda] [--dtype float32|float64] [--quick] [--json PATH]
 """
@@ -18,7 +21,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_common_args, environment, median_time, print_table, write_results  # noqa: E402
+from common import (add_common_args, environment, median_times_interleaved,  # noqa: E402
+                    print_table, write_results)
 
 from injflow_ext import tangent_coupling_packed, tangent_linear_packed  # noqa: E402
 
@@ -50,16 +54,20 @@ def bench_linear(B, K, n, device, dtype, budget):
     YV = tangent_linear_packed(XV, W, b, "tanh")
     err = max((YV[:, 0] - y).abs().max().item(), (YV[:, 1:] - Yd).abs().max().item())
 
+    G = torch.randn(B, 1 + K, n, generator=g).to(device, dtype)  # a dense upstream gradient
+    G0, G1 = G[:, 0].contiguous(), G[:, 1:].contiguous()
+
     def ours():
         YV = tangent_linear_packed(XV, W, b, "tanh")
-        YV.sum().backward()
+        (YV * G).sum().backward()
 
     def plain():
         y, Yd = plain_linear(x, V, W, b)
-        (y.sum() + Yd.sum()).backward()
+        ((y * G0).sum() + (Yd * G1).sum()).backward()
 
-    reps = dict(budget_s=budget, min_repeats=3)
-    return median_time(plain, device, **reps), median_time(ours, device, **reps), err
+    t_plain, t_ours = median_times_interleaved([plain, ours], device, budget_s=budget,
+                                               min_repeats=5)
+    return t_plain, t_ours, err
 
 
 def bench_coupling(B, K, m, device, dtype, budget):
@@ -73,16 +81,20 @@ def bench_coupling(B, K, m, device, dtype, budget):
     err = max((YV[:, 0] - y).abs().max().item(), (YV[:, 1:] - Yd).abs().max().item(),
               (lad - lad2).abs().max().item())
 
+    G = torch.randn(B, 1 + K, m, generator=g).to(device, dtype)  # a dense upstream gradient
+    G0, G1 = G[:, 0].contiguous(), G[:, 1:].contiguous()
+
     def ours():
         YV, lad = tangent_coupling_packed(XV, ST)
-        (YV.sum() + lad.sum()).backward()
+        ((YV * G).sum() + lad.sum()).backward()
 
     def plain():
         y, Yd, lad = plain_coupling(*parts)
-        (y.sum() + Yd.sum() + lad.sum()).backward()
+        ((y * G0).sum() + (Yd * G1).sum() + lad.sum()).backward()
 
-    reps = dict(budget_s=budget, min_repeats=3)
-    return median_time(plain, device, **reps), median_time(ours, device, **reps), err
+    t_plain, t_ours = median_times_interleaved([plain, ours], device, budget_s=budget,
+                                               min_repeats=5)
+    return t_plain, t_ours, err
 
 
 def main(argv=None):

@@ -129,8 +129,55 @@ int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, 32768 / (work_per_item + 1));
 }
 
+// tanh, the common case, with fewer passes: z = Z[:,0] + b into a dense buffer (one ATen op),
+// tanh of it (one), then one loop per batch element that writes z back into Z, σ = f into Y,
+// σ' = 1 − f² into dA and σ'·Z[:,k] into the tangent rows.
+#define INJFLOW_TANH_EPILOGUE(T)                                                              \
+  INJFLOW_MULTIVERSION void tanh_epilogue_rows(const T* zc, const T* f, T* Z, int64_t R,       \
+                                               int64_t n, bool write_z, T* Y, T* df) {        \
+    _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) {                                     \
+      Y[j] = f[j];                                                                            \
+      df[j] = T(1) - f[j] * f[j];                                                             \
+    }                                                                                         \
+    if (write_z) {                                                                            \
+      _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) Z[j] = zc[j];                       \
+    }                                                                                         \
+    for (int64_t k = 1; k < R; ++k) {                                                         \
+      const T* z = Z + k * n;                                                                 \
+      T* y = Y + k * n;                                                                       \
+      _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) y[j] = df[j] * z[j];                \
+    }                                                                                         \
+  }
+INJFLOW_TANH_EPILOGUE(float)
+INJFLOW_TANH_EPILOGUE(double)
+
+at::Tensor linear_epilogue_tanh_cpu(at::Tensor& Z, const c10::optional<at::Tensor>& b,
+                                    at::Tensor& Y) {
+  const int64_t B = Z.size(0), R = Z.size(1), n = Z.size(2);
+  const at::Tensor z0 = Z.select(1, 0);
+  const at::Tensor zc = (b.has_value() ? at::add(z0, *b) : z0).contiguous();
+  const at::Tensor f = at::tanh(zc);
+  at::Tensor dA = at::empty({B, n}, Z.options());
+  AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "tangent_linear_cpu", [&] {
+    const scalar_t* zcp = zc.const_data_ptr<scalar_t>();
+    const scalar_t* fp = f.const_data_ptr<scalar_t>();
+    scalar_t* zp = Z.mutable_data_ptr<scalar_t>();
+    scalar_t* yp = Y.mutable_data_ptr<scalar_t>();
+    scalar_t* dfp = dA.mutable_data_ptr<scalar_t>();
+    const bool write_z = b.has_value();
+    at::parallel_for(0, B, grain_for(R * n), [&](int64_t lo, int64_t hi) {
+      for (int64_t bi = lo; bi < hi; ++bi)
+        tanh_epilogue_rows(zcp + bi * n, fp + bi * n, zp + bi * R * n, R, n, write_z,
+                           yp + bi * R * n, dfp + bi * n);
+    });
+  });
+  return dA;
+}
+
 at::Tensor linear_epilogue_cpu(at::Tensor& Z, const c10::optional<at::Tensor>& b, int64_t act,
                                double slope, at::Tensor& Y) {
+  if (act == kActTanh && Z.is_contiguous() && Y.is_contiguous())
+    return linear_epilogue_tanh_cpu(Z, b, Y);
   const int64_t B = Z.size(0), R = Z.size(1), n = Z.size(2);
   at::Tensor z0 = Z.select(1, 0);
   if (b.has_value()) z0.add_(*b);
@@ -184,40 +231,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_cpu(
                                            &linear_grad_preact_cpu);
 }
 
-// s̃ = scale(s), e = exp(s̃), s̃' and s̃'' of the primal scale pre-activations s (B, m).
+// s̃ = scale(s) and e = exp(s̃) of the primal scale pre-activations s (B, m), contiguous. The
+// derivatives s̃' and s̃'' are arithmetic in s̃ (scale_derivatives), evaluated in the loops.
 struct ScaleTensors {
-  at::Tensor st, e, c, c2;
+  at::Tensor st, e;
 };
 
 ScaleTensors scale_values(const at::Tensor& s_in, int64_t scale) {
   const at::Tensor s = s_in.contiguous();  // vectorised tanh/exp need a dense input
   ScaleTensors r;
-  if (scale == kScaleTanh) {
-    r.st = at::tanh(s);
-    r.c = 1 - r.st * r.st;
-    r.c2 = -2 * r.st * r.c;
-  } else {
-    r.st = s;
-    r.c = at::ones_like(s);
-    r.c2 = at::zeros_like(s);
-  }
-  r.e = at::exp(r.st).contiguous();
-  r.st = r.st.contiguous();
-  r.c = r.c.contiguous();
-  r.c2 = r.c2.contiguous();
+  r.st = scale == kScaleTanh ? at::tanh(s) : s;
+  r.e = at::exp(r.st);
   return r;
 }
 
+// s̃' (c) and s̃'' (c2) from s̃: tanh: 1 − s̃², −2 s̃ (1 − s̃²); identity: 1, 0.
+#define INJFLOW_SCALE_DERIVATIVES(T)                                                            inline void scale_derivatives(bool tanh_scale, T st, T& c, T& c2) {                             c = tanh_scale ? T(1) - st * st : T(1);                                                       c2 = tanh_scale ? T(-2) * st * c : T(0);                                                    }
+INJFLOW_SCALE_DERIVATIVES(float)
+INJFLOW_SCALE_DERIVATIVES(double)
+
 // One batch element of the coupling forward: y rows from x rows and [s,t] rows.
 #define INJFLOW_COUPLING_ROWS(T)                                                              \
-  INJFLOW_MULTIVERSION void coupling_rows(const T* x0, const T* st0, const T* e0, const T* c0, \
-                                          int64_t count, int64_t R, int64_t m, T* y0, T* xec) { \
+  INJFLOW_MULTIVERSION void coupling_rows(const T* x0, const T* st0, const T* e0, const T* sc0, \
+                                          bool tanh_scale, int64_t count, int64_t R, int64_t m, \
+                                          T* y0, T* xec) {                                    \
    for (int64_t bi = 0; bi < count; ++bi) {                                                   \
-    const T *x = x0 + bi * R * m, *st = st0 + bi * R * 2 * m, *e = e0 + bi * m, *c = c0 + bi * m; \
+    const T *x = x0 + bi * R * m, *st = st0 + bi * R * 2 * m, *e = e0 + bi * m;               \
+    const T* sc = sc0 + bi * m;                                                               \
     T* y = y0 + bi * R * m;                                                                   \
     _Pragma("omp simd") for (int64_t j = 0; j < m; ++j) {                                     \
+      T c, c2;                                                                                \
+      scale_derivatives(tanh_scale, sc[j], c, c2);                                            \
       y[j] = x[j] * e[j] + st[m + j];                                                         \
-      xec[j] = x[j] * e[j] * c[j];                                                            \
+      xec[j] = x[j] * e[j] * c;                                                               \
     }                                                                                         \
     for (int64_t k = 1; k < R; ++k) {                                                         \
       const T* xk = x + k * m;                                                                \
@@ -234,16 +280,20 @@ INJFLOW_COUPLING_ROWS(double)
 // One batch element of the coupling backward (formulas in ops/tangent.py's module docstring).
 #define INJFLOW_COUPLING_BACKWARD_ROWS(T)                                                     \
   INJFLOW_MULTIVERSION void coupling_backward_rows(                                           \
-      const T* x0, const T* st0, const T* g0, const T* gl0, const T* e0, const T* c0,         \
-      const T* c20, int64_t count, int64_t R, int64_t m, T* gx0, T* gs0) {                    \
+      const T* x0, const T* st0, const T* g0, const T* gl0, const T* e0, const T* sc0,        \
+      bool tanh_scale, int64_t count, int64_t R, int64_t m, T* gx0, T* gs0, T* ec, T* curv) { \
    for (int64_t bi = 0; bi < count; ++bi) {                                                   \
     const T *x = x0 + bi * R * m, *st = st0 + bi * R * 2 * m, *g = g0 + bi * R * m;           \
-    const T *e = e0 + bi * m, *c = c0 + bi * m, *c2 = c20 + bi * m;                          \
+    const T *e = e0 + bi * m, *sc = sc0 + bi * m;                                             \
     const T gl = gl0[bi];                                                                     \
     T *gx = gx0 + bi * R * m, *gs = gs0 + bi * R * 2 * m;                                     \
     _Pragma("omp simd") for (int64_t j = 0; j < m; ++j) {                                     \
+      T c, c2;                                                                                \
+      scale_derivatives(tanh_scale, sc[j], c, c2);                                            \
+      ec[j] = e[j] * c;                                                                       \
+      curv[j] = e[j] * (c * c + c2);                                                          \
       gx[j] = g[j] * e[j];                                                                    \
-      gs[j] = g[j] * x[j] * e[j] * c[j] + gl * c[j];                                          \
+      gs[j] = g[j] * x[j] * ec[j] + gl * c;                                                   \
       gs[m + j] = g[j];                                                                       \
     }                                                                                         \
     for (int64_t k = 1; k < R; ++k) {                                                         \
@@ -253,12 +303,10 @@ INJFLOW_COUPLING_ROWS(double)
       T* gxk = gx + k * m;                                                                    \
       T* gsk = gs + k * 2 * m;                                                                \
       _Pragma("omp simd") for (int64_t j = 0; j < m; ++j) {                                   \
-        const T ec = e[j] * c[j];                                                             \
-        const T curv = e[j] * (c[j] * c[j] + c2[j]);                                          \
-        gx[j] += gk[j] * ec * sk[j];                                                          \
-        gs[j] += gk[j] * (ec * xk[j] + x[j] * curv * sk[j]);                                  \
+        gx[j] += gk[j] * ec[j] * sk[j];                                                       \
+        gs[j] += gk[j] * (ec[j] * xk[j] + x[j] * curv[j] * sk[j]);                            \
         gxk[j] = gk[j] * e[j];                                                                \
-        gsk[j] = gk[j] * x[j] * ec;                                                           \
+        gsk[j] = gk[j] * x[j] * ec[j];                                                        \
         gsk[m + j] = gk[j];                                                                   \
       }                                                                                       \
     }                                                                                         \
@@ -279,12 +327,12 @@ std::tuple<at::Tensor, at::Tensor> tangent_coupling_cpu(const at::Tensor& XV_in,
     const scalar_t* xv = XV.const_data_ptr<scalar_t>();
     const scalar_t* st = ST.const_data_ptr<scalar_t>();
     const scalar_t* e = sv.e.const_data_ptr<scalar_t>();
-    const scalar_t* c = sv.c.const_data_ptr<scalar_t>();
+    const scalar_t* sc = sv.st.const_data_ptr<scalar_t>();
     scalar_t* y = Y.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B, grain_for(R * m), [&](int64_t lo, int64_t hi) {
       std::vector<scalar_t> xec(m);
-      coupling_rows(xv + lo * R * m, st + lo * R * 2 * m, e + lo * m, c + lo * m, hi - lo, R, m,
-                    y + lo * R * m, xec.data());
+      coupling_rows(xv + lo * R * m, st + lo * R * 2 * m, e + lo * m, sc + lo * m,
+                    scale == kScaleTanh, hi - lo, R, m, y + lo * R * m, xec.data());
     });
   });
   return {Y, lad};
@@ -309,14 +357,14 @@ std::tuple<at::Tensor, at::Tensor> tangent_coupling_backward_cpu(
     const scalar_t* g = gY.const_data_ptr<scalar_t>();
     const scalar_t* glp = gl.const_data_ptr<scalar_t>();
     const scalar_t* e = sv.e.const_data_ptr<scalar_t>();
-    const scalar_t* c = sv.c.const_data_ptr<scalar_t>();
-    const scalar_t* c2 = sv.c2.const_data_ptr<scalar_t>();
+    const scalar_t* sc = sv.st.const_data_ptr<scalar_t>();
     scalar_t* gx = gXV.mutable_data_ptr<scalar_t>();
     scalar_t* gs = gST.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B, grain_for(R * m), [&](int64_t lo, int64_t hi) {
+      std::vector<scalar_t> ec(m), curv(m);  // e·s̃' and e·(s̃'² + s̃'') of one batch element
       coupling_backward_rows(xv + lo * R * m, st + lo * R * 2 * m, g + lo * R * m, glp + lo,
-                             e + lo * m, c + lo * m, c2 + lo * m, hi - lo, R, m, gx + lo * R * m,
-                             gs + lo * R * 2 * m);
+                             e + lo * m, sc + lo * m, scale == kScaleTanh, hi - lo, R, m,
+                             gx + lo * R * m, gs + lo * R * 2 * m, ec.data(), curv.data());
     });
   });
   return {gXV, gST};
