@@ -8,7 +8,7 @@
 #   bash bench/gpu_check.sh            # on the GPU machine, from the repository root
 #
 # The extension: if .devbuild/ holds a prebuilt injflow_ext/_C*.so and _build_config.py (built
-# elsewhere against the same torch, see docs of this script below), they are copied in and used
+# elsewhere against the same torch and the same sources), they are copied in and used
 # when they import; otherwise it is built in place with FORCE_CUDA=1 (TORCH_CUDA_ARCH_LIST,
 # default 9.0; MAX_JOBS, default 16). Prebuilding where a CUDA toolkit and the same torch exist:
 #   FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace   (in a copy)
