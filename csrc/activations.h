@@ -106,14 +106,20 @@ C10_HOST_DEVICE inline T second_derivative_from(int64_t act, T z, T f, T df) {
 // the multiplier is exp(s)). Returns s̃, s̃', s̃''.
 enum CouplingScale : int64_t { kScaleTanh = 0, kScaleExp = 1, kScaleCount = 2 };
 
+// The same from s̃ itself, when it is already evaluated (arithmetic only): tanh: s̃' = 1 − s̃²,
+// s̃'' = −2 s̃ s̃'; identity: 1, 0.
+template <typename T>
+C10_HOST_DEVICE inline ActValues<T> coupling_scale_from(int64_t scale, T st) {
+  if (scale == kScaleTanh) {
+    const T dt = T(1) - st * st;
+    return {st, dt, T(-2) * st * dt};
+  }
+  return {st, T(1), T(0)};
+}
+
 template <typename T>
 C10_HOST_DEVICE inline ActValues<T> coupling_scale(int64_t scale, T s) {
-  if (scale == kScaleTanh) {
-    const T t = std::tanh(s);
-    const T dt = T(1) - t * t;
-    return {t, dt, T(-2) * t * dt};
-  }
-  return {s, T(1), T(0)};
+  return coupling_scale_from<T>(scale, scale == kScaleTanh ? std::tanh(s) : s);
 }
 
 }  // namespace injflow

@@ -130,26 +130,18 @@ int64_t grain_for(int64_t work_per_item) {
 }
 
 // tanh, the common case, with fewer passes: z = Z[:,0] + b into a dense buffer (one ATen op),
-// tanh of it (one), then one loop per batch element that writes z back into Z, σ = f into Y,
-// σ' = 1 − f² into dA and σ'·Z[:,k] into the tangent rows.
-#define INJFLOW_TANH_EPILOGUE(T)                                                              \
-  INJFLOW_MULTIVERSION void tanh_epilogue_rows(const T* zc, const T* f, T* Z, int64_t R,       \
-                                               int64_t n, bool write_z, T* Y, T* df) {        \
-    _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) {                                     \
-      Y[j] = f[j];                                                                            \
-      df[j] = T(1) - f[j] * f[j];                                                             \
-    }                                                                                         \
+// tanh of it (one), then per batch element one loop that writes z back into Z and σ' = 1 − f²
+// into dA, and apply_tangent_rows for σ = f and σ'·Z[:,k] into Y.
+#define INJFLOW_TANH_DERIVATIVE_ROW(T)                                                        \
+  INJFLOW_MULTIVERSION void tanh_derivative_row(const T* zc, const T* f, int64_t n,          \
+                                                bool write_z, T* Z, T* df) {                  \
+    _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) df[j] = T(1) - f[j] * f[j];           \
     if (write_z) {                                                                            \
       _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) Z[j] = zc[j];                       \
     }                                                                                         \
-    for (int64_t k = 1; k < R; ++k) {                                                         \
-      const T* z = Z + k * n;                                                                 \
-      T* y = Y + k * n;                                                                       \
-      _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) y[j] = df[j] * z[j];                \
-    }                                                                                         \
   }
-INJFLOW_TANH_EPILOGUE(float)
-INJFLOW_TANH_EPILOGUE(double)
+INJFLOW_TANH_DERIVATIVE_ROW(float)
+INJFLOW_TANH_DERIVATIVE_ROW(double)
 
 at::Tensor linear_epilogue_tanh_cpu(at::Tensor& Z, const c10::optional<at::Tensor>& b,
                                     at::Tensor& Y) {
@@ -166,9 +158,11 @@ at::Tensor linear_epilogue_tanh_cpu(at::Tensor& Z, const c10::optional<at::Tenso
     scalar_t* dfp = dA.mutable_data_ptr<scalar_t>();
     const bool write_z = b.has_value();
     at::parallel_for(0, B, grain_for(R * n), [&](int64_t lo, int64_t hi) {
-      for (int64_t bi = lo; bi < hi; ++bi)
-        tanh_epilogue_rows(zcp + bi * n, fp + bi * n, zp + bi * R * n, R, n, write_z,
-                           yp + bi * R * n, dfp + bi * n);
+      for (int64_t bi = lo; bi < hi; ++bi) {
+        tanh_derivative_row(zcp + bi * n, fp + bi * n, n, write_z, zp + bi * R * n,
+                            dfp + bi * n);
+        apply_tangent_rows(fp + bi * n, dfp + bi * n, zp + bi * R * n, R, n, yp + bi * R * n);
+      }
     });
   });
   return dA;
@@ -232,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_cpu(
 }
 
 // s̃ = scale(s) and e = exp(s̃) of the primal scale pre-activations s (B, m), contiguous. The
-// derivatives s̃' and s̃'' are arithmetic in s̃ (scale_derivatives), evaluated in the loops.
+// derivatives s̃' and s̃'' are arithmetic in s̃ (coupling_scale_from), evaluated in the loops.
 struct ScaleTensors {
   at::Tensor st, e;
 };
@@ -245,23 +239,17 @@ ScaleTensors scale_values(const at::Tensor& s_in, int64_t scale) {
   return r;
 }
 
-// s̃' (c) and s̃'' (c2) from s̃: tanh: 1 − s̃², −2 s̃ (1 − s̃²); identity: 1, 0.
-#define INJFLOW_SCALE_DERIVATIVES(T)                                                            inline void scale_derivatives(bool tanh_scale, T st, T& c, T& c2) {                             c = tanh_scale ? T(1) - st * st : T(1);                                                       c2 = tanh_scale ? T(-2) * st * c : T(0);                                                    }
-INJFLOW_SCALE_DERIVATIVES(float)
-INJFLOW_SCALE_DERIVATIVES(double)
-
 // One batch element of the coupling forward: y rows from x rows and [s,t] rows.
 #define INJFLOW_COUPLING_ROWS(T)                                                              \
   INJFLOW_MULTIVERSION void coupling_rows(const T* x0, const T* st0, const T* e0, const T* sc0, \
-                                          bool tanh_scale, int64_t count, int64_t R, int64_t m, \
+                                          int64_t scale, int64_t count, int64_t R, int64_t m, \
                                           T* y0, T* xec) {                                    \
    for (int64_t bi = 0; bi < count; ++bi) {                                                   \
     const T *x = x0 + bi * R * m, *st = st0 + bi * R * 2 * m, *e = e0 + bi * m;               \
     const T* sc = sc0 + bi * m;                                                               \
     T* y = y0 + bi * R * m;                                                                   \
     _Pragma("omp simd") for (int64_t j = 0; j < m; ++j) {                                     \
-      T c, c2;                                                                                \
-      scale_derivatives(tanh_scale, sc[j], c, c2);                                            \
+      const T c = coupling_scale_from<T>(scale, sc[j]).df;                                    \
       y[j] = x[j] * e[j] + st[m + j];                                                         \
       xec[j] = x[j] * e[j] * c;                                                               \
     }                                                                                         \
@@ -281,19 +269,18 @@ INJFLOW_COUPLING_ROWS(double)
 #define INJFLOW_COUPLING_BACKWARD_ROWS(T)                                                     \
   INJFLOW_MULTIVERSION void coupling_backward_rows(                                           \
       const T* x0, const T* st0, const T* g0, const T* gl0, const T* e0, const T* sc0,        \
-      bool tanh_scale, int64_t count, int64_t R, int64_t m, T* gx0, T* gs0, T* ec, T* curv) { \
+      int64_t scale, int64_t count, int64_t R, int64_t m, T* gx0, T* gs0, T* ec, T* curv) {  \
    for (int64_t bi = 0; bi < count; ++bi) {                                                   \
     const T *x = x0 + bi * R * m, *st = st0 + bi * R * 2 * m, *g = g0 + bi * R * m;           \
     const T *e = e0 + bi * m, *sc = sc0 + bi * m;                                             \
     const T gl = gl0[bi];                                                                     \
     T *gx = gx0 + bi * R * m, *gs = gs0 + bi * R * 2 * m;                                     \
     _Pragma("omp simd") for (int64_t j = 0; j < m; ++j) {                                     \
-      T c, c2;                                                                                \
-      scale_derivatives(tanh_scale, sc[j], c, c2);                                            \
-      ec[j] = e[j] * c;                                                                       \
-      curv[j] = e[j] * (c * c + c2);                                                          \
+      const auto d = coupling_scale_from<T>(scale, sc[j]);                                    \
+      ec[j] = e[j] * d.df;                                                                    \
+      curv[j] = e[j] * (d.df * d.df + d.d2f);                                                 \
       gx[j] = g[j] * e[j];                                                                    \
-      gs[j] = g[j] * x[j] * ec[j] + gl * c;                                                   \
+      gs[j] = g[j] * x[j] * ec[j] + gl * d.df;                                                \
       gs[m + j] = g[j];                                                                       \
     }                                                                                         \
     for (int64_t k = 1; k < R; ++k) {                                                         \
@@ -332,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor> tangent_coupling_cpu(const at::Tensor& XV_in,
     at::parallel_for(0, B, grain_for(R * m), [&](int64_t lo, int64_t hi) {
       std::vector<scalar_t> xec(m);
       coupling_rows(xv + lo * R * m, st + lo * R * 2 * m, e + lo * m, sc + lo * m,
-                    scale == kScaleTanh, hi - lo, R, m, y + lo * R * m, xec.data());
+                    scale, hi - lo, R, m, y + lo * R * m, xec.data());
     });
   });
   return {Y, lad};
@@ -363,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor> tangent_coupling_backward_cpu(
     at::parallel_for(0, B, grain_for(R * m), [&](int64_t lo, int64_t hi) {
       std::vector<scalar_t> ec(m), curv(m);  // e·s̃' and e·(s̃'² + s̃'') of one batch element
       coupling_backward_rows(xv + lo * R * m, st + lo * R * 2 * m, g + lo * R * m, glp + lo,
-                             e + lo * m, sc + lo * m, scale == kScaleTanh, hi - lo, R, m,
+                             e + lo * m, sc + lo * m, scale, hi - lo, R, m,
                              gx + lo * R * m, gs + lo * R * 2 * m, ec.data(), curv.data());
     });
   });

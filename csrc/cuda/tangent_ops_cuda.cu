@@ -35,6 +35,23 @@ __global__ void linear_epilogue_kernel(T* __restrict__ z, const T* __restrict__ 
   }
 }
 
+// GZ of one (batch row, feature) at offset o of its primal element: all R rows written;
+// returns GZ[b,0,j].
+template <typename T>
+__device__ inline T grad_preact_element(const T* __restrict__ g, const T* __restrict__ z,
+                                        int64_t o, int64_t R, int64_t n, int64_t act, T slope,
+                                        T* __restrict__ gz) {
+  const auto a = activation<T>(act, z[o], slope, true);
+  T g0 = g[o] * a.df;
+  for (int64_t k = 1; k < R; ++k) {
+    const int64_t ok = o + k * n;
+    g0 += g[ok] * z[ok] * a.d2f;
+    gz[ok] = g[ok] * a.df;
+  }
+  gz[o] = g0;
+  return g0;
+}
+
 template <typename T>
 __global__ void linear_grad_preact_kernel(const T* __restrict__ g, const T* __restrict__ z,
                                           int64_t B, int64_t R, int64_t n, int64_t act, T slope,
@@ -42,15 +59,7 @@ __global__ void linear_grad_preact_kernel(const T* __restrict__ g, const T* __re
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < B * n;
        e += (int64_t)gridDim.x * blockDim.x) {
     const int64_t b = e / n, j = e - b * n;
-    const int64_t o = b * R * n + j;
-    const auto a = activation<T>(act, z[o], slope, true);
-    T g0 = g[o] * a.df;
-    for (int64_t k = 1; k < R; ++k) {
-      const int64_t ok = o + k * n;
-      g0 += g[ok] * z[ok] * a.d2f;
-      gz[ok] = g[ok] * a.df;
-    }
-    gz[o] = g0;
+    grad_preact_element(g, z, b * R * n + j, R, n, act, slope, gz);
   }
 }
 
@@ -70,18 +79,8 @@ __global__ void linear_grad_preact_bias_kernel(const T* __restrict__ g, const T*
   T acc = 0;
   if (j < n) {
     for (int64_t b = blockIdx.y * kBiasRows + threadIdx.y; b < B;
-         b += (int64_t)gridDim.y * kBiasRows) {
-      const int64_t o = b * R * n + j;
-      const auto a = activation<T>(act, z[o], slope, true);
-      T g0 = g[o] * a.df;
-      for (int64_t k = 1; k < R; ++k) {
-        const int64_t ok = o + k * n;
-        g0 += g[ok] * z[ok] * a.d2f;
-        gz[ok] = g[ok] * a.df;
-      }
-      gz[o] = g0;
-      acc += g0;
-    }
+         b += (int64_t)gridDim.y * kBiasRows)
+      acc += grad_preact_element(g, z, b * R * n + j, R, n, act, slope, gz);
   }
   partial[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
