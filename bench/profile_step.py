@@ -23,26 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step as step_bench  # noqa: E402
 from common import add_common_args, environment, write_results  # noqa: E402
 
-from injflow_ext import CapturedStep  # noqa: E402
-
-
-def make_step(method, model, x, device):
-    """A zero-argument callable running one step (loss forward + backward) of ``method``."""
-    if method in ("ours_exact_graph", "ours_hutchinson_graph"):
-        captured = CapturedStep(model, None, x, method=method.split("_")[1], beta=step_bench.BETA)
-        return lambda: captured(x)
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def eager_step():
-        for p in model.parameters():
-            p.grad = None
-        step_bench.loss_fn(method, model, x, gen).backward()
-    return eager_step
-
 
 def profile_method(method, model, x, device, steps):
     """Per-step wall ms, launch count, summed device (or self-CPU) ms and the top entries."""
-    fn = make_step(method, model, x, device)
+    fn = step_bench.make_step(method, model, x, device)
     for _ in range(3):
         fn()
     cuda = device.type == "cuda"
@@ -96,7 +80,7 @@ def main(argv=None):
         x = step_bench.make_batch(B, D, device, dtype)
         for method in args.methods.split(","):
             if method.endswith("_graph") and device.type != "cuda":
-                continue
+                continue  # graphs are CUDA-only (make_step gives None)
             r = profile_method(method, model, x, device, steps)
             r["config"] = name
             results.append(r)

@@ -102,23 +102,15 @@ def check_exact_methods_agree(model, x, methods):
     return worst
 
 
-def time_method(method, model, x, device, budget):
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def eager_step():
-        for p in model.parameters():
-            p.grad = None
-        loss_fn(method, model, x, gen).backward()
-
-    step = eager_step
+def make_step(method, model, x, device):
+    """A zero-argument callable running one step (loss forward + backward) of ``method`` on
+    ``x``; None for a graph method off CUDA."""
+    if method.endswith("_graph") and device.type != "cuda":
+        return None
     if method in ("ours_exact_graph", "ours_hutchinson_graph"):
-        if device.type != "cuda":
-            return None, None
         captured = CapturedStep(model, None, x, method=method.split("_")[1], beta=BETA)
-        step = lambda: captured(x)  # noqa: E731
+        return lambda: captured(x)
     if method == "ref_batched_graph":
-        if device.type != "cuda":
-            return None, None
         static_x = x.clone()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -131,7 +123,20 @@ def time_method(method, model, x, device, budget):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             ref.exact_batched(model, static_x, BETA).backward()
-        step = graph.replay
+        return graph.replay
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def eager_step():
+        for p in model.parameters():
+            p.grad = None
+        loss_fn(method, model, x, gen).backward()
+    return eager_step
+
+
+def time_method(method, model, x, device, budget):
+    step = make_step(method, model, x, device)
+    if step is None:
+        return None, None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t = median_time(step, device, budget_s=budget, min_repeats=3, max_repeats=30, warmup=2)
