@@ -52,6 +52,11 @@ def _load():
 _C = _load()
 
 
+# Read once: a plain bool keeps the device checks traceable by torch.compile (dynamo cannot
+# call into a pybind11 function while tracing).
+CUDA_COMPILED = bool(_C.cuda_compiled())
+
+
 def build_info() -> dict:
     """How the compiled extension was built.
 
@@ -67,7 +72,7 @@ def build_info() -> dict:
     except ImportError:  # built by other means than setup.py
         torch_version, cuda_version, arch = _C.built_torch_version(), None, None
         version = BASE_VERSION
-    cuda = bool(_C.cuda_compiled())
+    cuda = CUDA_COMPILED
     if cuda and cuda_version is None:
         v = _C.cuda_runtime_version()
         cuda_version = f"{v // 1000}.{(v % 1000) // 10}"
@@ -78,11 +83,6 @@ def build_info() -> dict:
         "cuda_arch_list": arch if cuda else None,
         "cuda_compiled": cuda,
     }
-
-
-# Read once: a plain bool keeps the device checks traceable by torch.compile (dynamo cannot
-# call into a pybind11 function while tracing).
-CUDA_COMPILED = bool(_C.cuda_compiled())
 
 
 def check_device(name: str, op: str, t: torch.Tensor) -> None:
