@@ -70,10 +70,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_composite(
   return {Y, Z, dA};
 }
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_composite(
-    const at::Tensor& gY_in, const at::Tensor& XV, const at::Tensor& W, const at::Tensor& Z,
-    const at::Tensor& Y, const at::Tensor& dA, int64_t act, double slope,
-    LinearGradPreactFn grad_preact) {
+inline void check_tangent_linear_backward_args(const at::Tensor& gY_in, const at::Tensor& XV,
+                                               const at::Tensor& W, const at::Tensor& Z,
+                                               const at::Tensor& Y, const at::Tensor& dA,
+                                               int64_t act) {
   check_tangent_linear_args(XV, W, c10::nullopt, act);
   TORCH_CHECK(gY_in.sizes() == Z.sizes() && Z.size(0) == XV.size(0) && Z.size(1) == XV.size(1) &&
                   Z.size(2) == W.size(0),
@@ -83,6 +83,13 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_co
                   dA.size(1) == Z.size(2),
               "tangent_linear_backward: Y must be ", Z.sizes(), " and dA (B, n_out), got ",
               Y.sizes(), " and ", dA.sizes());
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_composite(
+    const at::Tensor& gY_in, const at::Tensor& XV, const at::Tensor& W, const at::Tensor& Z,
+    const at::Tensor& Y, const at::Tensor& dA, int64_t act, double slope,
+    LinearGradPreactFn grad_preact) {
+  check_tangent_linear_backward_args(gY_in, XV, W, Z, Y, dA, act);
   const int64_t B = XV.size(0), R = XV.size(1), n_in = XV.size(2), n_out = W.size(0);
   const at::Tensor gY = gY_in.contiguous();
   at::Tensor GZ, gb;

@@ -72,6 +72,34 @@ def test_tangent_linear_gradcheck(device, activation):
     assert torch.autograd.gradcheck(f, (x, V, W, b))
 
 
+
+@pytest.mark.parametrize("activation", [None, "tanh", "silu"])
+def test_tangent_linear_gradients_at_a_large_batch(device, activation):
+    """A batch big enough that the CPU backward runs in several blocks (about 512 KiB of the
+    pre-activation gradient each, here 23 batch elements) with a partial last one: every
+    gradient equals autograd through the plain-PyTorch expression."""
+    B, K, n = 700, 21, 128
+    kw = dict(dtype=torch.float64, device=device)
+    x = torch.randn(B, n, **kw).requires_grad_()
+    V = torch.randn(B, K, n, **kw).requires_grad_()
+    W = (torch.randn(n, n, **kw) / n ** 0.5).requires_grad_()
+    b = torch.randn(n, **kw).requires_grad_()
+    gy, gYd = torch.randn(B, n, **kw), torch.randn(B, K, n, **kw)
+    act = PLAIN_ACTIVATIONS[activation]
+
+    def ours(x, V, W, b):
+        return tangent_linear(x, V, W, b, activation)
+
+    def plain(x, V, W, b):
+        return jvp_rows(lambda x_: act(x_ @ W.T + b), x, V)
+
+    grads = []
+    for f in (ours, plain):
+        y, Yd = f(x, V, W, b)
+        grads.append(torch.autograd.grad((y * gy).sum() + (Yd * gYd).sum(), (x, V, W, b)))
+    for g, g_ref, name in zip(*grads, "xVWb"):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10, msg=f"gradient of {name}")
+
 @pytest.mark.parametrize("scale", ["tanh", "exp"])
 @pytest.mark.parametrize("K", [1, 3, 21])
 def test_tangent_coupling_matches_jvp(device, scale, K):

@@ -218,11 +218,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_cpu(
   return tangent_linear_composite(XV, W, b, act, slope, &linear_epilogue_cpu);
 }
 
+// Batch elements per block of the CPU backward: the block's pre-activation gradient GZ (R·n_out
+// values per element) stays around 512 KiB, inside L2, between the loop that writes it and the
+// two GEMMs that read it.
+int64_t backward_block(int64_t R, int64_t n_out, int64_t elem_size) {
+  return std::max<int64_t>(1, (int64_t(1) << 19) / (R * n_out * elem_size));
+}
+
+// The CPU backward runs block by block over the batch: GZ of a block (a reused buffer), then
+// gXV of the block = GZ·W written in place and gW += GZᵀ·XV of the block. The whole-batch GZ,
+// B·R·n_out values, is never allocated: a fresh multi-MB buffer per call can cost a page fault
+// per 4 KiB touched (glibc returns large freed blocks to the OS), while the block buffer is
+// small and reused, and the GEMMs read the block's GZ back while it is still in cache.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_cpu(
-    const at::Tensor& gY, const at::Tensor& XV, const at::Tensor& W, const at::Tensor& Z,
-    const at::Tensor& Y, const at::Tensor& dA, int64_t act, double slope) {
-  return tangent_linear_backward_composite(gY, XV, W, Z, Y, dA, act, slope,
-                                           &linear_grad_preact_cpu);
+    const at::Tensor& gY_in, const at::Tensor& XV_in, const at::Tensor& W, const at::Tensor& Z_in,
+    const at::Tensor& Y_in, const at::Tensor& dA_in, int64_t act, double slope) {
+  check_tangent_linear_backward_args(gY_in, XV_in, W, Z_in, Y_in, dA_in, act);
+  const int64_t B = XV_in.size(0), R = XV_in.size(1), n_in = XV_in.size(2), n_out = W.size(0);
+  const at::Tensor gY = gY_in.contiguous(), XV = XV_in.contiguous();
+  at::Tensor gXV = at::empty({B, R, n_in}, XV.options());
+  at::Tensor gW = at::zeros({n_out, n_in}, XV.options());
+  at::Tensor gb = at::zeros({n_out}, XV.options());
+  if (B == 0) return {gXV, gW, gb};
+  const at::Tensor Z = Z_in.contiguous(), Y = Y_in.contiguous(), dA = dA_in.contiguous();
+  const int64_t block = std::min(B, backward_block(R, n_out, XV.element_size()));
+  at::Tensor GZ_buffer;
+  if (act != kActNone) GZ_buffer = at::empty({block, R, n_out}, XV.options());
+  at::Tensor unused_gb;
+  for (int64_t b0 = 0; b0 < B; b0 += block) {
+    const int64_t nb = std::min(block, B - b0);
+    at::Tensor GZ;
+    if (act == kActNone) {
+      GZ = gY.narrow(0, b0, nb);
+    } else {
+      GZ = GZ_buffer.narrow(0, 0, nb);
+      linear_grad_preact_cpu(gY.narrow(0, b0, nb), Z.narrow(0, b0, nb), Y.narrow(0, b0, nb),
+                             dA.narrow(0, b0, nb), act, slope, GZ, unused_gb);
+    }
+    const at::Tensor GZ2 = GZ.view({nb * R, n_out});
+    at::Tensor gXV2 = gXV.narrow(0, b0, nb).view({nb * R, n_in});
+    at::mm_out(gXV2, GZ2, W);
+    gW.addmm_(GZ2.t(), XV.narrow(0, b0, nb).view({nb * R, n_in}));
+    gb.add_(GZ.select(1, 0).sum(0));
+  }
+  return {gXV, gW, gb};
 }
 
 // s̃ = scale(s) and e = exp(s̃) of the primal scale pre-activations s (B, m), contiguous. The
