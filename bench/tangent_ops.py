@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (add_common_args, environment, median_times_interleaved,  # noqa: E402
-                    print_table, write_results)
+from common import (add_common_args, environment, paired_ratio_interval,  # noqa: E402
+                    print_table, times_interleaved, write_results)
 
 from injflow_ext import tangent_coupling_packed, tangent_linear_packed  # noqa: E402
 
@@ -40,6 +41,19 @@ def plain_coupling(x, V, s, Sd, t, Td):
     y = x * e + t
     Yd = V * e.unsqueeze(1) + (x * e * (1 - st * st)).unsqueeze(1) * Sd + Td
     return y, Yd, st.sum(-1)
+
+
+def compare(plain, ours, device, budget) -> dict:
+    """Interleaved timing of the two ways: median ms of each, the speed-up (ratio of the
+    medians), and the median of the per-round ratios with its 95 % confidence interval; at
+    least 9 rounds, so that the interval is narrower than the full range of the ratios."""
+    times_plain, times_ours = times_interleaved([plain, ours], device, budget_s=budget,
+                                                min_repeats=9)
+    t_plain, t_ours = statistics.median(times_plain), statistics.median(times_ours)
+    ratio, low, high = paired_ratio_interval(times_plain, times_ours)
+    return dict(plain_ms=t_plain, ours_ms=t_ours, speedup=t_plain / t_ours,
+                paired_speedup=ratio, paired_ci_low=low, paired_ci_high=high,
+                rounds=len(times_plain))
 
 
 def bench_linear(B, K, n, device, dtype, budget):
@@ -65,9 +79,7 @@ def bench_linear(B, K, n, device, dtype, budget):
         y, Yd = plain_linear(x, V, W, b)
         ((y * G0).sum() + (Yd * G1).sum()).backward()
 
-    t_plain, t_ours = median_times_interleaved([plain, ours], device, budget_s=budget,
-                                               min_repeats=5)
-    return t_plain, t_ours, err
+    return compare(plain, ours, device, budget), err
 
 
 def bench_coupling(B, K, m, device, dtype, budget):
@@ -92,9 +104,7 @@ def bench_coupling(B, K, m, device, dtype, budget):
         y, Yd, lad = plain_coupling(*parts)
         ((y * G0).sum() + (Yd * G1).sum() + lad.sum()).backward()
 
-    t_plain, t_ours = median_times_interleaved([plain, ours], device, budget_s=budget,
-                                               min_repeats=5)
-    return t_plain, t_ours, err
+    return compare(plain, ours, device, budget), err
 
 
 def main(argv=None):
@@ -105,30 +115,30 @@ def main(argv=None):
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     budget = 0.3 if args.quick else 1.5
     batches = (400,) if args.quick else (400, 5000)
-    rows = []
-    for B in batches:
-        for n in (128, 512):
-            for K in (1, 21):
-                if args.quick and n == 512:
-                    continue
-                t_plain, t_ours, err = bench_linear(B, K, n, device, dtype, budget)
-                rows.append(dict(op="tangent_linear(tanh)", batch=B, width=n, K=K,
-                                 plain_ms=t_plain, ours_ms=t_ours, speedup=t_plain / t_ours,
-                                 max_abs_err=err))
-                print(f"  linear B={B} n={n} K={K}: {t_plain:.3f} / {t_ours:.3f} ms", flush=True)
-        for m in (3, 21, 392):
-            for K in (1, 21):
-                t_plain, t_ours, err = bench_coupling(B, K, m, device, dtype, budget)
-                rows.append(dict(op="tangent_coupling(tanh)", batch=B, width=m, K=K,
-                                 plain_ms=t_plain, ours_ms=t_ours, speedup=t_plain / t_ours,
-                                 max_abs_err=err))
-                print(f"  coupling B={B} m={m} K={K}: {t_plain:.3f} / {t_ours:.3f} ms", flush=True)
+    cases = [("tangent_linear(tanh)", B, n, K) for B in batches for n in (128, 512)
+             for K in (1, 21) if not (args.quick and n == 512)]
+    cases += [("tangent_coupling(tanh)", B, m, K) for B in batches for m in (3, 21, 392)
+              for K in (1, 21)]
+    # smallest first: a case measured right after a multi-GB one ran measurably slower (the
+    # allocator's state), so no case follows a much larger one
+    results = {}
+    for case in sorted(cases, key=lambda c: c[1] * (1 + c[3]) * c[2]):
+        op, B, width, K = case
+        bench = bench_linear if op.startswith("tangent_linear") else bench_coupling
+        timing, err = bench(B, K, width, device, dtype, budget)
+        results[case] = dict(op=op, batch=B, width=width, K=K, **timing, max_abs_err=err)
+        print(f"  {op} B={B} width={width} K={K}: {timing['plain_ms']:.3f} / "
+              f"{timing['ours_ms']:.3f} ms", flush=True)
+    rows = [results[case] for case in cases]
     env = environment(device)
     print(f"\ntangent ops forward+backward, {args.dtype}, {env['device_name']}, torch "
-          f"{env['torch_version']} (median ms; speedup = plain / ours)")
+          f"{env['torch_version']} (median ms; speedup = plain / ours; paired = median of the "
+          f"per-round ratios, with its 95% confidence interval)")
     print_table(rows, [("op", "op", "s"), ("batch", "batch", "d"), ("width", "width", "d"),
                        ("K", "K", "d"), ("plain_ms", "plain ms", ".3f"),
                        ("ours_ms", "ours ms", ".3f"), ("speedup", "speedup", ".2f"),
+                       ("paired_speedup", "paired", ".2f"), ("paired_ci_low", "95% CI lo", ".2f"),
+                       ("paired_ci_high", "hi", ".2f"), ("rounds", "rounds", "d"),
                        ("max_abs_err", "max err", ".1e")])
     write_results(args, "tangent_ops", device, {"environment": env,
         "metric": "median ms of forward+backward", "cases": rows})

@@ -31,6 +31,21 @@ def test_op_benchmarks_smoke(tmp_path):
     for script in ("cg.py", "tangent_ops.py"):
         res = run(script, tmp_path)
         assert res["cases"] and all(c["ours_ms"] > 0 for c in res["cases"])
+    for c in res["cases"]:  # tangent_ops: the paired speed-up inside its interval
+        assert c["rounds"] >= 9 and c["paired_ci_low"] <= c["paired_speedup"] <= c["paired_ci_high"]
+
+
+def test_paired_ratio_interval_order_statistics():
+    """The median of the per-round ratios, and binomial ranks for the 95 % interval: with 9
+    rounds the 2nd and 8th smallest ratios (coverage 1 − 2·10/512 ≈ 96 %), with 20 the 6th and
+    15th, with 5 (too few for 95 %) the whole range."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from common import paired_ratio_interval
+    ours = [1.0] * 20
+    assert paired_ratio_interval(list(range(1, 10)), ours[:9]) == (5.0, 2.0, 8.0)
+    assert paired_ratio_interval(list(range(1, 21)), ours) == (10.5, 6.0, 15.0)
+    assert paired_ratio_interval([3, 1, 2, 5, 4], [1, 1, 1, 1, 1]) == (3, 1, 5)
+    assert paired_ratio_interval([2.0, 4.0], [1.0, 2.0]) == (2.0, 2.0, 2.0)
 
 
 def test_profile_step_smoke(tmp_path):

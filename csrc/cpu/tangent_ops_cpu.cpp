@@ -220,9 +220,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_cpu(
 
 // Batch elements per block of the CPU backward: the block's pre-activation gradient GZ (R·n_out
 // values per element) stays around 512 KiB, inside L2, between the loop that writes it and the
-// two GEMMs that read it.
-int64_t backward_block(int64_t R, int64_t n_out, int64_t elem_size) {
-  return std::max<int64_t>(1, (int64_t(1) << 19) / (R * n_out * elem_size));
+// two GEMMs that read it; but a block has at least 2·n_in rows, so that accumulating the
+// n_out × n_in weight gradient once per block moves less memory than the block's GZ itself.
+int64_t backward_block(int64_t R, int64_t n_in, int64_t n_out, int64_t elem_size) {
+  const int64_t cache_sized = (int64_t(1) << 19) / (R * n_out * elem_size);
+  const int64_t gemm_sized = (2 * n_in + R - 1) / R;
+  return std::max<int64_t>({int64_t(1), cache_sized, gemm_sized});
 }
 
 // The CPU backward runs block by block over the batch: GZ of a block (a reused buffer), then
@@ -241,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_cpu(
   at::Tensor gb = at::zeros({n_out}, XV.options());
   if (B == 0) return {gXV, gW, gb};
   const at::Tensor Z = Z_in.contiguous(), Y = Y_in.contiguous(), dA = dA_in.contiguous();
-  const int64_t block = std::min(B, backward_block(R, n_out, XV.element_size()));
+  const int64_t block = std::min(B, backward_block(R, n_in, n_out, XV.element_size()));
   at::Tensor GZ_buffer;
   if (act != kActNone) GZ_buffer = at::empty({block, R, n_out}, XV.options());
   at::Tensor unused_gb;
