@@ -75,8 +75,8 @@ def test_tangent_linear_gradcheck(device, activation):
 
 @pytest.mark.parametrize("activation", [None, "tanh", "silu"])
 def test_tangent_linear_gradients_at_a_large_batch(device, activation):
-    """A batch big enough that the CPU backward runs in several blocks (about 512 KiB of the
-    pre-activation gradient each, here 23 batch elements) with a partial last one: every
+    """A batch big enough that the CPU backward runs in several blocks (about 4 MiB of the
+    pre-activation gradient each, here 186 batch elements) with a partial last one: every
     gradient equals autograd through the plain-PyTorch expression."""
     B, K, n = 700, 21, 128
     kw = dict(dtype=torch.float64, device=device)
