@@ -10,14 +10,18 @@ a bare ``.sum()`` would hand both an expanded all-ones gradient, which ours copi
 tensor and elementwise autograd does not.
 
     python bench/tangent_ops.py [--device cpu|cuda] [--dtype float32|float64] [--quick] [--json PATH]
+                                [--processes N]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -107,12 +111,8 @@ def bench_coupling(B, K, m, device, dtype, budget):
     return compare(plain, ours, device, budget), err
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
-    args = p.parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+def run_cases(args, device, dtype) -> list[dict]:
+    """Every case once, in this process; rows in the canonical order."""
     budget = 0.3 if args.quick else 1.5
     batches = (400,) if args.quick else (400, 5000)
     cases = [("tangent_linear(tanh)", B, n, K) for B in batches for n in (128, 512)
@@ -129,20 +129,70 @@ def main(argv=None):
         results[case] = dict(op=op, batch=B, width=width, K=K, **timing, max_abs_err=err)
         print(f"  {op} B={B} width={width} K={K}: {timing['plain_ms']:.3f} / "
               f"{timing['ours_ms']:.3f} ms", flush=True)
-    rows = [results[case] for case in cases]
-    env = environment(device)
-    print(f"\ntangent ops forward+backward, {args.dtype}, {env['device_name']}, torch "
-          f"{env['torch_version']} (median ms; speedup = plain / ours; paired = median of the "
-          f"per-round ratios, with its 95% confidence interval)")
-    print_table(rows, [("op", "op", "s"), ("batch", "batch", "d"), ("width", "width", "d"),
-                       ("K", "K", "d"), ("plain_ms", "plain ms", ".3f"),
-                       ("ours_ms", "ours ms", ".3f"), ("speedup", "speedup", ".2f"),
-                       ("paired_speedup", "paired", ".2f"), ("paired_ci_low", "95% CI lo", ".2f"),
-                       ("paired_ci_high", "hi", ".2f"), ("rounds", "rounds", "d"),
-                       ("max_abs_err", "max err", ".1e")])
-    write_results(args, "tangent_ops", device, {"environment": env,
-        "metric": "median ms of forward+backward", "cases": rows})
+    return [results[case] for case in cases]
 
+
+def run_in_processes(args, n: int) -> list[dict]:
+    """The whole benchmark n times, each in a fresh process, combined per case: the median of
+    the runs' medians and of their paired speed-ups, and the range of the paired speed-ups
+    over the runs. On a CPU the allocator's and the scheduler's state differ per process and
+    move a case's ratio by more than one run's confidence interval shows."""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(n):
+            path = os.path.join(tmp, f"run{i}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device,
+                   "--dtype", args.dtype, "--json", path] + (["--quick"] if args.quick else [])
+            print(f"process {i + 1}/{n}", flush=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            with open(path) as f:
+                runs.append(json.load(f)["cases"])
+    rows = []
+    for per_run in zip(*runs):
+        paired = [r["paired_speedup"] for r in per_run]
+        row = dict(per_run[0])
+        row.update(plain_ms=statistics.median(r["plain_ms"] for r in per_run),
+                   ours_ms=statistics.median(r["ours_ms"] for r in per_run),
+                   paired_speedup=statistics.median(paired), paired_runs=paired,
+                   runs_low=min(paired), runs_high=max(paired), processes=n,
+                   rounds=sum(r["rounds"] for r in per_run),
+                   max_abs_err=max(r["max_abs_err"] for r in per_run))
+        row["speedup"] = row["plain_ms"] / row["ours_ms"]
+        for key in ("paired_ci_low", "paired_ci_high"):  # one run's; not meaningful combined
+            row.pop(key)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--processes", type=int, default=1,
+                   help="run the whole benchmark this many times, each in a fresh process, "
+                        "and combine (see run_in_processes)")
+    args = p.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    env = environment(device)
+    columns = [("op", "op", "s"), ("batch", "batch", "d"), ("width", "width", "d"),
+               ("K", "K", "d"), ("plain_ms", "plain ms", ".3f"), ("ours_ms", "ours ms", ".3f"),
+               ("speedup", "speedup", ".2f"), ("paired_speedup", "paired", ".2f")]
+    if args.processes > 1:
+        rows = run_in_processes(args, args.processes)
+        how = (f"medians over {args.processes} processes; paired = median of the processes' "
+               f"paired speed-ups, lo/hi their range")
+        columns += [("runs_low", "runs lo", ".2f"), ("runs_high", "hi", ".2f")]
+    else:
+        rows = run_cases(args, device, dtype)
+        how = "paired = median of the per-round ratios, with its 95% confidence interval"
+        columns += [("paired_ci_low", "95% CI lo", ".2f"), ("paired_ci_high", "hi", ".2f")]
+    columns += [("rounds", "rounds", "d"), ("max_abs_err", "max err", ".1e")]
+    print(f"\ntangent ops forward+backward, {args.dtype}, {env['device_name']}, torch "
+          f"{env['torch_version']} (median ms; speedup = plain / ours; {how})")
+    print_table(rows, columns)
+    write_results(args, "tangent_ops", device, {"environment": env,
+        "metric": "median ms of forward+backward", "processes": args.processes,
+        "cases": rows})
 
 if __name__ == "__main__":
     main()
