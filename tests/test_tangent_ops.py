@@ -76,9 +76,9 @@ def test_tangent_linear_gradcheck(device, activation):
 @pytest.mark.parametrize("activation", [None, "tanh", "silu"])
 def test_tangent_linear_gradients_at_a_large_batch(device, activation):
     """A batch big enough that the CPU backward runs in several blocks (about 4 MiB of the
-    pre-activation gradient each, here 186 batch elements) with a partial last one: every
-    gradient equals autograd through the plain-PyTorch expression."""
-    B, K, n = 700, 21, 128
+    pre-activation gradient at most, split evenly: here 701 elements in blocks of 176, the last
+    of 173): every gradient equals autograd through the plain-PyTorch expression."""
+    B, K, n = 701, 21, 128
     kw = dict(dtype=torch.float64, device=device)
     x = torch.randn(B, n, **kw).requires_grad_()
     V = torch.randn(B, K, n, **kw).requires_grad_()

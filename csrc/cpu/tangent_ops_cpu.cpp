@@ -247,7 +247,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_cpu(
   at::Tensor gb = at::zeros({n_out}, XV.options());
   if (B == 0) return {gXV, gW, gb};
   const at::Tensor Z = Z_in.contiguous(), Y = Y_in.contiguous(), dA = dA_in.contiguous();
-  const int64_t block = std::min(B, backward_block(R, n_in, n_out, XV.element_size()));
+  // equal blocks (400 elements in blocks of at most 372: two of 200, not 372 and 28)
+  const int64_t max_block = std::min(B, backward_block(R, n_in, n_out, XV.element_size()));
+  const int64_t n_blocks = (B + max_block - 1) / max_block;
+  const int64_t block = (B + n_blocks - 1) / n_blocks;
   at::Tensor GZ_buffer;
   if (act != kActNone) GZ_buffer = at::empty({block, R, n_out}, XV.options());
   at::Tensor unused_gb;
