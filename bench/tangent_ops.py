@@ -194,5 +194,6 @@ def main(argv=None):
         "metric": "median ms of forward+backward", "processes": args.processes,
         "cases": rows})
 
+
 if __name__ == "__main__":
     main()

@@ -51,7 +51,8 @@ inline void check_tangent_coupling_args(const at::Tensor& XV, const at::Tensor& 
 // linear_grad_preact: GZ[:,0] = gY0·σ'(z) + Σ_k gYk·Z[:,k]·σ''(z), GZ[:,k] = gYk·σ'(z), given
 //   the forward's Z, Y and dA (a device may use them or recompute from Z). A device may also
 //   set gb = Σ_b GZ[b,0] (the bias gradient) in the same pass; left undefined, the composite
-//   sums it.
+//   sums it. (The CUDA backward runs through tangent_linear_backward_composite; the CPU backward
+//   runs its own loop over batch blocks, see cpu/tangent_ops_cpu.cpp.)
 using LinearEpilogueFn = at::Tensor (*)(at::Tensor& Z, const c10::optional<at::Tensor>& b,
                                         int64_t act, double slope, at::Tensor& Y);
 using LinearGradPreactFn = void (*)(const at::Tensor& gY, const at::Tensor& Z,

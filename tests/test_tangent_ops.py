@@ -72,7 +72,6 @@ def test_tangent_linear_gradcheck(device, activation):
     assert torch.autograd.gradcheck(f, (x, V, W, b))
 
 
-
 @pytest.mark.parametrize("activation", [None, "tanh", "silu"])
 def test_tangent_linear_gradients_at_a_large_batch(device, activation):
     """A batch big enough that the CPU backward runs in several blocks (about 4 MiB of the

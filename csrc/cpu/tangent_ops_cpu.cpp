@@ -189,9 +189,10 @@ at::Tensor linear_epilogue_cpu(at::Tensor& Z, const c10::optional<at::Tensor>& b
   return a.df;
 }
 
+// GZ of a block of the batch (formula in tangent_ops.h); the blocked backward below sums the
+// bias gradient from it.
 void linear_grad_preact_cpu(const at::Tensor& gY, const at::Tensor& Z, const at::Tensor& Y,
-                            const at::Tensor& dA, int64_t act, double slope, at::Tensor& GZ,
-                            at::Tensor& /*gb: summed by the composite on the CPU*/) {
+                            const at::Tensor& dA, int64_t act, double slope, at::Tensor& GZ) {
   const int64_t B = Z.size(0), R = Z.size(1), n = Z.size(2);
   // σ' comes from the forward; σ'' from (z, σ, σ') by arithmetic, except silu (ATen, from z)
   at::Tensor d2f_silu;
@@ -253,7 +254,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_cpu(
   const int64_t block = (B + n_blocks - 1) / n_blocks;
   at::Tensor GZ_buffer;
   if (act != kActNone) GZ_buffer = at::empty({block, R, n_out}, XV.options());
-  at::Tensor unused_gb;
   for (int64_t b0 = 0; b0 < B; b0 += block) {
     const int64_t nb = std::min(block, B - b0);
     at::Tensor GZ;
@@ -262,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_cpu(
     } else {
       GZ = GZ_buffer.narrow(0, 0, nb);
       linear_grad_preact_cpu(gY.narrow(0, b0, nb), Z.narrow(0, b0, nb), Y.narrow(0, b0, nb),
-                             dA.narrow(0, b0, nb), act, slope, GZ, unused_gb);
+                             dA.narrow(0, b0, nb), act, slope, GZ);
     }
     const at::Tensor GZ2 = GZ.view({nb * R, n_out});
     at::Tensor gXV2 = gXV.narrow(0, b0, nb).view({nb * R, n_in});
