@@ -153,17 +153,19 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
         print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
 
 
-def write_results(args, benchmark: str, device: torch.device, payload: dict) -> None:
+def write_results(args, benchmark: str, device: torch.device, payload: dict,
+                  quiet: bool = False) -> None:
     """Write a benchmark's JSON to --json or bench/results/BENCHMARK_DEVICE.json."""
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                      f"{benchmark}_{device.type}.json")
-    write_json(path, {"benchmark": benchmark, "dtype": args.dtype, **payload})
+    write_json(path, {"benchmark": benchmark, "dtype": args.dtype, **payload}, quiet)
 
 
-def write_json(path: str, payload: dict) -> None:
+def write_json(path: str, payload: dict, quiet: bool = False) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=2)
     os.replace(tmp, path)
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")

@@ -16,7 +16,9 @@
 #   (find csrc setup.py -type f | sort | xargs cat | sha256sum | cut -c1-16) > .devbuild/csrc.sha
 # Each stage has a time limit (seconds, environment): TEST_S, STEP_S, TF32_S, OPS_S, PROFILE_S.
 # STAGES (default "tests step tf32 ops profile") selects and orders the stages after the build;
-# OPS (default "gram_logdet tangent_ops cg") the op benchmarks.
+# OPS (default "gram_logdet tangent_ops cg") the op benchmarks; STEP_CONFIGS and STEP_METHODS
+# (comma-separated, default all) the step benchmark's configurations and methods, whose JSON is
+# rewritten after every method, so a stage stopped by its time limit keeps what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
@@ -65,7 +67,8 @@ run_tests() {
 }
 run_step() {
   timeout "${STEP_S:-200}" $PY bench/step.py --device cuda --budget "${STEP_BUDGET:-1.0}" \
-    --json "$RES/step.json" 2>&1 | grep -v "^  [A-Z]* [a-z_]*: [0-9.]* ms$"
+    ${STEP_CONFIGS:+--configs "$STEP_CONFIGS"} ${STEP_METHODS:+--methods "$STEP_METHODS"} \
+    --json "$RES/step.json" 2>&1 | grep -v "UserWarning\|_warn_once\|warnings.warn"
 }
 run_tf32() {
   timeout "${TF32_S:-90}" $PY bench/step.py --device cuda --tf32 --configs MINIBOONE,IMAGE \

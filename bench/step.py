@@ -6,8 +6,14 @@ bench/plain_reference.py: ref_one_tangent (d separate tangent passes, the paper'
 ref_batched (primal once + d tangents, eager), ref_jacfwd (torch.func.jacfwd under vmap),
 ref_hutchinson_cg (torch-ops CG), and on CUDA ref_batched_graph (ref_batched replayed from a
 CUDA graph) and ours_exact_graph / ours_hutchinson_graph (injflow_ext.CapturedStep: loss and
-backward replayed from a CUDA graph). Before timing, every exact method must give the same loss and gradients (checked
-in float64 on a slice of the batch).
+backward replayed from a CUDA graph). The compiled variants run the loss through torch.compile
+first (inductor fuses the elementwise work between the ops): ours_exact_compiled (eager launch,
+CPU or CUDA), ours_exact_compiled_graph (CapturedStep(compile=True)) and, for a like-for-like
+comparison, ref_batched_compiled and ref_batched_compiled_graph (the reference compiled the
+same way, launched eagerly and captured).
+Before timing, every exact method must give the same loss and gradients (checked in float64 on a
+slice of the batch); each compiled method's gradients must match ours_exact's at the timing
+dtype (relative error <= 1e-4 in float32).
 
     python bench/step.py [--device cpu|cuda] [--configs MINIBOONE,HEPMASS] [--methods ...]
                          [--quick] [--json PATH]
@@ -36,7 +42,12 @@ CONFIGS = {  # name: (D, d, batch, hidden)
 }
 QUICK_CONFIGS = {"TINY": (6, 2, 64, (16,) * 2)}
 METHODS = ["ours_exact", "ours_hutchinson", "ours_exact_graph", "ours_hutchinson_graph",
-           "ref_one_tangent", "ref_batched", "ref_jacfwd", "ref_hutchinson_cg", "ref_batched_graph"]
+           "ref_one_tangent", "ref_batched", "ref_jacfwd", "ref_hutchinson_cg", "ref_batched_graph",
+           "ours_exact_compiled", "ref_batched_compiled", "ours_exact_compiled_graph",
+           "ref_batched_compiled_graph"]
+GRAPH_REFERENCES = ("ref_batched", "ref_batched_graph", "ref_batched_compiled_graph",
+                    "ref_one_tangent")
+COMPILED_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
 EXACT = ["ours_exact", "ref_one_tangent", "ref_batched", "ref_jacfwd"]
 BETA = 50.0
 
@@ -102,28 +113,80 @@ def check_exact_methods_agree(model, x, methods):
     return worst
 
 
-def make_step(method, model, x, device):
+def exact_gradients(model, x):
+    """ours_exact's (eager) gradients on ``x``, the yardstick of the compiled methods."""
+    for p in model.parameters():
+        p.grad = None
+    model.loss(x, "exact", beta=BETA)["loss"].backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def check_gradients_match(method, model, expected):
+    """The gradients a compiled method left in ``p.grad`` against ``expected``."""
+    got = [p.grad for p in model.parameters()]
+    num = sum(((a - b) ** 2).sum() for a, b in zip(got, expected)) ** 0.5
+    den = sum((b ** 2).sum() for b in expected) ** 0.5
+    err = float(num / den)
+    tol = COMPILED_TOLERANCE[expected[0].dtype]
+    if not err <= tol:
+        raise AssertionError(f"{method} disagrees with ours_exact: gradient rel err {err:.2e} "
+                             f"> {tol:.0e}")
+    return err
+
+
+def capture_reference(model, x, fn):
+    """``fn(model, x)`` (a loss) and its backward recorded in a CUDA graph; the replay."""
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = None
+            fn(model, static_x, BETA).backward()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    for p in model.parameters():
+        p.grad = None
+    with torch.cuda.graph(graph):
+        fn(model, static_x, BETA).backward()
+    return graph.replay
+
+
+def make_step(method, model, x, device, checks=None):
     """A zero-argument callable running one step (loss forward + backward) of ``method`` on
-    ``x``; None for a graph method off CUDA."""
+    ``x``; None for a graph method off CUDA. A compiled method's gradients are checked against
+    ours_exact's first (the error goes to ``checks[method]``)."""
     if method.endswith("_graph") and device.type != "cuda":
         return None
+    if "compiled" in method:
+        expected = exact_gradients(model, x)
+        if method.startswith("ref_"):
+            compiled = torch.compile(ref.exact_batched, dynamic=False)
+            if method.endswith("_graph"):
+                step = capture_reference(model, x, compiled)
+            else:
+                def step():
+                    for p in model.parameters():
+                        p.grad = None
+                    compiled(model, x, BETA).backward()
+        else:
+            captured = CapturedStep(model, None, x, method="exact", beta=BETA, compile=True,
+                                    capture=method.endswith("_graph"))
+            step = lambda: captured(x)  # noqa: E731
+        for _ in range(2):   # CapturedStep's first eager step runs uncompiled
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        err = check_gradients_match(method, model, expected)
+        if checks is not None:
+            checks[method] = err
+        return step
     if method in ("ours_exact_graph", "ours_hutchinson_graph"):
         captured = CapturedStep(model, None, x, method=method.split("_")[1], beta=BETA)
         return lambda: captured(x)
     if method == "ref_batched_graph":
-        static_x = x.clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                for p in model.parameters():
-                    p.grad = None
-                ref.exact_batched(model, static_x, BETA).backward()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            ref.exact_batched(model, static_x, BETA).backward()
-        return graph.replay
+        return capture_reference(model, x, ref.exact_batched)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def eager_step():
@@ -133,8 +196,8 @@ def make_step(method, model, x, device):
     return eager_step
 
 
-def time_method(method, model, x, device, budget):
-    step = make_step(method, model, x, device)
+def time_method(method, model, x, device, budget, checks=None):
+    step = make_step(method, model, x, device, checks)
     if step is None:
         return None, None
     if device.type == "cuda":
@@ -142,6 +205,14 @@ def time_method(method, model, x, device, budget):
     t = median_time(step, device, budget_s=budget, min_repeats=3, max_repeats=30, warmup=2)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
     return t, peak
+
+
+def write_partial(args, device, rows, final=False):
+    """The JSON of the rows so far (``complete`` False until the last config is done)."""
+    write_results(args, "step", device, {
+        "environment": environment(device), "tf32": args.tf32, "complete": final,
+        "metric": "median ms of one loss forward + backward", "beta": BETA, "rows": rows},
+        quiet=not final)
 
 
 def main(argv=None):
@@ -165,11 +236,13 @@ def main(argv=None):
         model = build_model(D, d, hidden, device, dtype)
         x = make_batch(B, D, device, dtype)
         worst = check_exact_methods_agree(model, x, methods)
-        row = {"config": name, "D": D, "d": d, "batch": B, "exact_agreement": worst}
+        checks = {}
+        row = {"config": name, "D": D, "d": d, "batch": B, "exact_agreement": worst,
+               "compiled_gradient_rel_err": checks}
         for method in methods:
             try:
                 t, peak = time_method(method, model, x, device,
-                                      0.3 if args.quick else args.budget)
+                                      0.3 if args.quick else args.budget, checks)
             except Exception as e:  # one broken method must not lose the other methods' rows
                 if args.quick:
                     raise
@@ -182,6 +255,8 @@ def main(argv=None):
             row[f"{method}_peak_mib"] = peak
             if t is not None:
                 print(f"  {name} {method}: {t:.2f} ms", flush=True)
+            # what is measured so far, in case a time limit stops the run
+            write_partial(args, device, rows + [row])
         diag = model.loss(x, "hutchinson", beta=BETA)["diagnostics"]
         row["ours_cg_iterations_mean"] = float(diag["cg_iterations"].float().mean())
         row["ours_cg_converged_fraction"] = float(diag["cg_converged"].float().mean())
@@ -193,13 +268,22 @@ def main(argv=None):
         if row.get("ref_hutchinson_cg_ms") and row.get("ours_hutchinson_ms"):
             row["hutchinson_speedup_vs_ref"] = row["ref_hutchinson_cg_ms"] / row["ours_hutchinson_ms"]
         if row.get("ours_exact_graph_ms"):   # the GPU targets compare the captured steps too
-            for m in ("ref_batched", "ref_batched_graph", "ref_one_tangent"):
+            for m in GRAPH_REFERENCES:
                 if row.get(f"{m}_ms"):
                     row[f"exact_graph_speedup_vs_{m}"] = row[f"{m}_ms"] / row["ours_exact_graph_ms"]
+        for m in ("ref_batched", "ref_batched_compiled"):
+            if row.get("ours_exact_compiled_ms") and row.get(f"{m}_ms"):
+                row[f"compiled_speedup_vs_{m}"] = row[f"{m}_ms"] / row["ours_exact_compiled_ms"]
+        if row.get("ours_exact_compiled_graph_ms"):
+            for m in GRAPH_REFERENCES:
+                if row.get(f"{m}_ms"):
+                    row[f"compiled_graph_speedup_vs_{m}"] = (row[f"{m}_ms"]
+                                                             / row["ours_exact_compiled_graph_ms"])
         if row.get("ours_hutchinson_graph_ms") and row.get("ref_hutchinson_cg_ms"):
             row["hutchinson_graph_speedup_vs_ref"] = (row["ref_hutchinson_cg_ms"]
                                                       / row["ours_hutchinson_graph_ms"])
         rows.append(row)
+    write_partial(args, device, rows, final=True)
     env = environment(device)
     print(f"\ntraining step (loss forward + backward), {args.dtype}{' (TF32 GEMMs)' if args.tf32 else ''}, "
           f"{env['device_name']}, torch "
@@ -212,19 +296,22 @@ def main(argv=None):
     rcols = [("config", "config", "s")]
     rcols += [(f"exact_speedup_vs_{m}", f"vs {m}", ".2f") for m in methods
               if m.startswith("ref_") and m != "ref_hutchinson_cg"]
+    if "ours_exact_compiled" in methods:
+        rcols += [("compiled_speedup_vs_ref_batched", "compiled vs ref_batched", ".2f"),
+                  ("compiled_speedup_vs_ref_batched_compiled", "compiled vs ref_batched_compiled",
+                   ".2f")]
     rcols += [("hutchinson_speedup_vs_ref", "hutch vs ref", ".2f"),
               ("ours_cg_iterations_mean", "CG it ours", ".1f"), ("ref_cg_iterations", "CG it ref", "d")]
     print_table(rows, rcols)
-    if any(r.get("ours_exact_graph_ms") for r in rows):
+    if any(r.get("ours_exact_graph_ms") or r.get("ours_exact_compiled_graph_ms") for r in rows):
         print("\nratios of the captured steps (reference / ours_*_graph)")
         gcols = [("config", "config", "s")]
         gcols += [(f"exact_graph_speedup_vs_{m}", f"exact graph vs {m}", ".2f")
-                  for m in ("ref_batched", "ref_batched_graph", "ref_one_tangent")]
+                  for m in GRAPH_REFERENCES]
+        gcols += [(f"compiled_graph_speedup_vs_{m}", f"compiled graph vs {m}", ".2f")
+                  for m in GRAPH_REFERENCES]
         gcols += [("hutchinson_graph_speedup_vs_ref", "hutch graph vs ref", ".2f")]
         print_table(rows, gcols)
-    write_results(args, "step", device, {"environment": env, "tf32": args.tf32,
-        "metric": "median ms of one loss forward + backward", "beta": BETA,
-        "rows": rows})
 
 
 if __name__ == "__main__":

@@ -25,6 +25,16 @@ Warm-up: ``warmup`` eager steps on a side stream precede the capture (CUDA needs
 its allocator and libraries). They update the weights and optimiser state on ``example_x``;
 both are put back in place afterwards, so constructing a CapturedStep does not train the model.
 Hutchinson probes come from the default CUDA generator, whose draws advance with every replay.
+
+Compilation: ``compile=True`` (or a dict of ``torch.compile`` options) runs the loss through
+``torch.compile`` before it is captured. Inductor then fuses the elementwise work between the
+library's ops (ActNorm, permutations, splits and merges, the couplings' inverse pass, log-det
+sums, the loss) into a few generated kernels, in the forward and the backward pass; the replayed
+graph launches far fewer kernels. The compilation happens in the first compiled warm-up step
+(seconds to minutes, once per shape). The first warm-up step runs uncompiled, so that one-time
+state (ActNorm's initialisation flag) is settled before tracing and the step is traced once.
+Inductor's own CUDA graphs (``mode="reduce-overhead"``) are not used: this class captures the
+whole step, backward and optimiser included.
 """
 
 from __future__ import annotations
@@ -53,6 +63,9 @@ class CapturedStep:
             scalar ``"loss"`` (or a scalar tensor).
         capture: False to run eagerly also on a GPU.
         warmup: eager warm-up steps before the capture.
+        compile: True, or a dict of ``torch.compile`` keyword arguments (default
+            ``{"dynamic": False}``), to compile the loss (and through AOTAutograd its backward)
+            before capturing; also on the CPU, where it runs the compiled step eagerly.
     Call: ``step(x, likelihood_weight=1.0) -> dict`` of detached tensors (the loss and its
     parts). On a GPU they are the graph's static outputs, overwritten by the next call: clone
     what you keep.
@@ -61,7 +74,8 @@ class CapturedStep:
     def __init__(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
                  example_x: torch.Tensor, *, method: str = "exact", beta: float = 50.0,
                  hutchinson_samples: int = 1, cg_rtol: float = 1e-5,
-                 loss_fn: Optional[Callable] = None, capture: bool = True, warmup: int = 3):
+                 loss_fn: Optional[Callable] = None, capture: bool = True, warmup: int = 3,
+                 compile: bool | dict = False):
         if not isinstance(example_x, torch.Tensor) or example_x.dim() != 2:
             raise ValueError("CapturedStep: example_x must be a tensor of shape (B, D), got "
                              + (f"shape {tuple(example_x.shape)}"
@@ -84,6 +98,8 @@ class CapturedStep:
                 return m.loss(x, method, likelihood_weight=likelihood_weight, **kwargs)
         self.loss_fn = loss_fn
         self.captured = bool(capture) and self.device.type == "cuda"
+        self.compiled_loss_fn = self._compile(loss_fn, compile)
+        self._settled = self.compiled_loss_fn is None   # has one uncompiled step run?
         self.reason = ("captured in a CUDA graph" if self.captured else
                        "eager: capture=False" if self.device.type == "cuda" else
                        f"eager: CUDA graphs need a CUDA device, the batch is on {self.device}")
@@ -111,8 +127,31 @@ class CapturedStep:
         return self._static_out
 
     # ---------------------------------------------------------------------------- helpers
+    def _compile(self, loss_fn, compile):
+        if compile is False or compile is None:
+            return None
+        if compile is True:
+            options = {}
+        elif isinstance(compile, dict):
+            options = dict(compile)
+        else:
+            raise TypeError(f"CapturedStep: compile must be a bool or a dict of torch.compile "
+                            f"options, got {type(compile).__name__}")
+        options.setdefault("dynamic", False)
+        mode = options.get("mode")
+        if self.captured and mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"CapturedStep: compile mode {mode!r} records CUDA graphs of its own, "
+                             "which cannot run inside this class's capture; use mode=None, "
+                             "'default' or 'max-autotune-no-cudagraphs', or pass capture=False")
+        return torch.compile(loss_fn, **options)
+
     def _step_body(self, x) -> Dict[str, torch.Tensor]:
-        out = self.loss_fn(self.model, x, self._weight)
+        fn = self.loss_fn
+        if self.compiled_loss_fn is not None:
+            if self._settled:
+                fn = self.compiled_loss_fn
+            self._settled = True
+        out = fn(self.model, x, self._weight)
         if isinstance(out, torch.Tensor):
             out = {"loss": out}
         out["loss"].backward()
@@ -182,7 +221,8 @@ class CapturedStep:
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(max(1, warmup)):
+            # with compile: one uncompiled step, then at least one that compiles, before capture
+            for _ in range(max(1 if self.compiled_loss_fn is None else 2, warmup)):
                 self._eager_step(self._static_x)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()

@@ -56,6 +56,19 @@ def test_cpu_falls_back_to_the_eager_step_and_trains_the_same():
         torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=k)
 
 
+def test_compiled_step_on_cpu_trains_like_the_eager_loop():
+    """compile=True: the first step runs uncompiled, the rest through torch.compile (inductor's
+    generated C++ on the CPU); the losses and weights follow the hand-written loop."""
+    xs, ws = batches(4), [0.0, 0.5, 1.0, 1.0]
+    a, b = small_model(), small_model()
+    ref = manual_steps(a, xs, ws)
+    step, got = captured_steps(b, xs, ws, compile=True)
+    assert step.compiled_loss_fn is not None and not step.captured
+    assert got == pytest.approx(ref, rel=1e-9)
+    for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(pa, pb, rtol=1e-8, atol=1e-10, msg=k)
+
+
 def test_outputs_and_loss_only_mode():
     m = small_model()
     x = batches(1)[0]
@@ -79,6 +92,8 @@ def test_bad_arguments_say_what_to_change():
         CapturedStep(m, None, x[0])
     with pytest.raises(TypeError, match="give loss_fn"):
         CapturedStep(torch.nn.Linear(6, 6), None, x)
+    with pytest.raises(TypeError, match="compile must be a bool or a dict"):
+        CapturedStep(m, None, x, compile="yes")
 
 
 @CUDA
@@ -98,6 +113,25 @@ def test_cuda_replay_matches_eager_and_construction_does_not_train(dtype):
     assert got == pytest.approx(ref, rel=tol)
     for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, rtol=tol, atol=tol, msg=k)
+
+
+@CUDA
+def test_cuda_compiled_replay_matches_eager():
+    xs, ws = batches(3, "cuda", torch.float32), [0.3, 1.0, 1.0]
+    a, b = small_model("cuda", torch.float32), small_model("cuda", torch.float32)
+    before = copy.deepcopy(b.state_dict())
+    opt = torch.optim.Adam(b.parameters(), lr=1e-2, capturable=True)
+    step = CapturedStep(b, opt, xs[0], method="exact", beta=10.0, compile=True)
+    assert step.captured and step.compiled_loss_fn is not None
+    for k, v in b.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+    ref = manual_steps(a, xs, ws, capturable=True)
+    got = [float(step(x, likelihood_weight=w)["loss"]) for x, w in zip(xs, ws)]
+    assert got == pytest.approx(ref, rel=1e-4)
+    for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-4, msg=k)
+    with pytest.raises(ValueError, match="records CUDA graphs of its own"):
+        CapturedStep(b, opt, xs[0], compile={"mode": "reduce-overhead"})
 
 
 @CUDA
