@@ -17,8 +17,9 @@
 # Each stage has a time limit (seconds, environment): TEST_S, STEP_S, TF32_S, OPS_S, PROFILE_S.
 # STAGES (default "tests step tf32 ops profile") selects and orders the stages after the build;
 # OPS (default "gram_logdet tangent_ops cg") the op benchmarks; STEP_CONFIGS and STEP_METHODS
-# (comma-separated, default all) the step benchmark's configurations and methods, whose JSON is
-# rewritten after every method, so a stage stopped by its time limit keeps what it measured.
+# (comma-separated, default all) the step benchmark's configurations and methods, TF32_CONFIGS
+# and TF32_METHODS those of the TF32 rerun. The step and profile JSON is rewritten after every
+# method, so a stage stopped by its time limit keeps what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
@@ -65,15 +66,17 @@ run_tests() {
   timeout "${TEST_S:-150}" $PY -m pytest tests -q -rfE -k cuda -p no:cacheprovider $xdist \
     --junitxml="$RES/cuda_tests.xml" 2>&1 | grep -v "^DEBUG" | tail -40
 }
+# drop the warnings torch.compile prints (deprecations, inductor's algorithm-selection notes)
+quiet() { grep -v "UserWarning\|FutureWarning\|_warn_once\|warnings.warn\|^  check($\|tensor meta failed"; }
 run_step() {
   timeout "${STEP_S:-200}" $PY bench/step.py --device cuda --budget "${STEP_BUDGET:-1.0}" \
     ${STEP_CONFIGS:+--configs "$STEP_CONFIGS"} ${STEP_METHODS:+--methods "$STEP_METHODS"} \
-    --json "$RES/step.json" 2>&1 | grep -v "UserWarning\|_warn_once\|warnings.warn"
+    --json "$RES/step.json" 2>&1 | quiet
 }
 run_tf32() {
-  timeout "${TF32_S:-90}" $PY bench/step.py --device cuda --tf32 --configs MINIBOONE,IMAGE \
-    --budget "${STEP_BUDGET:-1.0}" --json "$RES/step_tf32.json" 2>&1 \
-    | grep -v "^  [A-Z]* [a-z_]*: [0-9.]* ms$"
+  timeout "${TF32_S:-90}" $PY bench/step.py --device cuda --tf32 \
+    --configs "${TF32_CONFIGS:-MINIBOONE,IMAGE}" ${TF32_METHODS:+--methods "$TF32_METHODS"} \
+    --budget "${STEP_BUDGET:-1.0}" --json "$RES/step_tf32.json" 2>&1 | quiet
 }
 run_ops() {
   for b in ${OPS:-gram_logdet tangent_ops cg}; do
@@ -85,7 +88,7 @@ run_profile() {
   timeout "${PROFILE_S:-90}" $PY bench/profile_step.py --device cuda --configs "${PROFILE_CONFIGS:-MINIBOONE}" \
     --methods "${PROFILE_METHODS:-ours_exact_graph,ref_batched_graph,ours_exact,ours_hutchinson,ref_hutchinson_cg}" \
     --steps 3 --top "${PROFILE_TOP:-12}" --json "$RES/profile_step.json" 2>&1 \
-    | grep -v "^USDT\|profiler_st\|UserWarning\|_warn_once"
+    | grep -v "^USDT\|profiler_st" | quiet
 }
 for s in ${STAGES:-tests step tf32 ops profile}; do
   stage "$s"

@@ -91,7 +91,11 @@ def main(argv=None):
             for e in r["top"][:args.top]:
                 print(f"  {e['ms_per_step']:8.3f} ms {100 * e['share']:5.1f}% "
                       f"{e['calls_per_step']:6.0f}x  {e['name']}")
-    write_results(args, "profile_step", device, {**environment(device), "rows": results})
+            # what is profiled so far, in case a time limit stops the run
+            write_results(args, "profile_step", device,
+                          {**environment(device), "complete": False, "rows": results}, quiet=True)
+    write_results(args, "profile_step", device,
+                  {**environment(device), "complete": True, "rows": results})
     return 0
 
 
