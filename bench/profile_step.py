@@ -74,6 +74,7 @@ def main(argv=None):
     configs = step_bench.QUICK_CONFIGS if args.quick else {
         k: step_bench.CONFIGS[k] for k in args.configs.split(",")}
     steps = 2 if args.quick else args.steps
+    env = environment(device)
     results = []
     for name, (D, d, B, hidden) in configs.items():
         model = step_bench.build_model(D, d, hidden, device, dtype)
@@ -93,9 +94,8 @@ def main(argv=None):
                       f"{e['calls_per_step']:6.0f}x  {e['name']}")
             # what is profiled so far, in case a time limit stops the run
             write_results(args, "profile_step", device,
-                          {**environment(device), "complete": False, "rows": results}, quiet=True)
-    write_results(args, "profile_step", device,
-                  {**environment(device), "complete": True, "rows": results})
+                          {**env, "complete": False, "rows": results}, quiet=True)
+    write_results(args, "profile_step", device, {**env, "complete": True, "rows": results})
     return 0
 
 

@@ -110,30 +110,37 @@ def check_exact_methods_agree(model, x, methods):
         next(iter(results.values()))
     worst = 0.0
     for method, (loss, grads) in results.items():
-        num = sum(((a - b) ** 2).sum() for a, b in zip(grads, base_grads)) ** 0.5
-        den = sum((b ** 2).sum() for b in base_grads) ** 0.5
-        rel_loss = (loss - base_loss).abs() / base_loss.abs().clamp(min=1e-12)
-        worst = max(worst, float(num / den), float(rel_loss))
-        if rel_loss > 1e-8 or num / den > 1e-7:
+        rel_grad = gradient_rel_err(grads, base_grads)
+        rel_loss = float((loss - base_loss).abs() / base_loss.abs().clamp(min=1e-12))
+        worst = max(worst, rel_grad, rel_loss)
+        if rel_loss > 1e-8 or rel_grad > 1e-7:
             raise AssertionError(f"{method} disagrees with ours_exact: loss rel err "
-                                 f"{float(rel_loss):.2e}, gradient rel err {float(num / den):.2e}")
+                                 f"{rel_loss:.2e}, gradient rel err {rel_grad:.2e}")
     return worst
+
+
+def gradient_rel_err(grads, expected) -> float:
+    """``‖grads − expected‖ / ‖expected‖`` over all parameters together."""
+    num = sum(((a - b) ** 2).sum() for a, b in zip(grads, expected)) ** 0.5
+    den = sum((b ** 2).sum() for b in expected) ** 0.5
+    return float(num / den)
+
+
+def clear_grads(model):
+    for p in model.parameters():
+        p.grad = None
 
 
 def exact_gradients(model, x):
     """ours_exact's (eager) gradients on ``x``, the yardstick of the compiled methods."""
-    for p in model.parameters():
-        p.grad = None
+    clear_grads(model)
     model.loss(x, "exact", beta=BETA)["loss"].backward()
     return [p.grad.clone() for p in model.parameters()]
 
 
 def check_gradients_match(method, model, expected):
     """The gradients a compiled method left in ``p.grad`` against ``expected``."""
-    got = [p.grad for p in model.parameters()]
-    num = sum(((a - b) ** 2).sum() for a, b in zip(got, expected)) ** 0.5
-    den = sum((b ** 2).sum() for b in expected) ** 0.5
-    err = float(num / den)
+    err = gradient_rel_err([p.grad for p in model.parameters()], expected)
     tol = COMPILED_TOLERANCE[expected[0].dtype]
     if expected[0].is_cuda and expected[0].dtype == torch.float32 and \
             torch.backends.cuda.matmul.allow_tf32:
@@ -151,13 +158,11 @@ def capture_reference(model, x, fn):
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(3):
-            for p in model.parameters():
-                p.grad = None
+            clear_grads(model)
             fn(model, static_x, BETA).backward()
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
-    for p in model.parameters():
-        p.grad = None
+    clear_grads(model)
     with torch.cuda.graph(graph):
         fn(model, static_x, BETA).backward()
     return graph.replay
@@ -177,8 +182,7 @@ def make_step(method, model, x, device, checks=None):
                 step = capture_reference(model, x, compiled)
             else:
                 def step():
-                    for p in model.parameters():
-                        p.grad = None
+                    clear_grads(model)
                     compiled(model, x, BETA).backward()
         else:
             captured = CapturedStep(model, None, x, method="exact", beta=BETA, compile=True,
@@ -200,8 +204,7 @@ def make_step(method, model, x, device, checks=None):
     gen = torch.Generator(device=device).manual_seed(0)
 
     def eager_step():
-        for p in model.parameters():
-            p.grad = None
+        clear_grads(model)
         loss_fn(method, model, x, gen).backward()
     return eager_step
 
@@ -217,10 +220,10 @@ def time_method(method, model, x, device, budget, checks=None):
     return t, peak
 
 
-def write_partial(args, device, rows, final=False):
+def write_partial(args, device, env, rows, final=False):
     """The JSON of the rows so far (``complete`` False until the last config is done)."""
     write_results(args, "step", device, {
-        "environment": environment(device), "tf32": args.tf32, "complete": final,
+        "environment": env, "tf32": args.tf32, "complete": final,
         "metric": "median ms of one loss forward + backward", "beta": BETA, "rows": rows},
         quiet=not final)
 
@@ -241,6 +244,7 @@ def main(argv=None):
     if args.configs:
         configs = {k: CONFIGS[k] for k in args.configs.split(",")}
     methods = args.methods.split(",")
+    env = environment(device)
     rows = []
     for name, (D, d, B, hidden) in configs.items():
         model = build_model(D, d, hidden, device, dtype)
@@ -266,7 +270,7 @@ def main(argv=None):
             if t is not None:
                 print(f"  {name} {method}: {t:.2f} ms", flush=True)
             # what is measured so far, in case a time limit stops the run
-            write_partial(args, device, rows + [row])
+            write_partial(args, device, env, rows + [row])
         diag = model.loss(x, "hutchinson", beta=BETA)["diagnostics"]
         row["ours_cg_iterations_mean"] = float(diag["cg_iterations"].float().mean())
         row["ours_cg_converged_fraction"] = float(diag["cg_converged"].float().mean())
@@ -293,8 +297,7 @@ def main(argv=None):
             row["hutchinson_graph_speedup_vs_ref"] = (row["ref_hutchinson_cg_ms"]
                                                       / row["ours_hutchinson_graph_ms"])
         rows.append(row)
-    write_partial(args, device, rows, final=True)
-    env = environment(device)
+    write_partial(args, device, env, rows, final=True)
     print(f"\ntraining step (loss forward + backward), {args.dtype}{' (TF32 GEMMs)' if args.tf32 else ''}, "
           f"{env['device_name']}, torch "
           f"{env['torch_version']} (median ms)")
