@@ -14,8 +14,12 @@
 #   FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace   (in a copy)
 #   mkdir -p .devbuild && cp COPY/injflow_ext/_C*.so COPY/injflow_ext/_build_config.py .devbuild/
 #   (find csrc setup.py -type f | sort | xargs cat | sha256sum | cut -c1-16) > .devbuild/csrc.sha
-# Each stage has a time limit (seconds, environment): TEST_S, STEP_S, TF32_S, OPS_S, PROFILE_S.
-# STAGES (default "tests step tf32 ops profile") selects and orders the stages after the build;
+# Each stage has a time limit (seconds, environment): TEST_S, STEP_S, TF32_S, OPS_S, PROFILE_S,
+# MLP_S, STEP_PL_S. STAGES (default "tests mlp step step_per_layer tf32 ops profile") selects and
+# orders the stages after the build; TEST_K (default "cuda") the tests (pytest -k);
+# MLP_CASES the MLP benchmark's cases (bench/tangent_mlp.py, with --sweep); step_per_layer
+# reruns the step benchmark with the conditioners' per-layer path (STEP_PL_METHODS), for the
+# fused MLP's same-run comparison;
 # OPS (default "gram_logdet tangent_ops cg") the op benchmarks; STEP_CONFIGS and STEP_METHODS
 # (comma-separated, default all) the step benchmark's configurations and methods, TF32_CONFIGS
 # and TF32_METHODS those of the TF32 rerun. The step and profile JSON is rewritten after every
@@ -63,7 +67,7 @@ $PY -c "import injflow_ext, json; print(json.dumps(injflow_ext.build_info()))" |
 run_tests() {
   local xdist=""
   $PY -c "import xdist" 2>/dev/null && xdist="-n ${TEST_WORKERS:-8}"
-  timeout "${TEST_S:-150}" $PY -m pytest tests -q -rfE -k cuda -p no:cacheprovider $xdist \
+  timeout "${TEST_S:-150}" $PY -m pytest tests -q -rfE -k "${TEST_K:-cuda}" -p no:cacheprovider $xdist \
     --junitxml="$RES/cuda_tests.xml" 2>&1 | grep -v "^DEBUG" | tail -40
 }
 # drop the warnings torch.compile prints (deprecations, inductor's algorithm-selection notes)
@@ -72,6 +76,17 @@ run_step() {
   timeout "${STEP_S:-200}" $PY bench/step.py --device cuda --budget "${STEP_BUDGET:-1.0}" \
     ${STEP_CONFIGS:+--configs "$STEP_CONFIGS"} ${STEP_METHODS:+--methods "$STEP_METHODS"} \
     --json "$RES/step.json" 2>&1 | quiet
+}
+run_step_per_layer() {
+  timeout "${STEP_PL_S:-120}" $PY bench/step.py --device cuda --budget "${STEP_BUDGET:-1.0}" \
+    --mlp-path per_layer ${STEP_CONFIGS:+--configs "$STEP_CONFIGS"} \
+    --methods "${STEP_PL_METHODS:-ours_exact_graph,ours_exact_compiled_graph}" \
+    --json "$RES/step_per_layer.json" 2>&1 | quiet
+}
+run_mlp() {
+  timeout "${MLP_S:-150}" $PY bench/tangent_mlp.py --device cuda --sweep \
+    --budget "${MLP_BUDGET:-0.5}" ${MLP_CASES:+--cases "$MLP_CASES"} \
+    --json "$RES/tangent_mlp.json" 2>&1 | quiet
 }
 run_tf32() {
   timeout "${TF32_S:-90}" $PY bench/step.py --device cuda --tf32 \
@@ -86,11 +101,11 @@ run_ops() {
 }
 run_profile() {
   timeout "${PROFILE_S:-90}" $PY bench/profile_step.py --device cuda --configs "${PROFILE_CONFIGS:-MINIBOONE}" \
-    --methods "${PROFILE_METHODS:-ours_exact_graph,ref_batched_graph,ours_exact,ours_hutchinson,ref_hutchinson_cg}" \
+    --methods "${PROFILE_METHODS:-ours_exact_compiled_graph,ours_exact_graph,ref_batched_graph,ours_exact,ours_hutchinson,ref_hutchinson_cg}" \
     --steps 3 --top "${PROFILE_TOP:-12}" --json "$RES/profile_step.json" 2>&1 \
     | grep -v "^USDT\|profiler_st" | quiet
 }
-for s in ${STAGES:-tests step tf32 ops profile}; do
+for s in ${STAGES:-tests mlp step step_per_layer tf32 ops profile}; do
   stage "$s"
   "run_$s"
   pack

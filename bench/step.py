@@ -16,7 +16,7 @@ slice of the batch); each compiled method's gradients must match ours_exact's at
 dtype (relative error <= 1e-4 in float32, 2e-3 with --tf32).
 
     python bench/step.py [--device cpu|cuda] [--configs MINIBOONE,HEPMASS] [--methods ...]
-                         [--quick] [--json PATH]
+                         [--mlp-path auto|per_layer|fused] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import plain_reference as ref  # noqa: E402
 from common import add_common_args, environment, median_time, print_table, write_results  # noqa: E402
 
 from injflow_ext import CapturedStep, RectangularFlow  # noqa: E402
+from injflow_ext.nn import set_mlp_path  # noqa: E402
 
 CONFIGS = {  # name: (D, d, batch, hidden)
     "POWER": (6, 2, 5000, (128,) * 4),
@@ -223,7 +224,7 @@ def time_method(method, model, x, device, budget, checks=None):
 def write_partial(args, device, env, rows, final=False):
     """The JSON of the rows so far (``complete`` False until the last config is done)."""
     write_results(args, "step", device, {
-        "environment": env, "tf32": args.tf32, "complete": final,
+        "environment": env, "tf32": args.tf32, "mlp_path": args.mlp_path, "complete": final,
         "metric": "median ms of one loss forward + backward", "beta": BETA, "rows": rows},
         quiet=not final)
 
@@ -235,6 +236,9 @@ def main(argv=None):
     p.add_argument("--configs", default=None, help="comma-separated names of " + ",".join(CONFIGS))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timing per method")
+    p.add_argument("--mlp-path", default="auto", choices=("auto", "per_layer", "fused"),
+                   help="the conditioners' tangent_mlp path for the ours_* methods (fused: "
+                        "CUDA only)")
     p.add_argument("--tf32", action="store_true",
                    help="let float32 GEMMs use TF32 tensor cores (CUDA; every method alike)")
     args = p.parse_args(argv)
@@ -248,6 +252,7 @@ def main(argv=None):
     rows = []
     for name, (D, d, B, hidden) in configs.items():
         model = build_model(D, d, hidden, device, dtype)
+        set_mlp_path(model, args.mlp_path)
         x = make_batch(B, D, device, dtype)
         worst = check_exact_methods_agree(model, x, methods)
         checks = {}
@@ -299,6 +304,7 @@ def main(argv=None):
         rows.append(row)
     write_partial(args, device, env, rows, final=True)
     print(f"\ntraining step (loss forward + backward), {args.dtype}{' (TF32 GEMMs)' if args.tf32 else ''}, "
+          f"conditioners: tangent_mlp path {args.mlp_path}, "
           f"{env['device_name']}, torch "
           f"{env['torch_version']} (median ms)")
     cols = [("config", "config", "s"), ("D", "D", "d"), ("d", "d", "d"), ("batch", "batch", "d")]

@@ -43,6 +43,19 @@ TORCH_LIBRARY(injflow, m) {
   m.def("tangent_coupling_backward(Tensor grad_Y, Tensor grad_logabsdet, Tensor XV, Tensor ST, "
         "int scale) -> (Tensor grad_XV, Tensor grad_ST)");
 
+  // A whole fully connected network on a primal row and K tangent rows (csrc/tangent_mlp.h):
+  //   XV (B, 1+K, n_in), weights[l] (n_l, n_{l-1}), biases[l] (n_l,); hidden layers use
+  //   `activation`, the last `last_activation` (codes of csrc/activations.h; `slope` for both).
+  //   Returns Y (B, 1+K, n_L) and, for the backward, Z (every layer's pre-activations),
+  //   A (every hidden layer's output) and dA (σ' at each layer's primal row, (B, n_l)).
+  //   path: 0 auto, 1 per layer (tangent_linear each), 2 fused (CUDA: one kernel for the
+  //   forward, one for the backward's activation-gradient chain).
+  m.def("tangent_mlp(Tensor XV, Tensor[] weights, Tensor[] biases, int activation, float slope, "
+        "int last_activation, int path) -> (Tensor Y, Tensor[] Z, Tensor[] A, Tensor[] dA)");
+  m.def("tangent_mlp_backward(Tensor grad_Y, Tensor XV, Tensor[] weights, Tensor Y, Tensor[] Z, "
+        "Tensor[] A, Tensor[] dA, int activation, float slope, int last_activation, int path) -> "
+        "(Tensor grad_XV, Tensor[] grad_weights, Tensor[] grad_biases)");
+
   // Batched conjugate gradients on systems stacked as (N, d, K) (K right-hand sides each).
   // cg_init: from the initial residual r and right-hand side b, p = r, rs = Σ_d r², the squared
   //   tolerance tol2 = max(rtol²·‖b‖², atol²), status (0 running, 1 converged, 2 breakdown) and

@@ -1,4 +1,4 @@
-// Autograd of the tangent ops, in C++ (the Autograd dispatch key), for every device.
+// Autograd of the tangent ops (tangent_linear, tangent_coupling, tangent_mlp), in C++ (the Autograd dispatch key), for every device.
 //
 // The layers call these ops ~10 times per coupling layer and step; registering their autograd
 // in Python (torch.library.register_autograd) cost ~0.25 ms of interpreter time per call and
@@ -62,6 +62,33 @@ std::tuple<Tensor, Tensor> call_tangent_coupling_backward(const Tensor& gY, cons
   return op.call(gY, glad, XV, ST, scale);
 }
 
+using MlpForwardOut =
+    std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>;
+using MlpBackwardOut = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>;
+
+MlpForwardOut call_tangent_mlp(const Tensor& XV, at::TensorList weights, at::TensorList biases,
+                               int64_t act, double slope, int64_t last_act, int64_t path) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("injflow::tangent_mlp", "")
+                       .typed<MlpForwardOut(const Tensor&, at::TensorList, at::TensorList,
+                                            int64_t, double, int64_t, int64_t)>();
+  return op.call(XV, weights, biases, act, slope, last_act, path);
+}
+
+MlpBackwardOut call_tangent_mlp_backward(const Tensor& gY, const Tensor& XV,
+                                         at::TensorList weights, const Tensor& Y,
+                                         at::TensorList Z, at::TensorList A, at::TensorList dA,
+                                         int64_t act, double slope, int64_t last_act,
+                                         int64_t path) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("injflow::tangent_mlp_backward", "")
+                       .typed<MlpBackwardOut(const Tensor&, const Tensor&, at::TensorList,
+                                             const Tensor&, at::TensorList, at::TensorList,
+                                             at::TensorList, int64_t, double, int64_t,
+                                             int64_t)>();
+  return op.call(gY, XV, weights, Y, Z, A, dA, act, slope, last_act, path);
+}
+
 class TangentLinearFunction : public torch::autograd::Function<TangentLinearFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& XV, const Tensor& W,
@@ -115,6 +142,81 @@ class TangentCouplingFunction : public torch::autograd::Function<TangentCoupling
   }
 };
 
+// tangent_mlp: outputs Y, then Z (L), A (L - 1) and dA (L) flattened; only Y is
+// differentiable. Saved: XV, the weights, Y and the Z, A, dA lists.
+class TangentMlpFunction : public torch::autograd::Function<TangentMlpFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& XV, at::TensorList weights,
+                               at::TensorList biases, int64_t act, double slope,
+                               int64_t last_act, int64_t path) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto out = call_tangent_mlp(XV, weights, biases, act, slope, last_act, path);
+    const Tensor& Y = std::get<0>(out);
+    const auto &Z = std::get<1>(out), &A = std::get<2>(out), &dA = std::get<3>(out);
+    variable_list saved{XV};
+    saved.insert(saved.end(), weights.begin(), weights.end());
+    saved.push_back(Y);
+    variable_list outputs{Y};
+    variable_list internals;
+    for (const auto* list : {&Z, &A, &dA}) {
+      saved.insert(saved.end(), list->begin(), list->end());
+      outputs.insert(outputs.end(), list->begin(), list->end());
+      internals.insert(internals.end(), list->begin(), list->end());
+    }
+    ctx->save_for_backward(saved);
+    ctx->saved_data["layers"] = static_cast<int64_t>(weights.size());
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["slope"] = slope;
+    ctx->saved_data["last_act"] = last_act;
+    ctx->saved_data["path"] = path;
+    ctx->mark_non_differentiable(internals);
+    ctx->set_materialize_grads(false);
+    return outputs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const int64_t L = ctx->saved_data["layers"].toInt();
+    variable_list result(1 + 2 * L + 4);  // XV, weights, biases, four non-tensor arguments
+    if (!grads[0].defined()) return result;
+    auto s = ctx->get_saved_variables();
+    const at::TensorList all(s);
+    const at::TensorList weights = all.slice(1, L);
+    const Tensor& Y = s[1 + L];
+    const at::TensorList Z = all.slice(2 + L, L), A = all.slice(2 + 2 * L, L - 1),
+                         dA = all.slice(1 + 3 * L, L);
+    auto g = call_tangent_mlp_backward(grads[0], s[0], weights, Y, Z, A, dA,
+                                       ctx->saved_data["act"].toInt(),
+                                       ctx->saved_data["slope"].toDouble(),
+                                       ctx->saved_data["last_act"].toInt(),
+                                       ctx->saved_data["path"].toInt());
+    result[0] = std::get<0>(g);
+    for (int64_t l = 0; l < L; ++l) {
+      result[1 + l] = std::get<1>(g)[l];
+      result[1 + L + l] = std::get<2>(g)[l];
+    }
+    return result;
+  }
+};
+
+class TangentMlpBackwardFunction : public torch::autograd::Function<TangentMlpBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* /*ctx*/, const Tensor& gY, const Tensor& XV,
+                               at::TensorList weights, const Tensor& Y, at::TensorList Z,
+                               at::TensorList A, at::TensorList dA, int64_t act, double slope,
+                               int64_t last_act, int64_t path) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto g = call_tangent_mlp_backward(gY, XV, weights, Y, Z, A, dA, act, slope, last_act, path);
+    variable_list out{std::get<0>(g)};
+    out.insert(out.end(), std::get<1>(g).begin(), std::get<1>(g).end());
+    out.insert(out.end(), std::get<2>(g).begin(), std::get<2>(g).end());
+    return out;
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK_NOT_IMPLEMENTED(false, "tangent_mlp_backward", kNoDoubleBackward);
+    return {};
+  }
+};
+
 // The backward ops: differentiable inputs are allowed (they are called under create_graph),
 // but asking for their gradient fails with a clear message.
 constexpr const char* kLinearBackwardName = "tangent_linear_backward";
@@ -165,6 +267,29 @@ std::tuple<Tensor, Tensor, Tensor> tangent_linear_backward_autograd(
   return {out[0], out[1], out[2]};
 }
 
+MlpForwardOut tangent_mlp_autograd(const Tensor& XV, at::TensorList weights,
+                                   at::TensorList biases, int64_t act, double slope,
+                                   int64_t last_act, int64_t path) {
+  auto out = TangentMlpFunction::apply(XV, weights, biases, act, slope, last_act, path);
+  const int64_t L = static_cast<int64_t>(weights.size());
+  auto slice = [&](int64_t start, int64_t count) {
+    return std::vector<Tensor>(out.begin() + start, out.begin() + start + count);
+  };
+  return {out[0], slice(1, L), slice(1 + L, L - 1), slice(2 * L, L)};
+}
+
+MlpBackwardOut tangent_mlp_backward_autograd(const Tensor& gY, const Tensor& XV,
+                                             at::TensorList weights, const Tensor& Y,
+                                             at::TensorList Z, at::TensorList A,
+                                             at::TensorList dA, int64_t act, double slope,
+                                             int64_t last_act, int64_t path) {
+  auto out = TangentMlpBackwardFunction::apply(gY, XV, weights, Y, Z, A, dA, act, slope,
+                                               last_act, path);
+  const int64_t L = static_cast<int64_t>(weights.size());
+  return {out[0], std::vector<Tensor>(out.begin() + 1, out.begin() + 1 + L),
+          std::vector<Tensor>(out.begin() + 1 + L, out.begin() + 1 + 2 * L)};
+}
+
 std::tuple<Tensor, Tensor> tangent_coupling_autograd(const Tensor& XV, const Tensor& ST,
                                                      int64_t scale) {
   auto out = TangentCouplingFunction::apply(XV, ST, scale);
@@ -186,4 +311,6 @@ TORCH_LIBRARY_IMPL(injflow, Autograd, m) {
   m.impl("tangent_linear_backward", &tangent_linear_backward_autograd);
   m.impl("tangent_coupling", &tangent_coupling_autograd);
   m.impl("tangent_coupling_backward", &tangent_coupling_backward_autograd);
+  m.impl("tangent_mlp", &tangent_mlp_autograd);
+  m.impl("tangent_mlp_backward", &tangent_mlp_backward_autograd);
 }

@@ -3,6 +3,7 @@
 Ops (CPU and CUDA, float32/float64, autograd, ``torch.compile``):
     gram_logdet(J)                      log det(JᵀJ) per batch element, J: (..., D, d)
     tangent_linear(x, V, W, b, act)     linear + activation on a primal and K tangents
+    tangent_mlp(XV, weights, biases)    a whole MLP on a primal and K tangents (one CUDA kernel)
     tangent_affine_coupling(...)        affine coupling on a primal and K tangents
     cg_solve(A, b)                      batched conjugate gradients, fused iterations
 
@@ -12,7 +13,7 @@ Models: injflow_ext.nn (bijections with batched tangents), injflow_ext.estimator
 
 from ._extension import build_info
 from .ops import (CGResult, GramLogdetInfo, cg_solve, gram_logdet, tangent_affine_coupling,
-                  tangent_coupling_packed, tangent_linear, tangent_linear_packed)
+                  tangent_coupling_packed, tangent_linear, tangent_linear_packed, tangent_mlp)
 
 from . import estimators, nn  # noqa: E402  (after the ops they build on)
 from .models import RectangularFlow  # noqa: E402
@@ -22,7 +23,7 @@ from .cli import load_run  # noqa: E402
 __version__ = build_info()["version"]
 
 __all__ = ["build_info", "gram_logdet", "GramLogdetInfo", "tangent_linear",
-           "tangent_linear_packed", "tangent_affine_coupling", "tangent_coupling_packed",
+           "tangent_linear_packed", "tangent_mlp", "tangent_affine_coupling", "tangent_coupling_packed",
            "cg_solve", "CGResult", "RectangularFlow", "CapturedStep", "load_run", "estimators",
            "nn",
            "__version__"]

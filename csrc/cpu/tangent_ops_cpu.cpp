@@ -11,6 +11,7 @@
 
 #include "../tangent_ops.h"
 #include "multiversion.h"
+#include "tangent_ops_cpu.h"
 
 namespace injflow {
 namespace {
@@ -213,6 +214,9 @@ void linear_grad_preact_cpu(const at::Tensor& gY, const at::Tensor& Z, const at:
   });
 }
 
+}  // namespace
+
+// Declared in cpu/tangent_ops_cpu.h (tangent_mlp composes them).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_cpu(
     const at::Tensor& XV, const at::Tensor& W, const c10::optional<at::Tensor>& b, int64_t act,
     double slope) {
@@ -225,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_cpu(
 // 512 KiB block added ~7 000 operator calls to a MINIBOONE training step); and a block has at
 // least 2·n_in rows, so that accumulating the n_out × n_in weight gradient once per block moves
 // less memory than the block's GZ itself.
-int64_t backward_block(int64_t R, int64_t n_in, int64_t n_out, int64_t elem_size) {
+static int64_t backward_block(int64_t R, int64_t n_in, int64_t n_out, int64_t elem_size) {
   const int64_t cache_sized = (int64_t(1) << 22) / (R * n_out * elem_size);
   const int64_t gemm_sized = (2 * n_in + R - 1) / R;
   return std::max<int64_t>({int64_t(1), cache_sized, gemm_sized});
@@ -272,6 +276,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_cpu(
   }
   return {gXV, gW, gb};
 }
+
+namespace {
 
 // s̃ = scale(s) and e = exp(s̃) of the primal scale pre-activations s (B, m), contiguous. The
 // derivatives s̃' and s̃'' are arithmetic in s̃ (coupling_scale_from), evaluated in the loops.

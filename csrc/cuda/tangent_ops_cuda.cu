@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../tangent_ops.h"
+#include "tangent_ops_cuda.h"
 
 namespace injflow {
 namespace {
@@ -137,6 +138,9 @@ void linear_grad_preact_cuda(const at::Tensor& gY, const at::Tensor& Z, const at
   });
 }
 
+}  // namespace
+
+// Declared in cuda/tangent_ops_cuda.h (tangent_mlp's per-layer path composes them).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_cuda(
     const at::Tensor& XV, const at::Tensor& W, const c10::optional<at::Tensor>& b, int64_t act,
     double slope) {
@@ -151,6 +155,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_cuda(
   return tangent_linear_backward_composite(gY, XV, W, Z, Y, dA, act, slope,
                                            &linear_grad_preact_cuda);
 }
+
+namespace {
 
 // One block per batch row: threads over features j, each covering all K tangents; the block
 // reduces Σ_j s̃_j for the log-determinant (deterministic order).

@@ -3,7 +3,7 @@
 from .base import Bijection
 from .layers import (ActNorm, AffineCoupling, FixedAffine, InvertibleLinear, Permutation,
                      Reverse, Sequential)
-from .mlp import MLP
+from .mlp import MLP, set_mlp_path
 
 __all__ = ["Bijection", "AffineCoupling", "ActNorm", "Permutation", "Reverse",
-           "InvertibleLinear", "FixedAffine", "Sequential", "MLP"]
+           "InvertibleLinear", "FixedAffine", "Sequential", "MLP", "set_mlp_path"]

@@ -1,4 +1,4 @@
-"""Fully connected conditioner networks that carry tangents (built on tangent_linear)."""
+"""Fully connected conditioner networks that carry tangents (built on tangent_mlp)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,28 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..ops.tangent import activation_code, tangent_linear_packed
+from ..ops.tangent import MLP_PATHS, activation_code, tangent_mlp
 
 
 class MLP(nn.Module):
     """``n_in -> hidden[0] -> ... -> n_out`` with an activation after every hidden layer.
 
     ``forward_packed(XV (B, 1+K, n_in)) -> (B, 1+K, n_out)`` carries a primal row and K tangent
-    rows through every layer with one GEMM and one fused epilogue each. With ``zero_last`` the
+    rows through every layer with ``tangent_mlp``: on CUDA one kernel for the whole network
+    where the rows fill the GPU, else one GEMM and one fused epilogue per layer. ``path``
+    ("auto", "per_layer", "fused") chooses explicitly (see
+    :func:`injflow_ext.ops.tangent.tangent_mlp`); :func:`set_mlp_path` sets it for every MLP
+    of a model. With ``zero_last`` the
     last layer starts at zero (a coupling built on it starts as the identity). ``n_in`` may be 0
     (the output is then a learned constant).
     """
 
     def __init__(self, n_in: int, n_out: int, hidden: Sequence[int] = (128, 128),
-                 activation: str = "tanh", zero_last: bool = True):
+                 activation: str = "tanh", zero_last: bool = True, path: str = "auto"):
         super().__init__()
         activation_code(activation)  # validates the name
         self.activation = activation
+        self.path = path
         sizes = [n_in, *hidden, n_out]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -42,12 +47,29 @@ class MLP(nn.Module):
             self.weights.append(nn.Parameter(W))
             self.biases.append(nn.Parameter(bias))
 
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        if value not in MLP_PATHS:
+            raise ValueError(f"MLP: path must be one of {list(MLP_PATHS)}, got {value!r}")
+        self._path = value
+
     def forward_packed(self, XV: torch.Tensor) -> torch.Tensor:
-        n = len(self.weights)
-        for i, (W, b) in enumerate(zip(self.weights, self.biases)):
-            XV = tangent_linear_packed(XV, W, b, self.activation if i < n - 1 else None)
-        return XV
+        return tangent_mlp(XV, list(self.weights), list(self.biases), self.activation, None,
+                           path=self.path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, n_in) -> (B, n_out)``."""
         return self.forward_packed(x.unsqueeze(1))[:, 0]
+
+
+def set_mlp_path(module: nn.Module, path: str) -> int:
+    """Set ``path`` ("auto", "per_layer", "fused") on every :class:`MLP` inside ``module``;
+    returns how many were set."""
+    mlps = [m for m in module.modules() if isinstance(m, MLP)]
+    for m in mlps:
+        m.path = path
+    return len(mlps)

@@ -10,7 +10,9 @@ Math (DESIGN.md §1):
 - affine coupling: ``y = x ⊙ exp(s̃) + t``, ``ẏ = v ⊙ exp(s̃) + x ⊙ exp(s̃) ⊙ s̃'(s) ⊙ ṡ + ṫ``,
   ``s̃ = tanh(s)`` (``scale="tanh"``, bounded) or ``s̃ = s`` (``scale="exp"``),
   ``log|det ∂y/∂x| = Σ s̃``.
-Both are differentiable (first order) with respect to every input.
+- MLP (``tangent_mlp``): linear layers with an activation after every hidden layer, the
+  rule above layer after layer; on CUDA the whole forward is one kernel.
+All are differentiable (first order) with respect to every input.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import torch
 
 from ._checks import check_tensor
 
-__all__ = ["ACTIVATIONS", "COUPLING_SCALES", "tangent_linear", "tangent_linear_packed",
-           "tangent_affine_coupling", "tangent_coupling_packed", "activation_code"]
+__all__ = ["ACTIVATIONS", "COUPLING_SCALES", "MLP_PATHS", "tangent_linear",
+           "tangent_linear_packed", "tangent_mlp", "tangent_affine_coupling",
+           "tangent_coupling_packed", "activation_code"]
 
 # Codes of csrc/activations.h
 ACTIVATIONS = {None: 0, "none": 0, "identity": 0, "tanh": 1, "relu": 2, "leaky_relu": 3,
@@ -28,6 +31,8 @@ ACTIVATIONS = {None: 0, "none": 0, "identity": 0, "tanh": 1, "relu": 2, "leaky_r
 # Default parameter (leaky_relu: negative slope, elu: alpha), as torch.nn.functional.
 ACTIVATION_PARAM = {"leaky_relu": 0.01, "elu": 1.0}
 COUPLING_SCALES = {"tanh": 0, "exp": 1}
+# Paths of tangent_mlp (csrc/tangent_mlp.h MlpPath).
+MLP_PATHS = {"auto": 0, "per_layer": 1, "fused": 2}
 
 
 def activation_code(activation, param=None) -> tuple[int, float]:
@@ -75,6 +80,56 @@ def tangent_linear(x: torch.Tensor, V: torch.Tensor, W: torch.Tensor,
     YV = tangent_linear_packed(torch.cat([x.unsqueeze(1), V], dim=1), W, b, activation,
                                activation_param)
     return YV[:, 0], YV[:, 1:]
+
+
+def tangent_mlp(XV: torch.Tensor, weights, biases=None, activation: str | None = "tanh",
+                last_activation: str | None = None, activation_param: float | None = None,
+                path: str = "auto") -> torch.Tensor:
+    """A fully connected network on stacked primal and tangent rows, every layer at once.
+
+    Args:
+        XV: ``(B, 1+K, n_in)``, row 0 the primal ``x``, rows 1.. the tangents.
+        weights: sequence of ``(n_l, n_{l-1})`` weights, ``n_0 = n_in``.
+        biases: sequence of ``(n_l,)`` biases (or None entries / None: no bias).
+        activation: activation of every hidden layer (see :data:`ACTIVATIONS`).
+        last_activation: activation of the last layer (None: linear).
+        activation_param: leaky_relu's slope or elu's alpha, for both activations.
+        path: "auto" (the device decides), "per_layer" (one ``tangent_linear`` per layer) or
+            "fused" (CUDA: the whole forward in one kernel, the backward's gradient chain in
+            another; an error where the shapes do not fit it).
+    Returns:
+        ``(B, 1+K, n_L)``: row 0 the network at ``x``, rows k its Jacobian times tangent k.
+    """
+    op = "tangent_mlp"
+    check_tensor(op, "XV", XV, ndim=3)
+    weights = list(weights)
+    if not weights:
+        raise ValueError(f"{op}: weights must hold at least one layer, got none")
+    biases = [None] * len(weights) if biases is None else list(biases)
+    if len(biases) != len(weights):
+        raise ValueError(f"{op}: biases must hold one entry per layer ({len(weights)}), got "
+                         f"{len(biases)}")
+    n = XV.shape[-1]
+    for i, (W, b) in enumerate(zip(weights, biases)):
+        check_tensor(op, f"weights[{i}]", W, shape=(None, n), like=XV)
+        if b is None:
+            biases[i] = XV.new_zeros(W.shape[0])
+        else:
+            check_tensor(op, f"biases[{i}]", b, shape=(W.shape[0],), like=XV)
+        n = W.shape[0]
+    if path not in MLP_PATHS:
+        raise ValueError(f"{op}: path must be one of {list(MLP_PATHS)}, got {path!r}")
+    code, param = activation_code(activation, activation_param)
+    last_code, last_param = activation_code(last_activation, activation_param)
+    # one parameter serves both activations: only leaky_relu and elu read it
+    if activation in ACTIVATION_PARAM and last_activation in ACTIVATION_PARAM \
+            and param != last_param:
+        raise ValueError(f"{op}: {activation!r} and {last_activation!r} have different default "
+                         "parameters and the op takes one; pass activation_param")
+    param = param if activation in ACTIVATION_PARAM else last_param
+    Y, _, _, _ = torch.ops.injflow.tangent_mlp.default(XV, weights, biases, code, param,
+                                                       last_code, MLP_PATHS[path])
+    return Y
 
 
 def tangent_coupling_packed(XV: torch.Tensor, ST: torch.Tensor, scale: str = "tanh"
@@ -144,6 +199,30 @@ def _tangent_coupling_backward_fake(grad_Y, grad_logabsdet, XV, ST, scale):
     return XV.new_empty(XV.shape), ST.new_empty(ST.shape)
 
 
-# Autograd of all four ops is registered in C++ (csrc/tangent_autograd.cpp, the Autograd key):
+@torch.library.register_fake("injflow::tangent_mlp")
+def _tangent_mlp_fake(XV, weights, biases, activation, slope, last_activation, path):
+    B, R, _ = XV.shape
+    torch._check(len(weights) >= 1, lambda: "tangent_mlp: weights must hold at least one layer")
+    torch._check(len(biases) == len(weights),
+                 lambda: "tangent_mlp: biases must hold one tensor per layer")
+    n = XV.shape[2]
+    for W in weights:
+        torch._check(W.dim() == 2 and W.shape[1] == n,
+                     lambda: f"tangent_mlp: a weight must be (n_out, {n}), got {tuple(W.shape)}")
+        n = W.shape[0]
+    Z = [XV.new_empty(B, R, W.shape[0]) for W in weights]
+    A = [XV.new_empty(B, R, W.shape[0]) for W in weights[:-1]]
+    dA = [XV.new_empty(B, W.shape[0]) for W in weights]
+    return XV.new_empty(B, R, weights[-1].shape[0]), Z, A, dA
+
+
+@torch.library.register_fake("injflow::tangent_mlp_backward")
+def _tangent_mlp_backward_fake(grad_Y, XV, weights, Y, Z, A, dA, activation, slope,
+                               last_activation, path):
+    return (XV.new_empty(XV.shape), [W.new_empty(W.shape) for W in weights],
+            [W.new_empty(W.shape[0]) for W in weights])
+
+
+# Autograd of all six ops is registered in C++ (csrc/tangent_autograd.cpp, the Autograd key):
 # a Python-registered autograd cost ~0.25 ms of interpreter time per call. The backward ops
 # are first order only and say so if a second derivative is requested.

@@ -1,0 +1,205 @@
+"""Benchmark: a coupling conditioner (an MLP on a primal row and K tangent rows), forward +
+backward, ours against plain PyTorch.
+
+Methods (same weights, same dense upstream gradient):
+- plain: the stronger plain-PyTorch reference, primal once and the K tangents beside it, per
+  layer ``z = x Wᵀ + b; a = tanh(z); V = (1 − a²) ⊙ (V Wᵀ)``;
+- plain_compiled: the same through ``torch.compile`` (inductor fuses the elementwise work);
+- ours_per_layer: ``tangent_mlp(path="per_layer")``, one ``tangent_linear`` per layer;
+- ours_fused: ``tangent_mlp(path="fused")`` (CUDA), the whole forward in one kernel and the
+  backward's gradient chain in another, weight gradients by cuBLAS;
+- ours_auto: what ``MLP`` uses by default.
+On CUDA every method is captured in a CUDA graph (forward + backward) and the replays are
+timed, since at these sizes a step is launch-bound; ``--eager`` times plain launches instead.
+TFLOP/s counts the three GEMMs per layer (forward, input gradient, weight gradient).
+With ``--sweep`` the fused method also runs at 1..8 samples per block (the launch plan's
+INJFLOW_MLP_SAMPLES_PER_BLOCK).
+
+    python bench/tangent_mlp.py [--device cpu|cuda] [--dtype float32|float64] [--quick]
+                                [--eager] [--sweep] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import add_common_args, environment, median_time, print_table, write_results  # noqa: E402
+
+from injflow_ext import tangent_mlp  # noqa: E402
+
+# name: (batch, K, widths): the conditioners of bench/step.py's configurations (a coupling on
+# D features conditions on D // 2 and outputs 2 (D − D // 2)), and MINIBOONE's encode pass.
+CASES = {
+    "POWER": (5000, 2, [3, 128, 128, 128, 128, 6]),
+    "HEPMASS": (750, 10, [10, 128, 128, 128, 128, 22]),
+    "MINIBOONE": (400, 21, [21, 128, 128, 128, 128, 44]),
+    "MINIBOONE_encode": (400, 0, [21, 128, 128, 128, 128, 44]),
+    "IMAGE": (50, 20, [392, 512, 512, 784]),
+}
+QUICK_CASES = {"TINY": (64, 3, [3, 16, 16, 6])}
+METHODS = ["plain", "plain_compiled", "ours_per_layer", "ours_fused", "ours_auto"]
+
+
+def plain_mlp(XV, Ws, bs):
+    """Primal once, tangents beside it: XV (B, 1+K, n) -> (B, 1+K, n_L)."""
+    x, V = XV[:, 0], XV[:, 1:]
+    for i, (W, b) in enumerate(zip(Ws, bs)):
+        z = x @ W.T + b
+        VW = V @ W.T
+        if i < len(Ws) - 1:
+            x = torch.tanh(z)
+            V = (1 - x * x).unsqueeze(1) * VW
+        else:
+            x, V = z, VW
+    return torch.cat([x.unsqueeze(1), V], dim=1)
+
+
+def forward_fn(method):
+    if method == "plain":
+        return plain_mlp
+    if method == "plain_compiled":
+        return torch.compile(plain_mlp, dynamic=False)
+    path = {"ours_per_layer": "per_layer", "ours_fused": "fused", "ours_auto": "auto"}[method]
+    return lambda XV, Ws, bs: tangent_mlp(XV, Ws, bs, "tanh", path=path)
+
+
+def make_inputs(B, K, widths, device, dtype):
+    g = torch.Generator().manual_seed(0)
+    XV = torch.randn(B, 1 + K, widths[0], generator=g).to(device, dtype).requires_grad_()
+    Ws = [(torch.randn(b, a, generator=g) / max(a, 1) ** 0.5).to(device, dtype).requires_grad_()
+          for a, b in zip(widths[:-1], widths[1:])]
+    bs = [(0.1 * torch.randn(b, generator=g)).to(device, dtype).requires_grad_()
+          for b in widths[1:]]
+    G = torch.randn(B, 1 + K, widths[-1], generator=g).to(device, dtype)
+    return XV, Ws, bs, G
+
+
+def make_step(fn, XV, Ws, bs, G, device, eager):
+    """One forward + backward (gradients of XV and every parameter); on CUDA replayed from a
+    graph unless ``eager``."""
+    params = [XV, *Ws, *bs]
+
+    def step():
+        return torch.autograd.grad((fn(XV, Ws, bs) * G).sum(), params)
+
+    if device.type != "cuda" or eager:
+        return step
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def rel_err(out, ref) -> float:
+    return float(max((a - b).norm() / b.norm().clamp(min=1e-30) for a, b in zip(out, ref)))
+
+
+def run_case(name, B, K, widths, methods, device, dtype, args):
+    XV, Ws, bs, G = make_inputs(B, K, widths, device, dtype)
+    params = [XV, *Ws, *bs]
+    # float64 reference of the output and every gradient, for each method's error
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    L = len(Ws)
+    out64 = plain_mlp(p64[0], p64[1:1 + L], p64[1 + L:])
+    ref = [out64.detach(), *torch.autograd.grad((out64 * G.double()).sum(), p64)]
+    flops = 3 * 2 * B * (1 + K) * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+    row = {"case": name, "batch": B, "K": K, "widths": widths, "gflop": flops / 1e9}
+    budget = 0.3 if args.quick else args.budget
+    for method in methods:
+        if method == "ours_fused" and device.type != "cuda":
+            continue
+        try:
+            fn = forward_fn(method)
+            out = fn(XV, Ws, bs)
+            grads = torch.autograd.grad((out * G).sum(), params)
+            row[f"{method}_err"] = rel_err([out.detach(), *grads], ref)
+            step = make_step(fn, XV, Ws, bs, G, device, args.eager)
+            t = median_time(step, device, budget_s=budget, min_repeats=5, max_repeats=200)
+        except Exception as e:  # keep the other methods' numbers
+            if args.quick:
+                raise
+            row[f"{method}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            print(f"  {name} {method}: FAILED {row[f'{method}_error']}", flush=True)
+            continue
+        row[f"{method}_ms"] = t
+        row[f"{method}_tflops"] = flops / t / 1e9
+        print(f"  {name} {method}: {t:.3f} ms ({flops / t / 1e9:.2f} TFLOP/s, rel err "
+              f"{row[f'{method}_err']:.1e})", flush=True)
+    for method in methods:
+        if row.get(f"{method}_ms"):
+            for base in ("plain", "plain_compiled", "ours_per_layer"):
+                if row.get(f"{base}_ms") and method != base:
+                    row[f"{method}_speedup_vs_{base}"] = row[f"{base}_ms"] / row[f"{method}_ms"]
+    if args.sweep and device.type == "cuda" and "ours_fused" in methods:
+        sweep = {}
+        fn = forward_fn("ours_fused")
+        for per_block in range(1, 9):
+            if per_block * (1 + K) > 128:
+                break
+            os.environ["INJFLOW_MLP_SAMPLES_PER_BLOCK"] = str(per_block)
+            try:
+                step = make_step(fn, XV, Ws, bs, G, device, args.eager)
+                sweep[per_block] = median_time(step, device, budget_s=budget / 2, min_repeats=5,
+                                               max_repeats=100)
+            except Exception as e:
+                sweep[per_block] = f"{type(e).__name__}: {str(e)[:120]}"
+            finally:
+                del os.environ["INJFLOW_MLP_SAMPLES_PER_BLOCK"]
+        row["fused_ms_by_samples_per_block"] = sweep
+        print(f"  {name} fused by samples per block: " + ", ".join(
+            f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in sweep.items()),
+            flush=True)
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--cases", default=None, help="comma-separated names of " + ",".join(CASES))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per method")
+    p.add_argument("--eager", action="store_true", help="CUDA: time eager launches, not graphs")
+    p.add_argument("--sweep", action="store_true",
+                   help="CUDA: also time the fused kernels at 1..8 samples per block")
+    args = p.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    cases = QUICK_CASES if args.quick else CASES
+    if args.cases:
+        cases = {k: CASES[k] for k in args.cases.split(",")}
+    methods = args.methods.split(",")
+    env = environment(device)
+    rows = []
+    for name, (B, K, widths) in cases.items():
+        rows.append(run_case(name, B, K, widths, methods, device, dtype, args))
+        write_results(args, "tangent_mlp", device, {"environment": env, "eager": args.eager,
+                      "metric": "median ms of forward + backward", "rows": rows}, quiet=True)
+    timing = "eager launches" if args.eager or device.type != "cuda" else "CUDA-graph replay"
+    print(f"\nMLP forward+backward, {args.dtype}, {env['device_name']}, torch "
+          f"{env['torch_version']} (median ms, {timing})")
+    cols = [("case", "case", "s"), ("batch", "batch", "d"), ("K", "K", "d")]
+    cols += [(f"{m}_ms", m, ".3f") for m in methods]
+    print_table(rows, cols)
+    print("\nspeed-ups and achieved TFLOP/s")
+    cols = [("case", "case", "s")]
+    cols += [(f"{m}_speedup_vs_plain_compiled", f"{m} vs compiled", ".2f") for m in methods
+             if m.startswith("ours")]
+    cols += [(f"{m}_tflops", f"{m} TF/s", ".2f") for m in methods]
+    print_table(rows, cols)
+    write_results(args, "tangent_mlp", device, {"environment": env, "eager": args.eager,
+                  "metric": "median ms of forward + backward", "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""tangent_mlp (a whole MLP on a primal row and K tangent rows) against torch.func.jvp of the
+plain network in float64, gradcheck, opcheck, torch.compile; on CUDA the fused kernels against
+the CPU op (float64 to rounding, float32 within a multiple of PyTorch's own float32 error),
+CUDA-graph capture, determinism, and argument errors."""
+
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from injflow_ext import tangent_linear_packed, tangent_mlp
+from injflow_ext.ops.tangent import ACTIVATION_PARAM
+
+from conftest import DEVICES, _cuda_usable
+
+PLAIN = {
+    None: lambda z: z,
+    "tanh": torch.tanh,
+    "relu": F.relu,
+    "leaky_relu": lambda z: F.leaky_relu(z, ACTIVATION_PARAM["leaky_relu"]),
+    "elu": F.elu,
+    "softplus": F.softplus,
+    "silu": F.silu,
+    "sigmoid": torch.sigmoid,
+}
+needs_cuda = pytest.mark.skipif(not _cuda_usable(),
+                                reason="needs a GPU and an extension built with CUDA kernels")
+
+
+def make_mlp(widths, dtype=torch.float64, device="cpu", requires_grad=False, scale=1.0):
+    """Weights (n_l, n_{l-1}) scaled like torch.nn.Linear's init, and biases."""
+    Ws, bs = [], []
+    for a, b in zip(widths[:-1], widths[1:]):
+        Ws.append((torch.randn(b, a, dtype=dtype, device=device) * scale / max(a, 1) ** 0.5)
+                  .requires_grad_(requires_grad))
+        bs.append((torch.randn(b, dtype=dtype, device=device) * 0.3).requires_grad_(requires_grad))
+    return Ws, bs
+
+
+def plain_mlp(x, Ws, bs, activation, last_activation=None):
+    """The network in plain PyTorch: x (B, n_0) -> (B, n_L)."""
+    for i, (W, b) in enumerate(zip(Ws, bs)):
+        act = PLAIN[activation if i < len(Ws) - 1 else last_activation]
+        x = act(x @ W.T + b)
+    return x
+
+
+def reference(XV, Ws, bs, activation, last_activation=None):
+    """Row 0: the network at the primal; rows k: torch.func.jvp along tangent k."""
+    f = lambda x: plain_mlp(x, Ws, bs, activation, last_activation)  # noqa: E731
+    x = XV[:, 0]
+    rows = [f(x)] + [torch.func.jvp(f, (x,), (XV[:, k],))[1] for k in range(1, XV.shape[1])]
+    return torch.stack(rows, dim=1)
+
+
+@contextmanager
+def samples_per_block(n):
+    """Pin the fused kernels' samples per block (read by the CUDA launch plan)."""
+    old = os.environ.get("INJFLOW_MLP_SAMPLES_PER_BLOCK")
+    os.environ["INJFLOW_MLP_SAMPLES_PER_BLOCK"] = str(n)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["INJFLOW_MLP_SAMPLES_PER_BLOCK"]
+        else:
+            os.environ["INJFLOW_MLP_SAMPLES_PER_BLOCK"] = old
+
+
+def paths_for(device):
+    return ["auto", "per_layer"] + (["fused"] if torch.device(device).type == "cuda" else [])
+
+
+# --------------------------------------------------------------------------- every device
+
+@pytest.mark.parametrize("activation", list(PLAIN))
+@pytest.mark.parametrize("K", [0, 1, 5])
+def test_matches_jvp_of_the_plain_network(device, activation, K):
+    XV = torch.randn(7, 1 + K, 6, dtype=torch.float64, device=device)
+    Ws, bs = make_mlp([6, 9, 8, 5], device=device)
+    ref = reference(XV, Ws, bs, activation)
+    for path in paths_for(device):
+        Y = tangent_mlp(XV, Ws, bs, activation, path=path)
+        torch.testing.assert_close(Y, ref, rtol=1e-12, atol=1e-12, msg=path)
+
+
+@pytest.mark.parametrize("last_activation", ["tanh", "softplus", "sigmoid"])
+def test_last_activation_and_missing_biases(device, last_activation):
+    XV = torch.randn(4, 3, 5, dtype=torch.float64, device=device)
+    Ws, bs = make_mlp([5, 7, 3], device=device)
+    zero = [torch.zeros_like(b) for b in bs]
+    ref = reference(XV, Ws, zero, "silu", last_activation)
+    for path in paths_for(device):
+        Y = tangent_mlp(XV, Ws, None, "silu", last_activation, path=path)
+        torch.testing.assert_close(Y, ref, rtol=1e-12, atol=1e-12, msg=path)
+
+
+def test_single_layer_equals_tangent_linear(device):
+    XV = torch.randn(5, 4, 3, dtype=torch.float64, device=device)
+    Ws, bs = make_mlp([3, 6], device=device)
+    for path in paths_for(device):
+        Y = tangent_mlp(XV, Ws, bs, "tanh", "elu", path=path)
+        torch.testing.assert_close(Y, tangent_linear_packed(XV, Ws[0], bs[0], "elu"), msg=path)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "silu"])
+def test_gradcheck(device, activation):
+    XV = torch.randn(3, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    Ws, bs = make_mlp([4, 5, 6, 3], device=device, requires_grad=True)
+    if activation == "relu":  # keep pre-activations away from the kink for finite differences
+        with torch.no_grad():
+            for b in bs:
+                b.add_(torch.sign(b) * 0.5)
+    for path in paths_for(device):
+        def f(XV, *params):
+            return tangent_mlp(XV, params[:3], params[3:], activation, "tanh", path=path)
+        assert torch.autograd.gradcheck(f, (XV, *Ws, *bs)), path
+
+
+def test_gradients_match_autograd_of_the_plain_network(device):
+    XV = torch.randn(9, 4, 6, dtype=torch.float64, device=device, requires_grad=True)
+    Ws, bs = make_mlp([6, 16, 16, 5], device=device, requires_grad=True)
+    gY = torch.randn(9, 4, 5, dtype=torch.float64, device=device)
+    params = (XV, *Ws, *bs)
+    ref = torch.autograd.grad((reference(XV, Ws, bs, "softplus") * gY).sum(), params)
+    for path in paths_for(device):
+        grads = torch.autograd.grad((tangent_mlp(XV, Ws, bs, "softplus", path=path) * gY).sum(),
+                                    params)
+        for g, r, name in zip(grads, ref, ["XV", "W0", "W1", "W2", "b0", "b1", "b2"]):
+            torch.testing.assert_close(g, r, rtol=1e-11, atol=1e-11, msg=f"{path}: {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(device, dtype, requires_grad):
+    kw = dict(dtype=dtype, device=device)
+    XV = torch.randn(5, 3, 4, **kw, requires_grad=requires_grad)
+    Ws, bs = make_mlp([4, 8, 6], dtype=dtype, device=device, requires_grad=requires_grad)
+    codes = [0, 1] + ([2] if torch.device(device).type == "cuda" else [])
+    for path in codes:
+        torch.library.opcheck(torch.ops.injflow.tangent_mlp.default,
+                              (XV, Ws, bs, 1, 0.0, 0, path))
+        torch.library.opcheck(torch.ops.injflow.tangent_mlp.default,
+                              (XV, Ws, bs, 3, 0.01, 1, path))
+        with torch.no_grad():
+            Y, Z, A, dA = torch.ops.injflow.tangent_mlp.default(XV, Ws, bs, 1, 0.0, 1, path)
+        gY = torch.randn_like(Y)
+        torch.library.opcheck(torch.ops.injflow.tangent_mlp_backward.default,
+                              (gY, XV.detach(), [W.detach() for W in Ws], Y, Z, A, dA, 1, 0.0,
+                               1, path))
+
+
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    XV = torch.randn(6, 3, 4, dtype=torch.float64, device=device)
+    Ws, bs = make_mlp([4, 8, 8, 3], device=device, requires_grad=True)
+
+    def loss(XV, Ws, bs):
+        return tangent_mlp(XV, Ws, bs, "tanh").sin().sum()
+
+    out = torch.compile(loss, fullgraph=True)(XV, Ws, bs)
+    grads = torch.autograd.grad(out, [*Ws, *bs])
+    ref = loss(XV, Ws, bs)
+    ref_grads = torch.autograd.grad(ref, [*Ws, *bs])
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_double_backward_says_unsupported():
+    XV = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
+    Ws, bs = make_mlp([3, 4, 2])
+    g, = torch.autograd.grad(tangent_mlp(XV, Ws, bs).sum(), XV, create_graph=True)
+    with pytest.raises(NotImplementedError, match="first derivatives only"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("call,exc,pattern", [
+    (lambda: tangent_mlp(torch.randn(2, 3), [torch.randn(4, 3)]), ValueError,
+     r"XV must have 3 dimensions"),
+    (lambda: tangent_mlp(torch.randn(2, 1, 3), [torch.randn(4, 3), torch.randn(2, 5)]),
+     ValueError, r"weights\[1\] must have shape \(\*, 4\), got \(2, 5\)"),
+    (lambda: tangent_mlp(torch.randn(2, 1, 3), []), ValueError, r"at least one layer"),
+    (lambda: tangent_mlp(torch.randn(2, 1, 3), [torch.randn(4, 3)], [torch.randn(5)]),
+     ValueError, r"biases\[0\] must have shape \(4\)"),
+    (lambda: tangent_mlp(torch.randn(2, 1, 3), [torch.randn(4, 3)], [None, None]), ValueError,
+     r"one entry per layer \(1\), got 2"),
+    (lambda: tangent_mlp(torch.randn(2, 1, 3), [torch.randn(4, 3, dtype=torch.float64)]),
+     TypeError, r"weights\[0\] must have dtype torch.float32"),
+    (lambda: tangent_mlp(torch.randn(2, 1, 3), [torch.randn(4, 3)], path="fast"), ValueError,
+     r"path must be one of"),
+    (lambda: tangent_mlp(torch.randn(2, 1, 3), [torch.randn(4, 3)], activation="gelu"),
+     ValueError, r"unknown activation 'gelu'"),
+    (lambda: tangent_mlp(torch.randn(2, 1, 3), [torch.randn(4, 3)], path="fused"),
+     RuntimeError, r"fused path \(path=2\) runs on CUDA only"),
+])
+def test_bad_input(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+# --------------------------------------------------------------------------- CUDA: fused
+
+# (B, R, widths): the MINIBOONE conditioner (d = 21 tangents), the encode pass (primal only),
+# a wide conditioner (784 outputs; float64 fits widths up to ~330 in shared memory at R = 21),
+# odd widths, an input width of zero, the most rows a sample may have.
+CUDA_SHAPES = [
+    (400, 22, [21, 128, 128, 128, 128, 44]),
+    (400, 1, [21, 128, 128, 128, 128, 44]),
+    (13, 21, [300, 320, 300, 784]),
+    (37, 5, [11, 37, 70, 3]),
+    (9, 3, [0, 16, 8]),
+    (3, 128, [5, 8, 4]),
+]
+# float32: the MINIBOONE conditioner, the encode pass, the flat-image conditioner (2×512).
+CUDA_SHAPES_F32 = CUDA_SHAPES[:2] + [(13, 21, [392, 512, 512, 784])]
+
+
+@needs_cuda
+@pytest.mark.parametrize("B,R,widths", CUDA_SHAPES)
+@pytest.mark.parametrize("activation,last", [("tanh", None), ("silu", "tanh")])
+def test_cuda_fused_matches_cpu_float64(B, R, widths, activation, last):
+    """Every output of the forward (Y and the saved Z, A, dA) and every gradient of the fused
+    kernels equal the CPU op's to float64 rounding. Output buffers are filled with NaN by the
+    caching allocator beforehand, so an element the kernels never write fails the check."""
+    XV = torch.randn(B, R, widths[0], dtype=torch.float64)
+    Ws, bs = make_mlp(widths)
+    gY = torch.randn(B, R, widths[-1], dtype=torch.float64)
+    act, last_code = (1 if activation == "tanh" else 6), (1 if last == "tanh" else 0)
+    results = []
+    for dev, path in (("cpu", 1), ("cuda", 2)):
+        if dev == "cuda":  # poison the blocks the outputs will reuse
+            torch.full((64 << 20,), float("nan"), device="cuda")
+        args = [t.to(dev).requires_grad_() for t in (XV, *Ws, *bs)]
+        L = len(Ws)
+        Y, Z, A, dA = torch.ops.injflow.tangent_mlp.default(args[0], args[1:1 + L],
+                                                            args[1 + L:], act, 0.0, last_code,
+                                                            path)
+        grads = torch.autograd.grad((Y * gY.to(dev)).sum(), args)
+        results.append([t.detach().cpu() for t in (Y, *Z, *A, *dA, *grads)])
+    for i, (c, g) in enumerate(zip(*results)):
+        assert not g.isnan().any(), f"output {i} has unwritten elements"
+        torch.testing.assert_close(g, c, rtol=1e-10, atol=1e-10, msg=f"output {i}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("per_block", [1, 2, 3, 7, 64])
+def test_cuda_fused_any_samples_per_block(per_block):
+    """The tiling (samples per block, hence row-thread layouts 4, 8 and 16) does not change
+    the result; a last block with fewer samples is handled."""
+    B, R = 50, 9
+    XV = torch.randn(B, R, 10, dtype=torch.float64, device="cuda", requires_grad=True)
+    Ws, bs = make_mlp([10, 32, 32, 6], device="cuda", requires_grad=True)
+    ref = reference(XV, Ws, bs, "tanh")
+    ref_grads = torch.autograd.grad(ref.square().sum(), (XV, *Ws, *bs))
+    with samples_per_block(per_block):
+        Y = tangent_mlp(XV, Ws, bs, "tanh", path="fused")
+        grads = torch.autograd.grad(Y.square().sum(), (XV, *Ws, *bs))
+    torch.testing.assert_close(Y, ref, rtol=1e-11, atol=1e-11)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+@needs_cuda
+@pytest.mark.parametrize("B,R,widths", CUDA_SHAPES_F32)
+def test_cuda_fused_float32_error_within_pytorch_float32_error(B, R, widths):
+    """Against a float64 reference, the fused float32 error is at most 4× the error of the
+    same network computed by plain PyTorch in float32 (+ a floor for exact zeros), for the
+    output and for every gradient."""
+    XV = torch.randn(B, R, widths[0], dtype=torch.float64, device="cuda")
+    Ws, bs = make_mlp(widths, device="cuda")
+    gY = torch.randn(B, R, widths[-1], dtype=torch.float64, device="cuda")
+
+    def outputs(fn, dtype):
+        args = [t.to(dtype).requires_grad_() for t in (XV, *Ws, *bs)]
+        L = len(Ws)
+        Y = fn(args[0], args[1:1 + L], args[1 + L:])
+        return [Y.detach(), *torch.autograd.grad((Y * gY.to(dtype)).sum(), args)]
+
+    def plain(XV, Ws, bs):
+        return reference(XV, Ws, bs, "tanh")
+
+    def fused(XV, Ws, bs):
+        return tangent_mlp(XV, Ws, bs, "tanh", path="fused")
+
+    exact = outputs(plain, torch.float64)
+    torch_f32 = outputs(plain, torch.float32)
+    ours_f32 = outputs(fused, torch.float32)
+    for i, (e, p, o) in enumerate(zip(exact, torch_f32, ours_f32)):
+        err_torch = (p.double() - e).norm() / e.norm()
+        err_ours = (o.double() - e).norm() / e.norm()
+        assert err_ours <= 4 * err_torch + 1e-6, (i, float(err_ours), float(err_torch))
+
+
+@needs_cuda
+def test_cuda_fused_backward_is_deterministic_and_graph_capturable():
+    XV = torch.randn(300, 22, 21, device="cuda")
+    Ws, bs = make_mlp([21, 128, 128, 44], dtype=torch.float32, device="cuda", requires_grad=True)
+
+    def step():
+        Y = tangent_mlp(XV, Ws, bs, "tanh", path="fused")
+        return torch.autograd.grad(Y.sin().sum(), [*Ws, *bs])
+
+    first, second = step(), step()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, first):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+def test_cuda_fused_refuses_shapes_it_cannot_take():
+    XV = torch.randn(2, 129, 3, device="cuda")
+    Ws, bs = make_mlp([3, 4], dtype=torch.float32, device="cuda")
+    with pytest.raises(RuntimeError, match=r"129 rows per sample exceeds 128.*path=0"):
+        tangent_mlp(XV, Ws, bs, path="fused")
+    # auto falls back to the per-layer path and gives the same answer as the CPU
+    torch.testing.assert_close(tangent_mlp(XV, Ws, bs).cpu(),
+                               tangent_mlp(XV.cpu(), [W.cpu() for W in Ws],
+                                           [b.cpu() for b in bs]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_mlp_module_runs_through_tangent_mlp(dev):
+    """The coupling conditioner (injflow_ext.nn.MLP) uses tangent_mlp; its path can be set."""
+    from injflow_ext.nn.mlp import MLP
+    mlp = MLP(4, 6, (8, 8), "tanh", zero_last=False).double().to(dev)
+    XV = torch.randn(5, 3, 4, dtype=torch.float64, device=dev)
+    ref = reference(XV, list(mlp.weights), list(mlp.biases), "tanh")
+    torch.testing.assert_close(mlp.forward_packed(XV), ref, rtol=1e-12, atol=1e-12)
+    mlp.path = "per_layer"
+    torch.testing.assert_close(mlp.forward_packed(XV), ref, rtol=1e-12, atol=1e-12)
