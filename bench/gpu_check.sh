@@ -17,9 +17,9 @@
 # Each stage has a time limit (seconds, environment): TEST_S, STEP_S, TF32_S, OPS_S, PROFILE_S,
 # MLP_S, STEP_PL_S. STAGES (default "tests mlp step step_per_layer tf32 ops profile") selects and
 # orders the stages after the build; TEST_K (default "cuda") the tests (pytest -k);
-# MLP_CASES the MLP benchmark's cases (bench/tangent_mlp.py, with --sweep); step_per_layer
-# reruns the step benchmark with the conditioners' per-layer path (STEP_PL_METHODS), for the
-# fused MLP's same-run comparison;
+# MLP_CASES the MLP benchmark's cases (bench/tangent_mlp.py, with --sweep); STEP_MLP_PATH the
+# step benchmark's --mlp-path; step_per_layer reruns the step benchmark with the conditioners'
+# per-layer path (STEP_PL_CONFIGS, STEP_PL_METHODS), for the fused MLP's same-run comparison;
 # OPS (default "gram_logdet tangent_ops cg") the op benchmarks; STEP_CONFIGS and STEP_METHODS
 # (comma-separated, default all) the step benchmark's configurations and methods, TF32_CONFIGS
 # and TF32_METHODS those of the TF32 rerun. The step and profile JSON is rewritten after every
@@ -75,11 +75,12 @@ quiet() { grep -v "UserWarning\|FutureWarning\|_warn_once\|warnings.warn\|^  che
 run_step() {
   timeout "${STEP_S:-200}" $PY bench/step.py --device cuda --budget "${STEP_BUDGET:-1.0}" \
     ${STEP_CONFIGS:+--configs "$STEP_CONFIGS"} ${STEP_METHODS:+--methods "$STEP_METHODS"} \
+    ${STEP_MLP_PATH:+--mlp-path "$STEP_MLP_PATH"} \
     --json "$RES/step.json" 2>&1 | quiet
 }
 run_step_per_layer() {
   timeout "${STEP_PL_S:-120}" $PY bench/step.py --device cuda --budget "${STEP_BUDGET:-1.0}" \
-    --mlp-path per_layer ${STEP_CONFIGS:+--configs "$STEP_CONFIGS"} \
+    --mlp-path per_layer ${STEP_PL_CONFIGS:+--configs "$STEP_PL_CONFIGS"} \
     --methods "${STEP_PL_METHODS:-ours_exact_graph,ours_exact_compiled_graph}" \
     --json "$RES/step_per_layer.json" 2>&1 | quiet
 }

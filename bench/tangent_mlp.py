@@ -81,7 +81,9 @@ def make_inputs(B, K, widths, device, dtype):
 
 def make_step(fn, XV, Ws, bs, G, device, eager):
     """One forward + backward (gradients of XV and every parameter); on CUDA replayed from a
-    graph unless ``eager``."""
+    graph unless ``eager``. The capture is thread-local: work of other threads (the autograd
+    engine's, inductor's) does not invalidate it (the first capture of a run once failed in
+    the default mode)."""
     params = [XV, *Ws, *bs]
 
     def step():
@@ -96,7 +98,7 @@ def make_step(fn, XV, Ws, bs, G, device, eager):
             step()
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         step()
     return graph.replay
 

@@ -204,12 +204,13 @@ def test_bad_input(call, exc, pattern):
 # --------------------------------------------------------------------------- CUDA: fused
 
 # (B, R, widths): the MINIBOONE conditioner (d = 21 tangents), the encode pass (primal only),
-# a wide conditioner (784 outputs; float64 fits widths up to ~330 in shared memory at R = 21),
+# a wide conditioner (float64 fits about 720 features in its two shared-memory buffers at
+# R = 21),
 # odd widths, an input width of zero, the most rows a sample may have.
 CUDA_SHAPES = [
     (400, 22, [21, 128, 128, 128, 128, 44]),
     (400, 1, [21, 128, 128, 128, 128, 44]),
-    (13, 21, [300, 320, 300, 784]),
+    (13, 21, [300, 320, 300, 400]),
     (37, 5, [11, 37, 70, 3]),
     (9, 3, [0, 16, 8]),
     (3, 128, [5, 8, 4]),

@@ -15,8 +15,8 @@
 // gradients gW_l = GZ_lᵀ A_{l-1} are cuBLAS GEMMs over all rows, the bias gradients one sum of
 // the partial buffer: 2 + L launches for the whole backward, deterministic.
 //
-// Arithmetic: plain float32 (or float64) FMAs, each thread an 8-row × 4-column tile of outputs,
-// reading its operands from shared memory with 16-byte loads.
+// Arithmetic: plain float32 (or float64) FMAs, each lane an 8 × 8 tile of outputs, reading its
+// operands from shared memory with conflict-free 16-byte loads (LaneTile below).
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -32,12 +32,17 @@
 namespace injflow {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kTileRows = 8;  // output rows per thread
-constexpr int kTileCols = 4;  // output columns per thread and column pass
-constexpr int kChunk = 16;    // input features per staged weight chunk
+// Block layout: WM × 2 warps (64·WM threads). A warp computes 32 rows × 64 columns of a layer's
+// output, its lanes 4 × 8, each lane 8 × 8 outputs: rows {4·lr + i, 16 + 4·lr + i} and columns
+// {4·lc + j, 32 + 4·lc + j} (i, j < 4) of the warp tile, so that every 16-byte shared-memory
+// load of a warp touches one contiguous 64- or 128-byte span (no bank conflicts, 4 loads per 64
+// FMAs). A block covers 32·WM rows and 128 columns per column pass.
+constexpr int kWarpRows = 32;
+constexpr int kPassCols = 128;
+constexpr int kChunk = 16;     // input features per staged weight chunk (at most)
+constexpr int kChunkStride = kPassCols + 4;  // padded row of a staged chunk (16-byte multiple)
 constexpr int kMaxLayers = 8;
-constexpr int kMaxRows = 128;  // rows per block: 16 row-threads × 8
+constexpr int kMaxRows = 128;  // rows per block at WM = 4
 
 template <typename T>
 struct MlpLayerArgs {
@@ -56,6 +61,7 @@ struct MlpArgs {
   int L;
   int64_t B;
   int R, S, ldm;
+  int width0, width1;  // features of the two activation buffers in shared memory
   T slope;
   const T* in;   // forward: XV (B, R, n_0); backward: grad_Y (B, R, n_L)
   T* out;        // backward: grad_XV (B, R, n_0)
@@ -63,64 +69,60 @@ struct MlpArgs {
   int bias_stride;
 };
 
-// N consecutive values from 16-byte aligned shared memory.
-template <int N>
-__device__ __forceinline__ void load_vec(const float* p, float (&v)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; i += 4) {
-    const float4 q = *reinterpret_cast<const float4*>(p + i);
-    v[i] = q.x; v[i + 1] = q.y; v[i + 2] = q.z; v[i + 3] = q.w;
-  }
+// 4 consecutive values from 16-byte aligned shared memory, and back.
+__device__ __forceinline__ void load4(const float* p, float* v) {
+  const float4 q = *reinterpret_cast<const float4*>(p);
+  v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
 }
-template <int N>
-__device__ __forceinline__ void load_vec(const double* p, double (&v)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; i += 2) {
-    const double2 q = *reinterpret_cast<const double2*>(p + i);
-    v[i] = q.x; v[i + 1] = q.y;
-  }
+__device__ __forceinline__ void load4(const double* p, double* v) {
+  const double2 a = *reinterpret_cast<const double2*>(p);
+  const double2 b = *reinterpret_cast<const double2*>(p + 2);
+  v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
 }
-template <int N>
-__device__ __forceinline__ void store_vec(float* p, const float (&v)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; i += 4)
-    *reinterpret_cast<float4*>(p + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+__device__ __forceinline__ void store4(float* p, const float* v) {
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
 }
-template <int N>
-__device__ __forceinline__ void store_vec(double* p, const double (&v)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; i += 2) *reinterpret_cast<double2*>(p + i) = make_double2(v[i], v[i + 1]);
+__device__ __forceinline__ void store4(double* p, const double* v) {
+  *reinterpret_cast<double2*>(p) = make_double2(v[0], v[1]);
+  *reinterpret_cast<double2*>(p + 2) = make_double2(v[2], v[3]);
 }
 
-// Row-thread count of the block layout for M rows: TY row-threads × (256 / TY) column-threads.
-__host__ __device__ constexpr int weight_chunk_stride(int ty) {
-  return (kThreads / ty) * kTileCols + 4;  // padded against bank conflicts, 16-byte multiple
-}
+// A lane's rows and columns in the block: row i < 8 is r_base + (i < 4 ? i : 12 + i), column
+// j < 8 is c_base + (j < 4 ? j : 28 + j).
+struct LaneTile {
+  int r_base, c_base;
+  __device__ __forceinline__ LaneTile() {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    r_base = (warp / 2) * kWarpRows + (lane / 8) * 4;
+    c_base = (warp % 2) * 64 + (lane % 8) * 4;
+  }
+  __device__ __forceinline__ static int row(int i) { return i < 4 ? i : 12 + i; }
+  __device__ __forceinline__ static int col(int j) { return j < 4 ? j : 28 + j; }
+};
 
-// out[r][c] = Σ_k in[k][r] · W(k, c) for r < M, c < N (M <= TY·8), with in transposed
-// ([Kd][ldm] in shared memory) and W(k, c) = W[c·Kd + k] (out_major: the forward's (N, Kd)
-// weight) or W[k·N + c] (the backward's use of the same weight, (Kd, N)). Each column pass
-// stages kChunk rows of W at a time in `chunk`, the next chunk's global loads in flight (in
-// registers) while the current one is multiplied. The result is handed to store(r0, c0, acc)
-// for the thread's rows r0..r0+7 and columns c0..c0+3. The caller synchronises before reading
-// what store wrote.
-template <typename T, int TY>
+// The next kChunk × 128 block of the weight, loaded into registers while the current one is
+// multiplied, then stored to shared memory: chunk[kk][cc] = W(k0 + kk, c0 + cc) with
+// W(k, c) = W[c·Kd + k] (out_major: the forward's (N, Kd) weight) or W[k·N + c] (the
+// backward's use of the same weight, (Kd, N)); zero outside.
+// Depth: 16 input features, 8 for the 64-thread block (whose lanes would otherwise hold 32
+// prefetched values each and spill).
+template <typename T, int THREADS>
 struct WeightChunk {
-  static constexpr int TX = kThreads / TY;
-  static constexpr int NP = TX * kTileCols;         // columns per pass
-  static constexpr int LDW = weight_chunk_stride(TY);
-  static constexpr int PER_THREAD = kChunk * NP / kThreads;
+  static constexpr int DEPTH = THREADS >= 128 ? kChunk : kChunk / 2;
+  static constexpr int PER_THREAD = DEPTH * kPassCols / THREADS;
   T v[PER_THREAD];
 
-  // element e of this thread: index idx = tid + e·256 of the kChunk × NP chunk
+  __device__ __forceinline__ static void coords(int e, bool out_major, int& kk, int& cc) {
+    const int idx = threadIdx.x + e * THREADS;
+    if (out_major) { kk = idx % DEPTH; cc = idx / DEPTH; }    // consecutive k of one row
+    else { cc = idx % kPassCols; kk = idx / kPassCols; }       // consecutive c
+  }
   __device__ __forceinline__ void load(const T* __restrict__ W, bool out_major, int Kd, int N,
                                        int k0, int c0) {
 #pragma unroll
     for (int e = 0; e < PER_THREAD; ++e) {
-      const int idx = threadIdx.x + e * kThreads;
       int kk, cc;
-      if (out_major) { kk = idx % kChunk; cc = idx / kChunk; }  // consecutive k of one row
-      else { cc = idx % NP; kk = idx / NP; }                      // consecutive c
+      coords(e, out_major, kk, cc);
       const int k = k0 + kk, c = c0 + cc;
       v[e] = (k < Kd && c < N) ? (out_major ? W[(int64_t)c * Kd + k] : W[(int64_t)k * N + c])
                                : T(0);
@@ -129,84 +131,97 @@ struct WeightChunk {
   __device__ __forceinline__ void store(T* chunk, bool out_major) const {
 #pragma unroll
     for (int e = 0; e < PER_THREAD; ++e) {
-      const int idx = threadIdx.x + e * kThreads;
-      const int kk = out_major ? idx % kChunk : idx / NP;
-      const int cc = out_major ? idx / kChunk : idx % NP;
-      chunk[kk * LDW + cc] = v[e];
+      int kk, cc;
+      coords(e, out_major, kk, cc);
+      chunk[kk * kChunkStride + cc] = v[e];
     }
   }
 };
 
-template <typename T, int TY, typename Store>
+// out[r][c] = Σ_k in[k][r] · W(k, c) for r < M, c < N (M <= 32·WM), with in transposed
+// ([Kd][ldm] in shared memory) and W(k, c) as in WeightChunk. The result is handed to
+// store(tile, c0, acc) per column pass. The caller synchronises before reading what store
+// wrote. Rows past M are computed from padding rows and never stored as results.
+template <typename T, int WM, typename Store>
 __device__ __forceinline__ void block_gemm(const T* in, int ldm, int M, int Kd, int N,
                                            const T* __restrict__ W, bool out_major, T* chunk,
                                            Store store) {
-  using Chunk = WeightChunk<T, TY>;
-  const int tid = threadIdx.x, tx = tid % Chunk::TX, ty = tid / Chunk::TX;
-  const int r0 = ty * kTileRows;
-  const bool active = r0 < M;
-  for (int c0 = 0; c0 < N; c0 += Chunk::NP) {
-    T acc[kTileRows][kTileCols];
+  constexpr int THREADS = 64 * WM;
+  using Chunk = WeightChunk<T, THREADS>;
+  const LaneTile tile;
+  const bool active = tile.r_base < M;
+  for (int c0 = 0; c0 < N; c0 += kPassCols) {
+    T acc[8][8];
 #pragma unroll
-    for (int i = 0; i < kTileRows; ++i)
+    for (int i = 0; i < 8; ++i)
 #pragma unroll
-      for (int j = 0; j < kTileCols; ++j) acc[i][j] = T(0);
+      for (int j = 0; j < 8; ++j) acc[i][j] = T(0);
     Chunk next;
     if (Kd > 0) next.load(W, out_major, Kd, N, 0, c0);
-    for (int k0 = 0; k0 < Kd; k0 += kChunk) {
-      const int kc = min(kChunk, Kd - k0);
+    for (int k0 = 0; k0 < Kd; k0 += Chunk::DEPTH) {
+      const int kc = min(Chunk::DEPTH, Kd - k0);
       __syncthreads();  // the previous chunk is consumed
       next.store(chunk, out_major);
       __syncthreads();
-      if (k0 + kChunk < Kd) next.load(W, out_major, Kd, N, k0 + kChunk, c0);
+      if (k0 + Chunk::DEPTH < Kd) next.load(W, out_major, Kd, N, k0 + Chunk::DEPTH, c0);
       if (active) {
-#pragma unroll 4
+        const T* a_col = in + k0 * ldm + tile.r_base;
+        const T* w_row = chunk + tile.c_base;
+#pragma unroll 2
         for (int kk = 0; kk < kc; ++kk) {
-          T a[kTileRows], w[kTileCols];
-          load_vec(in + (k0 + kk) * ldm + r0, a);
-          load_vec(chunk + kk * Chunk::LDW + tx * kTileCols, w);
+          T a[8], w[8];
+          load4(a_col + kk * ldm, a);
+          load4(a_col + kk * ldm + 16, a + 4);
+          load4(w_row + kk * kChunkStride, w);
+          load4(w_row + kk * kChunkStride + 32, w + 4);
 #pragma unroll
-          for (int i = 0; i < kTileRows; ++i)
+          for (int i = 0; i < 8; ++i)
 #pragma unroll
-            for (int j = 0; j < kTileCols; ++j) acc[i][j] += a[i] * w[j];  // contracted to FMA
+            for (int j = 0; j < 8; ++j) acc[i][j] += a[i] * w[j];  // contracted to FMA
         }
       }
     }
-    if (active) store(r0, c0 + tx * kTileCols, acc);
+    if (active) store(tile, c0, acc);
   }
 }
 
-// Into shared memory, transposed: out[c·ldm + r]. Rows past M land in the padding rows
-// (ldm >= TY·8) and are never read as results.
+// Into shared memory, transposed: out[c·ldm + r] (rows past M land in padding rows).
 template <typename T>
 struct SharedStore {
   T* out;
   int ldm, N;
-  __device__ __forceinline__ void operator()(int r0, int c0, const T (&acc)[kTileRows][kTileCols]) const {
+  __device__ __forceinline__ void operator()(const LaneTile& t, int c0,
+                                             const T (&acc)[8][8]) const {
 #pragma unroll
-    for (int j = 0; j < kTileCols; ++j) {
-      if (c0 + j < N) {
-        T col[kTileRows];
+    for (int j = 0; j < 8; ++j) {
+      const int c = c0 + t.c_base + LaneTile::col(j);
+      if (c < N) {
+        T col[8];
 #pragma unroll
-        for (int i = 0; i < kTileRows; ++i) col[i] = acc[i][j];
-        store_vec(out + (c0 + j) * ldm + r0, col);
+        for (int i = 0; i < 8; ++i) col[i] = acc[i][j];
+        store4(out + c * ldm + t.r_base, col);
+        store4(out + c * ldm + t.r_base + 16, col + 4);
       }
     }
   }
 };
 
-// Into global memory, row-major (rows of this block from `out`): out[r·N + c] for r < M, c < N.
+// Into global memory, row-major (this block's rows from `out`): out[r·N + c] for r < M, c < N.
 template <typename T>
 struct GlobalStore {
   T* out;
   int M, N;
-  __device__ __forceinline__ void operator()(int r0, int c0, const T (&acc)[kTileRows][kTileCols]) const {
+  __device__ __forceinline__ void operator()(const LaneTile& t, int c0,
+                                             const T (&acc)[8][8]) const {
 #pragma unroll
-    for (int i = 0; i < kTileRows; ++i) {
-      if (r0 + i < M) {
+    for (int i = 0; i < 8; ++i) {
+      const int r = t.r_base + LaneTile::row(i);
+      if (r < M) {
 #pragma unroll
-        for (int j = 0; j < kTileCols; ++j)
-          if (c0 + j < N) out[(int64_t)(r0 + i) * N + c0 + j] = acc[i][j];
+        for (int j = 0; j < 8; ++j) {
+          const int c = c0 + t.c_base + LaneTile::col(j);
+          if (c < N) out[(int64_t)r * N + c] = acc[i][j];
+        }
       }
     }
   }
@@ -218,14 +233,13 @@ __device__ __forceinline__ T* shared_base() {
   return reinterpret_cast<T*>(smem_raw);
 }
 
-template <typename T, int TY>
-__global__ void __launch_bounds__(kThreads) mlp_forward_kernel(const MlpArgs<T> p) {
+template <typename T, int WM>
+__global__ void __launch_bounds__(64 * WM) mlp_forward_kernel(const MlpArgs<T> p) {
+  constexpr int THREADS = 64 * WM;
   const int ldm = p.ldm, R = p.R, L = p.L, tid = threadIdx.x;
-  int width = 0;
-  for (int l = 0; l < L; ++l) width = max(width, p.layer[l].n_in);
   T* buf_in = shared_base<T>();
-  T* buf_out = buf_in + width * ldm;
-  T* chunk = buf_out + width * ldm;
+  T* buf_out = buf_in + p.width0 * ldm;
+  T* chunk = buf_out + p.width1 * ldm;
   const int64_t s0 = (int64_t)blockIdx.x * p.S;
   const int S = static_cast<int>(p.B - s0 < p.S ? p.B - s0 : p.S);
   const int M = S * R;
@@ -234,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) mlp_forward_kernel(const MlpArgs<T> 
   {  // the block's rows of XV, transposed into shared memory
     const int n = p.layer[0].n_in;
     const T* x = p.in + row0 * n;
-    for (int idx = tid; idx < M * n; idx += kThreads) {
+    for (int idx = tid; idx < M * n; idx += THREADS) {
       const int r = idx / n, c = idx - r * n;
       buf_in[c * ldm + r] = x[idx];
     }
@@ -248,10 +262,10 @@ __global__ void __launch_bounds__(kThreads) mlp_forward_kernel(const MlpArgs<T> 
     T* A = ly.A + row0 * n;
     T* dA = ly.dA + s0 * n;
     if (l + 1 < L) {
-      block_gemm<T, TY>(buf_in, ldm, M, ly.n_in, n, ly.W, true, chunk,
+      block_gemm<T, WM>(buf_in, ldm, M, ly.n_in, n, ly.W, true, chunk,
                         SharedStore<T>{buf_out, ldm, n});
       __syncthreads();
-      for (int j = tid; j < n; j += kThreads) {
+      for (int j = tid; j < n; j += THREADS) {
         const T bj = ly.b[j];
         T* zt = buf_out + j * ldm;
         for (int s = 0; s < S; ++s) {
@@ -274,9 +288,9 @@ __global__ void __launch_bounds__(kThreads) mlp_forward_kernel(const MlpArgs<T> 
       __syncthreads();
       T* t = buf_in; buf_in = buf_out; buf_out = t;
     } else {
-      block_gemm<T, TY>(buf_in, ldm, M, ly.n_in, n, ly.W, true, chunk, GlobalStore<T>{Z, M, n});
+      block_gemm<T, WM>(buf_in, ldm, M, ly.n_in, n, ly.W, true, chunk, GlobalStore<T>{Z, M, n});
       __syncthreads();  // Z of this block's rows is written (and visible to the block)
-      for (int j = tid; j < n; j += kThreads) {
+      for (int j = tid; j < n; j += THREADS) {
         const T bj = ly.b[j];
         for (int s = 0; s < S; ++s) {
           const int64_t o = (int64_t)s * R * n + j;
@@ -299,7 +313,7 @@ __global__ void __launch_bounds__(kThreads) mlp_forward_kernel(const MlpArgs<T> 
 template <typename T>
 __device__ __forceinline__ void grad_preact_block(T* g, int ldm, const T* Z, T* GZ, int S, int R,
                                                   int n, int act, T slope, T* bias_partial) {
-  for (int j = threadIdx.x; j < n; j += kThreads) {
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
     T* gt = g + j * ldm;
     T sum = 0;
     for (int s = 0; s < S; ++s) {
@@ -322,14 +336,15 @@ __device__ __forceinline__ void grad_preact_block(T* g, int ldm, const T* Z, T* 
   }
 }
 
-template <typename T, int TY>
-__global__ void __launch_bounds__(kThreads) mlp_backward_kernel(const MlpArgs<T> p) {
+template <typename T, int WM>
+__global__ void __launch_bounds__(64 * WM) mlp_backward_kernel(const MlpArgs<T> p) {
+  constexpr int THREADS = 64 * WM;
   const int ldm = p.ldm, R = p.R, L = p.L, tid = threadIdx.x;
-  int width = 0;
-  for (int l = 0; l < L; ++l) width = max(width, p.layer[l].n_out);
+  // width0 holds the last layer's output gradient (and any hidden width), width1 the hidden
+  // widths: the buffers swap roles after the first layer
   T* buf_g = shared_base<T>();
-  T* buf_h = buf_g + width * ldm;
-  T* chunk = buf_h + width * ldm;
+  T* buf_h = buf_g + p.width0 * ldm;
+  T* chunk = buf_h + p.width1 * ldm;
   const int64_t s0 = (int64_t)blockIdx.x * p.S;
   const int S = static_cast<int>(p.B - s0 < p.S ? p.B - s0 : p.S);
   const int M = S * R;
@@ -340,7 +355,7 @@ __global__ void __launch_bounds__(kThreads) mlp_backward_kernel(const MlpArgs<T>
     const MlpLayerArgs<T>& ly = p.layer[L - 1];
     const int n = ly.n_out;
     const T* gy = p.in + row0 * n;
-    for (int idx = tid; idx < M * n; idx += kThreads) {
+    for (int idx = tid; idx < M * n; idx += THREADS) {
       const int r = idx / n, c = idx - r * n;
       buf_g[c * ldm + r] = gy[idx];
     }
@@ -349,7 +364,7 @@ __global__ void __launch_bounds__(kThreads) mlp_backward_kernel(const MlpArgs<T>
       grad_preact_block(buf_g, ldm, ly.Z + row0 * n, ly.GZ + row0 * n, S, R, n, ly.act, p.slope,
                         partial + ly.bias_offset);
     } else {  // linear last layer: GZ_L = grad_Y
-      for (int j = tid; j < n; j += kThreads) {
+      for (int j = tid; j < n; j += THREADS) {
         T sum = 0;
         for (int s = 0; s < S; ++s) sum += buf_g[j * ldm + s * R];
         partial[ly.bias_offset + j] = sum;
@@ -362,7 +377,7 @@ __global__ void __launch_bounds__(kThreads) mlp_backward_kernel(const MlpArgs<T>
     if (l > 0) {
       const MlpLayerArgs<T>& prev = p.layer[l - 1];
       const int n = ly.n_in;
-      block_gemm<T, TY>(buf_g, ldm, M, ly.n_out, n, ly.W, false, chunk,
+      block_gemm<T, WM>(buf_g, ldm, M, ly.n_out, n, ly.W, false, chunk,
                         SharedStore<T>{buf_h, ldm, n});
       __syncthreads();
       grad_preact_block(buf_h, ldm, prev.Z + row0 * n, prev.GZ + row0 * n, S, R, n, prev.act,
@@ -370,7 +385,7 @@ __global__ void __launch_bounds__(kThreads) mlp_backward_kernel(const MlpArgs<T>
       __syncthreads();
       T* t = buf_g; buf_g = buf_h; buf_h = t;
     } else {
-      block_gemm<T, TY>(buf_g, ldm, M, ly.n_out, ly.n_in, ly.W, false, chunk,
+      block_gemm<T, WM>(buf_g, ldm, M, ly.n_out, ly.n_in, ly.W, false, chunk,
                         GlobalStore<T>{p.out + row0 * ly.n_in, M, ly.n_in});
     }
   }
@@ -379,7 +394,7 @@ __global__ void __launch_bounds__(kThreads) mlp_backward_kernel(const MlpArgs<T>
 // ------------------------------------------------------------------------------- launch plan
 
 struct MlpPlan {
-  int S = 0, TY = 0, ldm = 0;
+  int S = 0, WM = 0, ldm = 0;
   size_t smem = 0;
   int64_t blocks = 0;
   std::string why_not;  // empty when the fused kernels can run
@@ -391,11 +406,12 @@ MlpPlan unsupported(std::string why) {
   return plan;
 }
 
-int rows_threads_for(int M) { return M > 64 ? 16 : (M > 32 ? 8 : 4); }
+int warps_for_rows(int M) { return M > 64 ? 4 : (M > 32 ? 2 : 1); }
 
-size_t smem_bytes(int width, int TY, size_t elem) {
-  const int ldm = TY * kTileRows + 4;
-  return (2 * (size_t)width * ldm + (size_t)kChunk * weight_chunk_stride(TY)) * elem;
+// Two activation buffers (width0 and width1 features of ldm rows) and one weight chunk.
+size_t smem_bytes(int width0, int width1, int WM, size_t elem) {
+  const int ldm = WM * kWarpRows + 4;
+  return ((size_t)(width0 + width1) * ldm + (size_t)kChunk * kChunkStride) * elem;
 }
 
 struct DeviceFacts {
@@ -416,45 +432,45 @@ const DeviceFacts& device_facts(int device) {
   return facts[device];
 }
 
-// Samples per block: INJFLOW_MLP_SAMPLES_PER_BLOCK if set (benchmarks), else about one block per
-// multiprocessor's worth of samples, as many as fit (rows <= 128, shared memory).
-MlpPlan plan_mlp(int64_t B, int64_t R, int width, size_t elem, int device) {
-  MlpPlan plan;
-  if (R > kMaxRows) {
-    plan.why_not = "1+K = " + std::to_string(R) + " rows per sample exceeds " +
-                   std::to_string(kMaxRows);
-    return plan;
-  }
+// Samples per block: INJFLOW_MLP_SAMPLES_PER_BLOCK if set (benchmarks), else the most that
+// still give every multiprocessor two blocks (one sample per block when the batch is smaller),
+// as many as fit (rows <= 128, shared memory).
+MlpPlan plan_mlp(int64_t B, int64_t R, int width0, int width1, size_t elem, int device) {
+  if (R > kMaxRows)
+    return unsupported("1+K = " + std::to_string(R) + " rows per sample exceeds " +
+                       std::to_string(kMaxRows));
   const DeviceFacts& dev = device_facts(device);
-  int64_t target = std::max<int64_t>(1, B / std::max(1, dev.sms));
+  int64_t target = std::max<int64_t>(1, B / (2 * std::max(1, dev.sms)));
   if (const char* env = std::getenv("INJFLOW_MLP_SAMPLES_PER_BLOCK")) {
     const int64_t v = std::atoll(env);
     if (v > 0) target = v;
   }
   target = std::min<int64_t>({target, kMaxRows / R, std::max<int64_t>(B, 1)});
   for (int64_t S = target; S >= 1; --S) {
-    const int M = static_cast<int>(S * R);
-    const int TY = rows_threads_for(M);
-    const size_t bytes = smem_bytes(width, TY, elem);
+    const int WM = warps_for_rows(static_cast<int>(S * R));
+    const size_t bytes = smem_bytes(width0, width1, WM, elem);
     if (bytes <= dev.smem_optin) {
+      MlpPlan plan;
       plan.S = static_cast<int>(S);
-      plan.TY = TY;
-      plan.ldm = TY * kTileRows + 4;
+      plan.WM = WM;
+      plan.ldm = WM * kWarpRows + 4;
       plan.smem = bytes;
       plan.blocks = (B + S - 1) / S;
       return plan;
     }
   }
-  plan.why_not = "a width of " + std::to_string(width) + " features at 1+K = " +
-                 std::to_string(R) + " needs " +
-                 std::to_string(smem_bytes(width, rows_threads_for((int)R), elem)) +
-                 " bytes of shared memory per block, more than the device's " +
-                 std::to_string(dev.smem_optin);
-  return plan;
+  const int WM = warps_for_rows(static_cast<int>(R));
+  return unsupported("widths of " + std::to_string(width0) + " and " + std::to_string(width1) +
+                     " features at 1+K = " + std::to_string(R) + " need " +
+                     std::to_string(smem_bytes(width0, width1, WM, elem)) +
+                     " bytes of shared memory per block, more than the device's " +
+                     std::to_string(dev.smem_optin));
 }
 
-// auto: fused when the rows fill the GPU (at least 32 rows per multiprocessor); below that the
-// per-layer cuBLAS GEMMs spread over more multiprocessors than the fused kernel's few blocks.
+// auto: the per-layer path. On an H200 (bench/RESULTS.md) the fused kernels were slower than
+// the per-layer cuBLAS GEMMs at every measured size, so auto picks them only when
+// INJFLOW_MLP_AUTO_FUSED=1 asks for it (the rows then must fill the GPU: 32 per
+// multiprocessor).
 bool choose_fused(int64_t path, const MlpPlan& plan, int64_t B, int64_t R, int device,
                   const char* op) {
   if (path == kMlpPerLayer) return false;
@@ -463,44 +479,49 @@ bool choose_fused(int64_t path, const MlpPlan& plan, int64_t B, int64_t R, int d
                 plan.why_not, "; use path=0 (auto) or 1 (per layer)");
     return true;
   }
-  return plan.why_not.empty() && B * R >= 32 * (int64_t)device_facts(device).sms;
-}
-
-template <typename Kernel>
-void allow_shared_memory(Kernel kernel, size_t bytes) {
-  // raising the limit to the device maximum once per kernel and device is enough
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(bytes)));
+  static const bool auto_fused = [] {
+    const char* env = std::getenv("INJFLOW_MLP_AUTO_FUSED");
+    return env != nullptr && std::string(env) == "1";
+  }();
+  return auto_fused && plan.why_not.empty() && B * R >= 32 * (int64_t)device_facts(device).sms;
 }
 
 template <typename T, template <typename, int> class KernelOf>
 void launch(const MlpPlan& plan, const MlpArgs<T>& args, int device, cudaStream_t stream) {
   static std::once_flag flags[3][64];
-  const int which = plan.TY == 16 ? 0 : (plan.TY == 8 ? 1 : 2);
+  const int which = plan.WM == 4 ? 0 : (plan.WM == 2 ? 1 : 2);
   const size_t optin = device_facts(device).smem_optin;
-  auto run = [&](auto kernel) {
-    std::call_once(flags[which][device % 64], [&] { allow_shared_memory(kernel, optin); });
-    kernel<<<static_cast<unsigned>(plan.blocks), kThreads, plan.smem, stream>>>(args);
+  auto run = [&](auto kernel, int threads) {
+    // raise the kernel's shared-memory limit to the device maximum, once per device
+    std::call_once(flags[which][device % 64], [&] {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(optin)));
+    });
+    kernel<<<static_cast<unsigned>(plan.blocks), threads, plan.smem, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (plan.TY == 16) run(KernelOf<T, 16>::get());
-  else if (plan.TY == 8) run(KernelOf<T, 8>::get());
-  else run(KernelOf<T, 4>::get());
+  if (plan.WM == 4) run(KernelOf<T, 4>::get(), 256);
+  else if (plan.WM == 2) run(KernelOf<T, 2>::get(), 128);
+  else run(KernelOf<T, 1>::get(), 64);
 }
 
-template <typename T, int TY>
+template <typename T, int WM>
 struct ForwardKernel {
-  static auto get() { return &mlp_forward_kernel<T, TY>; }
+  static auto get() { return &mlp_forward_kernel<T, WM>; }
 };
-template <typename T, int TY>
+template <typename T, int WM>
 struct BackwardKernel {
-  static auto get() { return &mlp_backward_kernel<T, TY>; }
+  static auto get() { return &mlp_backward_kernel<T, WM>; }
 };
 
-int max_width(at::TensorList weights, bool inputs) {
-  int64_t w = 0;
-  for (const auto& W : weights) w = std::max<int64_t>(w, W.size(inputs ? 1 : 0));
-  return static_cast<int>(w);
+// Widths of the two shared-memory activation buffers. Forward: the input and every hidden
+// width (the buffers alternate), the last layer's output goes to global memory. Backward: the
+// last layer's output gradient and every hidden width, then the hidden widths.
+std::pair<int, int> buffer_widths(at::TensorList weights, bool backward) {
+  int64_t hidden = 0;
+  for (size_t l = 0; l + 1 < weights.size(); ++l) hidden = std::max(hidden, weights[l].size(0));
+  const int64_t first = backward ? weights.back().size(0) : weights.front().size(1);
+  return {static_cast<int>(std::max(hidden, first)), static_cast<int>(hidden)};
 }
 
 MlpForwardResult tangent_mlp_cuda(const at::Tensor& XV_in, at::TensorList weights,
@@ -511,8 +532,10 @@ MlpForwardResult tangent_mlp_cuda(const at::Tensor& XV_in, at::TensorList weight
   const int64_t B = XV_in.size(0), R = XV_in.size(1);
   const size_t L = weights.size();
   const int device = XV_in.get_device();
+  const auto widths = buffer_widths(weights, false);
   const MlpPlan plan = L <= (size_t)kMaxLayers
-                           ? plan_mlp(B, R, max_width(weights, true), XV_in.element_size(), device)
+                           ? plan_mlp(B, R, widths.first, widths.second, XV_in.element_size(),
+                                      device)
                            : unsupported("more than 8 layers");
   if (!choose_fused(path, plan, B, R, device, "tangent_mlp"))
     return tangent_mlp_per_layer(XV_in, weights, biases, act, slope, last_act,
@@ -537,6 +560,8 @@ MlpForwardResult tangent_mlp_cuda(const at::Tensor& XV_in, at::TensorList weight
     args.R = static_cast<int>(R);
     args.S = plan.S;
     args.ldm = plan.ldm;
+    args.width0 = widths.first;
+    args.width1 = widths.second;
     args.slope = static_cast<scalar_t>(slope);
     args.in = XV.const_data_ptr<scalar_t>();
     for (size_t l = 0; l < L; ++l) {
@@ -565,8 +590,9 @@ MlpBackwardResult tangent_mlp_backward_cuda(const at::Tensor& gY_in, const at::T
   const int64_t B = XV_in.size(0), R = XV_in.size(1);
   const size_t L = weights.size();
   const int device = XV_in.get_device();
+  const auto widths = buffer_widths(weights, true);
   const MlpPlan plan = L <= (size_t)kMaxLayers
-                           ? plan_mlp(B, R, max_width(weights, false), XV_in.element_size(),
+                           ? plan_mlp(B, R, widths.first, widths.second, XV_in.element_size(),
                                       device)
                            : unsupported("more than 8 layers");
   if (!choose_fused(path, plan, B, R, device, "tangent_mlp_backward"))
@@ -601,6 +627,8 @@ MlpBackwardResult tangent_mlp_backward_cuda(const at::Tensor& gY_in, const at::T
     args.R = static_cast<int>(R);
     args.S = plan.S;
     args.ldm = plan.ldm;
+    args.width0 = widths.first;
+    args.width1 = widths.second;
     args.slope = static_cast<scalar_t>(slope);
     args.in = gY.const_data_ptr<scalar_t>();
     args.out = gXV.mutable_data_ptr<scalar_t>();
@@ -619,12 +647,12 @@ MlpBackwardResult tangent_mlp_backward_cuda(const at::Tensor& gY_in, const at::T
     }
     launch<scalar_t, BackwardKernel>(plan, args, device, at::cuda::getCurrentCUDAStream());
   });
-  const at::Tensor bias_sums = partial.sum(0);
   for (size_t l = 0; l < L; ++l) {
     const int64_t n_out = W[l].size(0), n_in = W[l].size(1);
     const at::Tensor in = l == 0 ? XV : A_in[l - 1].contiguous();
     gW[l] = at::mm(GZ[l].view({B * R, n_out}).t(), in.view({B * R, n_in}));
-    gb[l] = bias_sums.narrow(0, bias_offset[l], n_out);
+    // one reduction per layer: gradients that were views of one tensor would alias each other
+    gb[l] = partial.narrow(1, bias_offset[l], n_out).sum(0);
   }
   return {gXV, gW, gb};
 }
