@@ -48,8 +48,8 @@ TORCH_LIBRARY(injflow, m) {
   //   `activation`, the last `last_activation` (codes of csrc/activations.h; `slope` for both).
   //   Returns Y (B, 1+K, n_L) and, for the backward, Z (every layer's pre-activations),
   //   A (every hidden layer's output) and dA (σ' at each layer's primal row, (B, n_l)).
-  //   path: 0 auto, 1 per layer (tangent_linear each), 2 fused (CUDA: one kernel for the
-  //   forward, one for the backward's activation-gradient chain).
+  //   path: 0 auto (today: per layer), 1 per layer (tangent_linear each), 2 fused (CUDA: one
+  //   kernel for the forward, one for the backward's activation-gradient chain).
   m.def("tangent_mlp(Tensor XV, Tensor[] weights, Tensor[] biases, int activation, float slope, "
         "int last_activation, int path) -> (Tensor Y, Tensor[] Z, Tensor[] A, Tensor[] dA)");
   m.def("tangent_mlp_backward(Tensor grad_Y, Tensor XV, Tensor[] weights, Tensor Y, Tensor[] Z, "

@@ -19,8 +19,8 @@
 
 namespace injflow {
 
-// `path` argument of tangent_mlp: auto (the device decides), the per-layer ops, or the fused
-// kernels (an error where they cannot take the shapes).
+// `path` argument of tangent_mlp: auto (today the per-layer ops on every device), the
+// per-layer ops, or the fused CUDA kernels (an error where they cannot take the shapes).
 enum MlpPath : int64_t { kMlpAuto = 0, kMlpPerLayer = 1, kMlpFused = 2, kMlpPathCount = 3 };
 
 using MlpForwardResult =

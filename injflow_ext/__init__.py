@@ -3,7 +3,7 @@
 Ops (CPU and CUDA, float32/float64, autograd, ``torch.compile``):
     gram_logdet(J)                      log det(JᵀJ) per batch element, J: (..., D, d)
     tangent_linear(x, V, W, b, act)     linear + activation on a primal and K tangents
-    tangent_mlp(XV, weights, biases)    a whole MLP on a primal and K tangents (one CUDA kernel)
+    tangent_mlp(XV, weights, biases)    a whole MLP on a primal and K tangents
     tangent_affine_coupling(...)        affine coupling on a primal and K tangents
     cg_solve(A, b)                      batched conjugate gradients, fused iterations
 

@@ -17,6 +17,10 @@
 //
 // Arithmetic: plain float32 (or float64) FMAs, each lane an 8 × 8 tile of outputs, reading its
 // operands from shared memory with conflict-free 16-byte loads (LaneTile below).
+//
+// Status (bench/RESULTS.md, "Fused tangent MLP", H200): correct, but slower than the per-layer
+// path at every measured size (MINIBOONE forward 105 µs and backward 124 µs per conditioner,
+// ~10 TFLOP/s; the per-layer cuBLAS path is faster), so it runs only when asked for (path=2).
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -467,23 +471,12 @@ MlpPlan plan_mlp(int64_t B, int64_t R, int width0, int width1, size_t elem, int 
                      std::to_string(dev.smem_optin));
 }
 
-// auto: the per-layer path. On an H200 (bench/RESULTS.md) the fused kernels were slower than
-// the per-layer cuBLAS GEMMs at every measured size, so auto picks them only when
-// INJFLOW_MLP_AUTO_FUSED=1 asks for it (the rows then must fill the GPU: 32 per
-// multiprocessor).
-bool choose_fused(int64_t path, const MlpPlan& plan, int64_t B, int64_t R, int device,
-                  const char* op) {
-  if (path == kMlpPerLayer) return false;
-  if (path == kMlpFused) {
-    TORCH_CHECK(plan.why_not.empty(), op, ": the fused path (path=2) cannot take these shapes: ",
-                plan.why_not, "; use path=0 (auto) or 1 (per layer)");
-    return true;
-  }
-  static const bool auto_fused = [] {
-    const char* env = std::getenv("INJFLOW_MLP_AUTO_FUSED");
-    return env != nullptr && std::string(env) == "1";
-  }();
-  return auto_fused && plan.why_not.empty() && B * R >= 32 * (int64_t)device_facts(device).sms;
+// The fused path runs only when asked for (path=2); auto is the per-layer path: on an H200 the
+// fused kernels were slower than the per-layer cuBLAS GEMMs at every measured size
+// (bench/RESULTS.md, "Fused tangent MLP").
+void require_fused(const MlpPlan& plan, const char* op) {
+  TORCH_CHECK(plan.why_not.empty(), op, ": the fused path (path=2) cannot take these shapes: ",
+              plan.why_not, "; use path=0 (auto) or 1 (per layer)");
 }
 
 template <typename T, template <typename, int> class KernelOf>
@@ -532,14 +525,15 @@ MlpForwardResult tangent_mlp_cuda(const at::Tensor& XV_in, at::TensorList weight
   const int64_t B = XV_in.size(0), R = XV_in.size(1);
   const size_t L = weights.size();
   const int device = XV_in.get_device();
+  if (path != kMlpFused)
+    return tangent_mlp_per_layer(XV_in, weights, biases, act, slope, last_act,
+                                 &tangent_linear_cuda);
   const auto widths = buffer_widths(weights, false);
   const MlpPlan plan = L <= (size_t)kMaxLayers
                            ? plan_mlp(B, R, widths.first, widths.second, XV_in.element_size(),
                                       device)
                            : unsupported("more than 8 layers");
-  if (!choose_fused(path, plan, B, R, device, "tangent_mlp"))
-    return tangent_mlp_per_layer(XV_in, weights, biases, act, slope, last_act,
-                                 &tangent_linear_cuda);
+  require_fused(plan, "tangent_mlp");
   const at::Tensor XV = XV_in.contiguous();
   std::vector<at::Tensor> W(L), b(L), Z(L), A, dA(L);
   at::Tensor Y;
@@ -590,14 +584,15 @@ MlpBackwardResult tangent_mlp_backward_cuda(const at::Tensor& gY_in, const at::T
   const int64_t B = XV_in.size(0), R = XV_in.size(1);
   const size_t L = weights.size();
   const int device = XV_in.get_device();
+  if (path != kMlpFused)
+    return tangent_mlp_backward_per_layer(gY_in, XV_in, weights, Y, Z_in, A_in, dA, act, slope,
+                                          last_act, &tangent_linear_backward_cuda);
   const auto widths = buffer_widths(weights, true);
   const MlpPlan plan = L <= (size_t)kMaxLayers
                            ? plan_mlp(B, R, widths.first, widths.second, XV_in.element_size(),
                                       device)
                            : unsupported("more than 8 layers");
-  if (!choose_fused(path, plan, B, R, device, "tangent_mlp_backward"))
-    return tangent_mlp_backward_per_layer(gY_in, XV_in, weights, Y, Z_in, A_in, dA, act, slope,
-                                          last_act, &tangent_linear_backward_cuda);
+  require_fused(plan, "tangent_mlp_backward");
   const at::Tensor XV = XV_in.contiguous(), gY = gY_in.contiguous();
   std::vector<at::Tensor> W(L), Z(L), GZ(L), gW(L), gb(L);
   int64_t bias_total = 0;
@@ -647,12 +642,14 @@ MlpBackwardResult tangent_mlp_backward_cuda(const at::Tensor& gY_in, const at::T
     }
     launch<scalar_t, BackwardKernel>(plan, args, device, at::cuda::getCurrentCUDAStream());
   });
+  const at::Tensor bias_sums = partial.sum(0);  // one reduction for every layer's bias
   for (size_t l = 0; l < L; ++l) {
     const int64_t n_out = W[l].size(0), n_in = W[l].size(1);
     const at::Tensor in = l == 0 ? XV : A_in[l - 1].contiguous();
     gW[l] = at::mm(GZ[l].view({B * R, n_out}).t(), in.view({B * R, n_in}));
-    // one reduction per layer: gradients that were views of one tensor would alias each other
-    gb[l] = partial.narrow(1, bias_offset[l], n_out).sum(0);
+    // copies: gradients that were views of one tensor would alias each other (a reduction per
+    // layer over the strided slice instead cost ~10 µs each on an H200)
+    gb[l] = bias_sums.narrow(0, bias_offset[l], n_out).clone();
   }
   return {gXV, gW, gb};
 }

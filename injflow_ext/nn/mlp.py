@@ -15,8 +15,8 @@ class MLP(nn.Module):
     """``n_in -> hidden[0] -> ... -> n_out`` with an activation after every hidden layer.
 
     ``forward_packed(XV (B, 1+K, n_in)) -> (B, 1+K, n_out)`` carries a primal row and K tangent
-    rows through every layer with ``tangent_mlp``: on CUDA one kernel for the whole network
-    where the rows fill the GPU, else one GEMM and one fused epilogue per layer. ``path``
+    rows through every layer with ``tangent_mlp`` (by default one GEMM and one fused epilogue
+    per layer; on CUDA ``path="fused"`` runs the whole network in one kernel). ``path``
     ("auto", "per_layer", "fused") chooses explicitly (see
     :func:`injflow_ext.ops.tangent.tangent_mlp`); :func:`set_mlp_path` sets it for every MLP
     of a model. With ``zero_last`` the

@@ -8,6 +8,18 @@ import torch
 from .._extension import check_device
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
+LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def autocast_float32(*tensors):
+    """The ops' behaviour under ``torch.autocast``: they run in float32. Inside an autocast
+    region of a tensor's device, a float16/bfloat16 tensor is cast up to float32 (float64 and
+    float32 are left alone, as autocast does); outside one, every tensor is returned unchanged
+    (so a low-precision input still gets the dtype error). ``None`` entries pass through."""
+    return tuple(
+        t.float() if isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION_DTYPES
+        and torch.is_autocast_enabled(t.device.type) else t
+        for t in tensors)
 
 
 def check_tensor(op: str, name: str, t, *, ndim: int | None = None, shape=None,

@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple, Union
 
 import torch
 
-from ._checks import check_tensor
+from ._checks import autocast_float32, check_tensor
 
 __all__ = ["cg_solve", "CGResult", "CG_RUNNING", "CG_CONVERGED", "CG_BREAKDOWN"]
 
@@ -63,6 +63,9 @@ def cg_solve(A: Union[torch.Tensor, MatVec], b: torch.Tensor, *, x0: torch.Tenso
     right-hand sides or the callable's matvec.
     """
     op = "cg_solve"
+    b, x0 = autocast_float32(b, x0)
+    if isinstance(A, torch.Tensor):
+        A, = autocast_float32(A)
     check_tensor(op, "b", b)
     if b.dim() not in (2, 3):
         raise ValueError(f"{op}: b must be (N, d) or (N, d, K), got shape {tuple(b.shape)}")

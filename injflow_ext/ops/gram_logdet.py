@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 
 from .._extension import check_device
+from ._checks import autocast_float32
 
 __all__ = ["gram_logdet", "GramLogdetInfo", "GRAM_OK", "GRAM_JITTERED", "GRAM_FAILED"]
 
@@ -94,7 +95,9 @@ def gram_logdet(J: torch.Tensor, *, return_info: bool = False, check: bool = Fal
         (status 2); gradients of failed samples are zero.
 
     Double backward is supported (through a PyTorch-ops formula for the second derivative).
+    Under ``torch.autocast`` a float16/bfloat16 ``J`` is cast to float32 first.
     """
+    J, = autocast_float32(J)
     _check_gram_logdet_args(J, max_relative_jitter)
     batch, (D, d) = J.shape[:-2], J.shape[-2:]
     if check:
@@ -118,6 +121,9 @@ def gram_logdet(J: torch.Tensor, *, return_info: bool = False, check: bool = Fal
 
 
 # ----------------------------------------------------------------------------- registrations
+
+for _device_type in ("cpu", "cuda"):  # float32 under autocast (see ops/tangent.py)
+    torch.library.register_autocast("injflow::gram_logdet", _device_type, torch.float32)
 
 
 def _factor_dtype(J: torch.Tensor, accumulate_float64: bool) -> torch.dtype:

@@ -11,7 +11,7 @@ Math (DESIGN.md §1):
   ``s̃ = tanh(s)`` (``scale="tanh"``, bounded) or ``s̃ = s`` (``scale="exp"``),
   ``log|det ∂y/∂x| = Σ s̃``.
 - MLP (``tangent_mlp``): linear layers with an activation after every hidden layer, the
-  rule above layer after layer; on CUDA the whole forward is one kernel.
+  rule above layer after layer; on CUDA optionally one kernel for the whole forward.
 All are differentiable (first order) with respect to every input.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_tensor
+from ._checks import autocast_float32, check_tensor
 
 __all__ = ["ACTIVATIONS", "COUPLING_SCALES", "MLP_PATHS", "tangent_linear",
            "tangent_linear_packed", "tangent_mlp", "tangent_affine_coupling",
@@ -59,6 +59,7 @@ def tangent_linear_packed(XV: torch.Tensor, W: torch.Tensor, b: torch.Tensor | N
         ``YV (B, 1+K, n_out)``: row 0 ``σ(xWᵀ + b)``, rows k ``σ'(xWᵀ + b) ⊙ (V_k Wᵀ)``.
     """
     op = "tangent_linear"
+    XV, W, b = autocast_float32(XV, W, b)
     check_tensor(op, "XV", XV, ndim=3)
     check_tensor(op, "W", W, shape=(None, XV.shape[-1]), like=XV)
     if b is not None:
@@ -75,6 +76,7 @@ def tangent_linear(x: torch.Tensor, V: torch.Tensor, W: torch.Tensor,
     W ``(n_out, n_in)``, b ``(n_out,)`` → y ``(B, n_out)``, Ẏ ``(B, K, n_out)``.
     See :func:`tangent_linear_packed` for the activations."""
     op = "tangent_linear"
+    x, V = autocast_float32(x, V)
     check_tensor(op, "x", x, ndim=2)
     check_tensor(op, "V", V, shape=(x.shape[0], None, x.shape[1]), like=x)
     YV = tangent_linear_packed(torch.cat([x.unsqueeze(1), V], dim=1), W, b, activation,
@@ -94,18 +96,21 @@ def tangent_mlp(XV: torch.Tensor, weights, biases=None, activation: str | None =
         activation: activation of every hidden layer (see :data:`ACTIVATIONS`).
         last_activation: activation of the last layer (None: linear).
         activation_param: leaky_relu's slope or elu's alpha, for both activations.
-        path: "auto" (the device decides), "per_layer" (one ``tangent_linear`` per layer) or
-            "fused" (CUDA: the whole forward in one kernel, the backward's gradient chain in
-            another; an error where the shapes do not fit it).
+        path: "auto" (today the per-layer path on every device), "per_layer" (one
+            ``tangent_linear`` per layer) or "fused" (CUDA: the whole forward in one kernel,
+            the backward's gradient chain in another; an error where the shapes do not fit
+            it). On an H200 the fused kernels are correct but slower than the per-layer path
+            at every measured size (bench/RESULTS.md), hence not the default.
     Returns:
         ``(B, 1+K, n_L)``: row 0 the network at ``x``, rows k its Jacobian times tangent k.
     """
     op = "tangent_mlp"
+    XV, = autocast_float32(XV)
     check_tensor(op, "XV", XV, ndim=3)
-    weights = list(weights)
+    weights = list(autocast_float32(*weights))
     if not weights:
         raise ValueError(f"{op}: weights must hold at least one layer, got none")
-    biases = [None] * len(weights) if biases is None else list(biases)
+    biases = [None] * len(weights) if biases is None else list(autocast_float32(*biases))
     if len(biases) != len(weights):
         raise ValueError(f"{op}: biases must hold one entry per layer ({len(weights)}), got "
                          f"{len(biases)}")
@@ -145,6 +150,7 @@ def tangent_coupling_packed(XV: torch.Tensor, ST: torch.Tensor, scale: str = "ta
         ``YV (B, 1+K, m)`` and ``logabsdet (B,) = Σ s̃``.
     """
     op = "tangent_affine_coupling"
+    XV, ST = autocast_float32(XV, ST)
     check_tensor(op, "XV", XV, ndim=3)
     check_tensor(op, "ST", ST, shape=(XV.shape[0], XV.shape[1], 2 * XV.shape[2]), like=XV)
     if scale not in COUPLING_SCALES:
@@ -159,6 +165,7 @@ def tangent_affine_coupling(x_b, V_b, s, S_dot, t, T_dot, scale: str = "tanh"):
     Ẏ_b ``(B, K, m)``, logabsdet ``(B,)``.
     """
     op = "tangent_affine_coupling"
+    x_b, V_b, s, S_dot, t, T_dot = autocast_float32(x_b, V_b, s, S_dot, t, T_dot)
     check_tensor(op, "x_b", x_b, ndim=2)
     B, m = x_b.shape
     check_tensor(op, "V_b", V_b, shape=(B, None, m), like=x_b)
@@ -221,6 +228,14 @@ def _tangent_mlp_backward_fake(grad_Y, XV, weights, Y, Z, A, dA, activation, slo
                                last_activation, path):
     return (XV.new_empty(XV.shape), [W.new_empty(W.shape) for W in weights],
             [W.new_empty(W.shape[0]) for W in weights])
+
+
+# Under torch.autocast every forward op runs in float32 (the wrappers above cast first; these
+# rules do the same for direct torch.ops calls): low-precision GEMMs would lose the tangents'
+# accuracy that the volume term's log-determinant needs.
+for _name in ("tangent_linear", "tangent_coupling", "tangent_mlp"):
+    for _device_type in ("cpu", "cuda"):
+        torch.library.register_autocast(f"injflow::{_name}", _device_type, torch.float32)
 
 
 # Autograd of all six ops is registered in C++ (csrc/tangent_autograd.cpp, the Autograd key):
