@@ -77,7 +77,9 @@ from torch.utils.cpp_extension import (  # noqa: E402
 
 # Loaded by path: importing the package would need the extension this script builds.
 _versioning = runpy.run_path(os.path.join(HERE, "injflow_ext", "_versioning.py"))
-RUNTIME_REQUIREMENTS = ["numpy", "tqdm", "matplotlib", "scikit-learn", "scipy"]
+# The library needs numpy and torch only; the command line's extras (datasets, metrics, plots,
+# progress) are the [cli] extra in pyproject.toml.
+RUNTIME_REQUIREMENTS = ["numpy"]
 
 
 def want_cuda():

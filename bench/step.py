@@ -5,10 +5,11 @@ Methods: ours_exact, ours_hutchinson (K=1 probe, CG capped at d iterations), and
 bench/plain_reference.py: ref_one_tangent (d separate tangent passes, the paper's code style),
 ref_batched (primal once + d tangents, eager), ref_jacfwd (torch.func.jacfwd under vmap),
 ref_hutchinson_cg (torch-ops CG), and on CUDA ref_batched_graph (ref_batched replayed from a
-CUDA graph) and ours_exact_graph / ours_hutchinson_graph (injflow_ext.CapturedStep: loss and
-backward replayed from a CUDA graph). The compiled variants run the loss through torch.compile
-first (inductor fuses the elementwise work between the ops): ours_exact_compiled (eager launch,
-CPU or CUDA), ours_exact_compiled_graph (CapturedStep(compile=True)) and, for a like-for-like
+CUDA graph) and ours_exact_graph / ours_hutchinson_graph (injflow_ext.TrainStep, mode
+"captured" without compiling: loss and backward replayed from a CUDA graph). The compiled
+variants run the loss through torch.compile first (inductor fuses the elementwise work between
+the ops): ours_exact_compiled (TrainStep mode "compiled", CPU or CUDA),
+ours_exact_compiled_graph (mode "captured", compiled) and, for a like-for-like
 comparison, ref_batched_compiled and ref_batched_compiled_graph (the reference compiled the
 same way, launched eagerly and captured).
 Before timing, every exact method must give the same loss and gradients (checked in float64 on a
@@ -31,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import plain_reference as ref  # noqa: E402
 from common import add_common_args, environment, median_time, print_table, write_results  # noqa: E402
 
-from injflow_ext import CapturedStep, RectangularFlow  # noqa: E402
+from injflow_ext import RectangularFlow, TrainStep  # noqa: E402
+from injflow_ext.objectives import ExactObjective, HutchinsonObjective  # noqa: E402
 from injflow_ext.nn import set_mlp_path  # noqa: E402
 
 CONFIGS = {  # name: (D, d, batch, hidden)
@@ -185,11 +187,12 @@ def make_step(method, model, x, device, checks=None):
                 def step():
                     clear_grads(model)
                     compiled(model, x, BETA).backward()
-        else:
-            captured = CapturedStep(model, None, x, method="exact", beta=BETA, compile=True,
-                                    capture=method.endswith("_graph"))
-            step = lambda: captured(x)  # noqa: E731
-        for _ in range(2):   # CapturedStep's first eager step runs uncompiled
+        else:   # the library's training step, loss and backward only (no optimiser)
+            train_step = TrainStep(model, ExactObjective(beta=BETA), update=False,
+                                   mode="captured" if method.endswith("_graph") else "compiled",
+                                   example_x=x)
+            step = lambda: train_step(x)  # noqa: E731
+        for _ in range(2):   # TrainStep's first eager step runs uncompiled
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -198,8 +201,11 @@ def make_step(method, model, x, device, checks=None):
             checks[method] = err
         return step
     if method in ("ours_exact_graph", "ours_hutchinson_graph"):
-        captured = CapturedStep(model, None, x, method=method.split("_")[1], beta=BETA)
-        return lambda: captured(x)
+        objective = (ExactObjective(beta=BETA) if method == "ours_exact_graph" else
+                     HutchinsonObjective(beta=BETA))
+        train_step = TrainStep(model, objective, update=False, mode="captured", compile=False,
+                               example_x=x)
+        return lambda: train_step(x)
     if method == "ref_batched_graph":
         return capture_reference(model, x, ref.exact_batched)
     gen = torch.Generator(device=device).manual_seed(0)

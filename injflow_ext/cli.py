@@ -14,28 +14,23 @@ import torch
 from ._io import atomic_json
 from .data import DATASET_NAMES, Dataset, load_dataset
 from .models import RectangularFlow
+from .runs import load_run, read_config, write_config
 
 __all__ = ["main", "load_run"]
 
 
-def load_run(run_dir: str, map_location="cpu") -> RectangularFlow:
-    """The trained model of a run directory (its best checkpoint, ``model.pt``), in eval mode.
-    Its ``log_prob``, ``sample``, ``encode``, ``decode`` work in the data's own units (the
-    standardisation used in training is a fixed layer of the model)."""
-    path = os.path.join(run_dir, "model.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{run_dir} has no model.pt; is it a run directory written by "
-                                "'injflow train'?")
-    return RectangularFlow.load(path, map_location=map_location).eval()
-
-
 def _read_config(run_dir: str) -> dict:
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{run_dir} has no config.json; is it a run directory written by "
-                                "'injflow train'?")
-    with open(path) as f:
-        return json.load(f)
+    return read_config(run_dir)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
 
 
 def _hidden(text: str) -> tuple:
@@ -69,32 +64,38 @@ def _train(args, dist) -> int:
     from .training import TrainConfig, Trainer
 
     device = args.device
-    if args.resume:  # the data of a resumed run is the data it started with
-        saved_data = _read_config(args.out)["data"] if args.out else None
-        if saved_data is None:
+    if args.resume:
+        # everything but the device comes from the run directory: --out RUN --resume suffices
+        if not args.out:
             raise SystemExit("injflow train: --resume needs --out RUN_DIR")
+        out = args.out
+        saved = _read_config(out)
+        saved_data = saved["data"]
         args.data, args.seed = saved_data["name"], saved_data["seed"]
         args.data_dir = args.data_dir or saved_data.get("data_dir")
         args.n_samples = saved_data.get("n_samples")
-    data = load_dataset(args.data, seed=args.seed, data_dir=args.data_dir,
-                        n_samples=args.n_samples)
-    d = args.latent_dim or data.latent_dim
-    if d is None:
-        raise SystemExit(f"injflow train: --latent-dim is required for {args.data} (its manifold "
-                         "dimension is not known)")
-    if d >= data.dim:
-        raise SystemExit(f"injflow train: --latent-dim must be smaller than the data dimension "
-                         f"{data.dim}, got {d}")
-    out = args.out or os.path.join("runs", f"{os.path.basename(data.name)}-{args.method}")
-    if args.resume:
-        saved = _read_config(out)
         args.dtype = saved.get("dtype", args.dtype)  # a float64 run resumes in float64
+        data = load_dataset(args.data, seed=args.seed, data_dir=args.data_dir,
+                            n_samples=args.n_samples)
         model = RectangularFlow(**saved["model"])
-        tcfg = TrainConfig(**{**saved["train"],
-                              "likelihood_warmup": (tuple(saved["train"]["likelihood_warmup"])
-                                                    if saved["train"]["likelihood_warmup"] else None),
-                              "device": device})
+        train = dict(saved["train"])
+        train["likelihood_warmup"] = (tuple(train["likelihood_warmup"])
+                                      if train.get("likelihood_warmup") else None)
+        train["device"] = device
+        if args.step_mode is not None:
+            train["step_mode"] = args.step_mode
+        tcfg = TrainConfig(**train)
     else:
+        data = load_dataset(args.data, seed=args.seed, data_dir=args.data_dir,
+                            n_samples=args.n_samples)
+        d = args.latent_dim or data.latent_dim
+        if d is None:
+            raise SystemExit(f"injflow train: --latent-dim is required for {args.data} (its "
+                             "manifold dimension is not known)")
+        if d >= data.dim:
+            raise SystemExit(f"injflow train: --latent-dim must be smaller than the data "
+                             f"dimension {data.dim}, got {d}")
+        out = args.out or os.path.join("runs", f"{os.path.basename(data.name)}-{args.method}")
         if os.path.exists(os.path.join(out, "checkpoint.pt")) and not args.overwrite:
             raise SystemExit(f"injflow train: {out} already holds a run; use --resume to continue "
                              "it, --overwrite to start again, or another --out")
@@ -112,7 +113,8 @@ def _train(args, dist) -> int:
                            batch_size=args.batch_size, lr=args.lr,
                            likelihood_warmup=tuple(args.likelihood_warmup)
                            if args.likelihood_warmup else None, seed=args.seed, device=device,
-                           checkpoint_every=args.checkpoint_every, patience=args.patience)
+                           checkpoint_every=args.checkpoint_every, patience=args.patience,
+                           step_mode=args.step_mode or "auto")
         tcfg.validate()
         dist.barrier()  # every rank has checked for an existing run before rank 0 writes one
         if dist.is_main:
@@ -133,15 +135,22 @@ def _train(args, dist) -> int:
     return _report(args, summary, out, data, tcfg)
 
 
+def _stored_path(path):
+    """A data file or folder as config.json stores it: absolute, so that a run resumes from any
+    working directory; dataset names stay names."""
+    return os.path.abspath(path) if path and os.path.exists(path) else path
+
+
 def _write_config(out, args, data, model, tcfg, build_info, world_size):
     os.makedirs(out, exist_ok=True)
-    atomic_json({"data": {"name": args.data, "data_dir": args.data_dir,
+    write_config(out, {"data": {"name": _stored_path(args.data),
+                                "data_dir": _stored_path(args.data_dir),
                           "n_samples": args.n_samples, "seed": args.seed,
                           "standardize": args.standardize, "dim": data.dim},
                  "model": model.config, "train": asdict(tcfg), "build_info": build_info(),
                  "dtype": args.dtype, "torch_version": torch.__version__,
                  "world_size": world_size,
-                 "command": " ".join(sys.argv)}, os.path.join(out, "config.json"))
+                 "command": " ".join(sys.argv)})
 
 
 def _report(args, summary, out, data, tcfg) -> int:
@@ -239,27 +248,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default=None,
                    help=f"dataset name ({', '.join(DATASET_NAMES)}) or a .npy/.csv file (N × D)")
     t.add_argument("--data-dir", default=None, help="folder of the tabular/image data files")
-    t.add_argument("--n-samples", type=int, default=None, help="use at most this many points")
-    t.add_argument("--latent-dim", type=int, default=None,
+    t.add_argument("--n-samples", type=_positive_int, default=None,
+                   help="use at most this many points")
+    t.add_argument("--latent-dim", type=_positive_int, default=None,
                    help="manifold dimension d (default: known for synthetic data)")
     t.add_argument("--method", default="exact", choices=["exact", "hutchinson", "two-step"])
     t.add_argument("--hutchinson-samples", type=int, default=1)
     t.add_argument("--beta", type=float, default=50.0, help="weight of the reconstruction term")
     g = t.add_mutually_exclusive_group()
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--steps", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=200,
+    g.add_argument("--epochs", type=_positive_int, default=None)
+    g.add_argument("--steps", type=_positive_int, default=None)
+    t.add_argument("--batch-size", type=_positive_int, default=200,
                    help="global batch; under torchrun each of the N processes trains on 1/N of it")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--likelihood-warmup", type=float, nargs=2, metavar=("START", "END"),
                    default=None, help="likelihood weight 0 before epoch START, 1 after END")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    t.add_argument("--step-mode", default=None,
+                   choices=["auto", "eager", "compiled", "captured"],
+                   help="how a training step runs (injflow_ext.TrainStep): auto (default) = "
+                        "compiled and captured in a CUDA graph on a GPU (the last partial batch "
+                        "of each epoch is dropped: one batch shape), compiled under torchrun, "
+                        "eager on the CPU")
     t.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     t.add_argument("--out", default=None, help="run directory (default runs/DATA-METHOD)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     t.add_argument("--overwrite", action="store_true", help="start again in an existing --out")
-    t.add_argument("--checkpoint-every", type=int, default=500)
+    t.add_argument("--checkpoint-every", type=_positive_int, default=500)
     t.add_argument("--patience", type=int, default=20,
                    help="stop after this many epochs without validation improvement")
     t.add_argument("--ambient-layers", type=int, default=10)
@@ -291,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="draw samples from a run's model into a .npy file")
     s.add_argument("run")
-    s.add_argument("-n", type=int, default=1000)
+    s.add_argument("-n", type=_positive_int, default=1000, help="number of samples (>= 1)")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -47,12 +47,44 @@ def _has_fast_path(decoder) -> bool:
     return callable(getattr(decoder, "jvp_packed", None))
 
 
+def fast_decoder(decoder):
+    """The decoder the fast path can run: itself when it has ``jvp_packed``; for a bound
+    ``decode`` method of a model with a ``decoder`` that has one (``model.decode`` of a
+    RectangularFlow, what users write first), that decoder; else the callable unchanged."""
+    if _has_fast_path(decoder):
+        return decoder
+    owner = getattr(decoder, "__self__", None)
+    if owner is not None and getattr(decoder, "__name__", None) == "decode":
+        inner = getattr(owner, "decoder", None)
+        if _has_fast_path(inner):
+            return inner
+    return decoder
+
+
+_FUNCTORCH_MESSAGE = "functorch"
+
+
+def _generic(fn, *args):
+    """Run a torch.func transform of a user's decoder; a library op inside it (which torch.func
+    cannot transform) becomes an error that says what to pass instead."""
+    try:
+        return fn(*args)
+    except RuntimeError as exc:
+        if _FUNCTORCH_MESSAGE in str(exc) or "torch.func" in str(exc):
+            raise TypeError(
+                "logdet_jtj: this decoder runs injflow_ext ops inside torch.func transforms, "
+                "which cannot differentiate them (first-order custom autograd). Pass a decoder "
+                "with jvp_packed instead: model.decoder (or model.decode) of a RectangularFlow, "
+                "or a flow from injflow_ext.nn") from exc
+        raise
+
+
 def _push_tangents(decoder, u: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(g(u) (B, D), J V (B, K, D))`` for tangents ``V (B, K, d)``, differentiable."""
     if _has_fast_path(decoder):
         YV = decoder.jvp_packed(torch.cat([u.unsqueeze(1), V], dim=1))
         return YV[:, 0], YV[:, 1:]
-    outs = [torch.func.jvp(decoder, (u,), (V[:, k],)) for k in range(V.shape[1])]
+    outs = [_generic(torch.func.jvp, decoder, (u,), (V[:, k],)) for k in range(V.shape[1])]
     if not outs:
         return decoder(u), u.new_zeros(u.shape[0], 0, 0)
     return outs[0][0], torch.stack([o[1] for o in outs], dim=1)
@@ -67,7 +99,8 @@ def decoder_jacobian(decoder, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         x, JV = _push_tangents(decoder, u, eye)
         return x, JV.mT
     x = decoder(u)
-    J = torch.func.vmap(torch.func.jacfwd(lambda ui: decoder(ui.unsqueeze(0)).squeeze(0)))(u)
+    J = _generic(torch.func.vmap(torch.func.jacfwd(
+        lambda ui: decoder(ui.unsqueeze(0)).squeeze(0))), u)
     return x, J
 
 
@@ -115,7 +148,9 @@ def logdet_jtj(decoder, u: torch.Tensor, method: str = "exact", *, hutchinson_sa
     """Volume term of the decoder at ``u (B, d)``; see the module docstring.
 
     Args:
-        decoder: a flow with ``jvp_packed`` or a callable ``(B, d) -> (B, D)``.
+        decoder: a flow with ``jvp_packed`` (``model.decoder``; ``model.decode`` of a
+            RectangularFlow takes the same fast path) or a callable ``(B, d) -> (B, D)`` of
+            plain PyTorch ops (through ``torch.func``).
         u: ``(B, d)`` latent points (may carry gradient, e.g. from an encoder).
         method: "exact" or "hutchinson".
         hutchinson_samples: probes K per sample.
@@ -133,6 +168,7 @@ def logdet_jtj(decoder, u: torch.Tensor, method: str = "exact", *, hutchinson_sa
     if not isinstance(u, torch.Tensor) or u.dim() != 2:
         raise ValueError(f"logdet_jtj: u must be a tensor (B, d), got "
                          f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}")
+    decoder = fast_decoder(decoder)
     if method == "exact":
         x, J = decoder_jacobian(decoder, u)
         if J.shape[-2] < J.shape[-1]:

@@ -156,7 +156,8 @@ class RectangularFlow(nn.Module):
              likelihood_weight: float = 1.0, *, phase: str | None = None,
              hutchinson_samples: int = 1, probe: str = "normal", cg_rtol: float = 1e-5,
              cg_max_iter: int | None = None, generator: torch.Generator | None = None) -> dict:
-        """Training objective on a batch ``x (B, D)``; returns a dict of scalars:
+        """Training objective on a batch ``x (B, D)`` (a convenience over
+        :mod:`injflow_ext.objectives`, which the training step uses); returns a dict of scalars:
 
         ``loss`` (to minimise), ``nll`` (mean ``−log p(x)`` on the manifold when the volume term
         is known, else None), ``prior_nll`` (mean ``−log p_U(u)``), ``reconstruction`` (mean
@@ -167,46 +168,24 @@ class RectangularFlow(nn.Module):
         ``phase="reconstruction"`` gives ``β·‖x − g(u)‖²`` (train the ambient flow),
         ``phase="likelihood"`` gives ``−w·log p_U(sg(u))`` (train the prior flow).
         """
+        from .objectives import OBJECTIVES, make_objective  # objectives build on this module
+
         check_width("RectangularFlow.loss", x, self.ambient_dim)
-        if method in ("exact", "hutchinson"):
-            if phase is not None:
-                raise ValueError(f"RectangularFlow.loss: phase is only for method='two-step', got "
-                                 f"phase={phase!r} with method={method!r}")
-            u = self.encode(x)
-            res = logdet_jtj(self.decoder, u, method, hutchinson_samples=hutchinson_samples,
-                             probe=probe, cg_rtol=cg_rtol, cg_max_iter=cg_max_iter,
-                             generator=generator)
-            rec = ((x - res.decoded) ** 2).sum(-1)
-            prior_nll = -self.prior_log_prob(u)
-            loss = (likelihood_weight * (prior_nll + 0.5 * res.value) + beta * rec).mean()
-            exact = method == "exact"
-            return {"loss": loss,
-                    "nll": (prior_nll + 0.5 * res.value).mean().detach() if exact else None,
-                    "prior_nll": prior_nll.mean().detach(),
-                    "reconstruction": rec.mean().detach(),
-                    "logdet": res.value.mean().detach() if exact else None,
-                    "diagnostics": res.diagnostics}
-        if method == "two-step":
-            if phase == "reconstruction":
-                u = self.encode(x)
-                rec = ((x - self.decode(u)) ** 2).sum(-1)
-                with torch.no_grad():
-                    prior_nll = -self.prior_log_prob(u)
-                return {"loss": beta * rec.mean(), "nll": None,
-                        "prior_nll": prior_nll.mean(), "reconstruction": rec.mean().detach(),
-                        "logdet": None, "diagnostics": {}}
-            if phase == "likelihood":
-                with torch.no_grad():
-                    u = self.encode(x)
-                    rec = ((x - self.decode(u)) ** 2).sum(-1)
-                prior_nll = -self.prior_log_prob(u)
-                return {"loss": likelihood_weight * prior_nll.mean(), "nll": None,
-                        "prior_nll": prior_nll.mean().detach(), "reconstruction": rec.mean(),
-                        "logdet": None, "diagnostics": {}}
+        if method not in OBJECTIVES:
+            raise ValueError(f"RectangularFlow.loss: method must be 'exact', 'hutchinson' or "
+                             f"'two-step', got {method!r}")
+        if method == "two-step" and phase not in ("reconstruction", "likelihood"):
             raise ValueError(f"RectangularFlow.loss: method='two-step' needs "
                              f"phase='reconstruction' or 'likelihood', got {phase!r}")
-        raise ValueError(f"RectangularFlow.loss: method must be 'exact', 'hutchinson' or "
-                         f"'two-step', got {method!r}")
+        if method != "two-step" and phase is not None:
+            raise ValueError(f"RectangularFlow.loss: phase is only for method='two-step', got "
+                             f"phase={phase!r} with method={method!r}")
+        kwargs = {"beta": beta}
+        if method == "hutchinson":
+            kwargs.update(samples=hutchinson_samples, probe=probe, cg_rtol=cg_rtol,
+                          cg_max_iter=cg_max_iter)
+        return make_objective(method, **kwargs).loss(self, x, phase or "all", likelihood_weight,
+                                                     generator)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str) -> None:

@@ -23,10 +23,13 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ._io import atomic_torch_save
 from .distributed import DistContext, shard
 from .evaluation import per_sample_scores
 from .models import RectangularFlow
+from .objectives import Objective, make_objective
+from .runs import (RunDir, load_checkpoint, numpy_rng_state, save_checkpoint,
+                   set_numpy_rng_state)
+from .step import TrainStep, resolve_mode
 
 __all__ = ["TrainConfig", "Trainer", "validation_objective", "likelihood_weight"]
 
@@ -51,11 +54,17 @@ class TrainConfig:
     patience: int = 20                     # epochs without validation improvement
     cg_rtol: float = 1e-5
     max_nonfinite_steps: int = 20
+    step_mode: str = "auto"                # auto | eager | compiled | captured (injflow_ext.step)
     extra: dict = field(default_factory=dict)
 
     def validate(self):
         if self.method not in ("exact", "hutchinson", "two-step"):
             raise ValueError(f"method must be exact, hutchinson or two-step, got {self.method!r}")
+        if self.step_mode not in ("auto", "eager", "compiled", "captured"):
+            raise ValueError(f"step_mode must be auto, eager, compiled or captured, got "
+                             f"{self.step_mode!r}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"batch_size must be >= 1 and lr > 0, got {self.batch_size}, {self.lr}")
         if self.steps is None and (self.epochs is None or self.epochs < 1):
@@ -65,6 +74,14 @@ class TrainConfig:
             if not 0 <= a <= b:
                 raise ValueError(f"likelihood_warmup must be START END with 0 <= START <= END, "
                                  f"got {a} {b}")
+
+
+def objective_of(cfg: TrainConfig) -> Objective:
+    """The training objective a config names (its method and options)."""
+    if cfg.method == "hutchinson":
+        return make_objective("hutchinson", beta=cfg.beta, samples=cfg.hutchinson_samples,
+                              cg_rtol=cfg.cg_rtol)
+    return make_objective(cfg.method, beta=cfg.beta)
 
 
 def likelihood_weight(progress_epochs: float, warmup) -> float:
@@ -98,17 +115,6 @@ def validation_objective(model: RectangularFlow, x: torch.Tensor, beta: float,
             "val_reconstruction": sums["rec"] / n}
 
 
-class _LossOf(torch.nn.Module):
-    """``model.loss`` as a module's forward, so that DistributedDataParallel sees the step."""
-
-    def __init__(self, model: RectangularFlow):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor, **kwargs) -> dict:
-        return self.model.loss(x, **kwargs)
-
-
 class Trainer:
     """Trains a RectangularFlow on ``train`` (N, D) with validation on ``val``.
 
@@ -127,31 +133,43 @@ class Trainer:
         dtype = next(model.parameters()).dtype
         self.train_x = torch.as_tensor(train, dtype=dtype, device=self.device)
         self.val_x = torch.as_tensor(val, dtype=dtype, device=self.device)
-        self.steps_per_epoch = max(1, math.ceil(len(self.train_x) / config.batch_size))
+        self.objective = objective_of(config)
+        self.step_mode = resolve_mode(config.step_mode, self.device, self.objective,
+                                      distributed=self.dist.enabled)
+        if self.step_mode == "captured" and self.dist.enabled:
+            raise ValueError("step_mode 'captured' is for a single process; under torchrun use "
+                             "'compiled' or 'eager' (or 'auto')")
+        self.captured = self.step_mode == "captured" and self.device.type == "cuda"
+        if self.captured and len(self.train_x) > config.batch_size:
+            # a captured step has one batch shape: the last partial batch of an epoch is dropped
+            self.steps_per_epoch = len(self.train_x) // config.batch_size
+            self.dropped_per_epoch = len(self.train_x) % config.batch_size
+        else:
+            self.steps_per_epoch = max(1, math.ceil(len(self.train_x) / config.batch_size))
+            self.dropped_per_epoch = 0
         self.total_steps = config.steps or config.epochs * self.steps_per_epoch
         self.step = 0
         self.best = {"val_objective": math.inf, "epoch": -1}
         self.bad_epochs = 0
         self.stopped_early = False
         self.nonfinite_streak = 0
+        self._streak = torch.zeros((), dtype=dtype, device=self.device)  # skipped steps in a row
         self.probe_gen = torch.Generator(device=self.device)
         self._initialized = False
-        self._step_fn = None   # model.loss, through DistributedDataParallel when distributed
+        self.train_step = None   # the TrainStep, built in run() (after a resumed state is loaded)
         self._build_optimizers()
-        self.checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
-        self.model_path = os.path.join(out_dir, "model.pt")
-        self.log_path = os.path.join(out_dir, "train_log.csv")
+        run = RunDir(out_dir)
+        self.checkpoint_path, self.model_path, self.log_path = run.checkpoint, run.model, run.log
         self.elapsed = 0.0
 
     # ------------------------------------------------------------------ state
     def _build_optimizers(self):
-        lr = self.cfg.lr
-        if self.cfg.method == "two-step":
-            groups = self.model.parameter_groups()
-            self.optimizers = {"ambient": torch.optim.Adam(groups["ambient"], lr=lr),
-                               "prior": torch.optim.Adam(groups["prior"], lr=lr)}
-        else:
-            self.optimizers = {"all": torch.optim.Adam(self.model.parameters(), lr=lr)}
+        """One fused Adam per phase of the objective (fused: it skips a non-finite step on the
+        device; capturable when the step is captured)."""
+        groups = self.objective.parameter_groups(self.model)
+        self.optimizers = {phase: torch.optim.Adam(groups[phase], lr=self.cfg.lr, fused=True,
+                                                   capturable=self.captured)
+                           for phase in self.objective.phases}
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "model_config": self.model.config,
@@ -159,27 +177,27 @@ class Trainer:
                 "step": self.step, "best": self.best, "bad_epochs": self.bad_epochs,
                 "stopped_early": self.stopped_early, "elapsed": self.elapsed,
                 "world_size": self.dist.world_size, "torch_rng": torch.get_rng_state(),
-                "numpy_rng": np.random.get_state(), "train_config": asdict(self.cfg),
+                "numpy_rng": numpy_rng_state(), "train_config": asdict(self.cfg),
                 "initialized": self._initialized}
 
     def save_checkpoint(self):
         """Write ``checkpoint.pt`` atomically (rank 0 only; the ranks hold identical states)."""
         if self.dist.is_main:
-            atomic_torch_save(self.state(), self.checkpoint_path)
+            save_checkpoint(self.state(), self.checkpoint_path)
 
     def _save_model(self):
         if self.dist.is_main:
             self.model.save(self.model_path)
 
     def load_checkpoint(self, path: Optional[str] = None):
-        st = torch.load(path or self.checkpoint_path, map_location=self.device, weights_only=False)
+        st = load_checkpoint(path or self.checkpoint_path, map_location=self.device)
         self.model.load_state_dict(st["model"])
         for k, o in self.optimizers.items():
             o.load_state_dict(st["optimizers"][k])
         self.step, self.best, self.bad_epochs = st["step"], st["best"], st["bad_epochs"]
         self.stopped_early, self.elapsed = st["stopped_early"], st["elapsed"]
         torch.set_rng_state(st["torch_rng"].cpu())
-        np.random.set_state(st["numpy_rng"])
+        set_numpy_rng_state(st["numpy_rng"])
         self._initialized = st.get("initialized", True)
 
     # ------------------------------------------------------------------ loop
@@ -199,15 +217,19 @@ class Trainer:
         weight = (stop - start) * self.dist.world_size / len(idx)
         return self.train_x[idx[start:stop].to(self.device)], weight
 
-    def _build_step_fn(self):
-        loss_of = _LossOf(self.model)
-        if not self.dist.enabled:
-            return loss_of
-        # two-step trains the ambient and the prior flow in separate backward passes, each
-        # leaving the other flow's parameters without gradients
-        return DistributedDataParallel(
-            loss_of, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=self.cfg.method == "two-step")
+    def _build_train_step(self) -> TrainStep:
+        wrap = None
+        if self.dist.enabled:
+            # two-step trains the ambient and the prior flow in separate backward passes, each
+            # leaving the other flow's parameters without gradients
+            def wrap(module):
+                return DistributedDataParallel(
+                    module,
+                    device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                    find_unused_parameters=len(self.objective.phases) > 1)
+        example = self.train_x[:min(self.cfg.batch_size, len(self.train_x))]
+        return TrainStep(self.model, self.objective, self.optimizers, mode=self.step_mode,
+                         example_x=example if self.captured else None, wrap=wrap)
 
     def _seed_probes(self):
         """Hutchinson probes from (seed, step, rank): reproducible on resume with any world size,
@@ -216,39 +238,24 @@ class Trainer:
                                    + self.dist.rank)
 
     def _train_step(self, x: torch.Tensor, weight: float, share: float = 1.0) -> dict:
-        cfg, loss_of = self.cfg, self._step_fn
-        if cfg.method == "two-step":
-            out = loss_of(x, method="two-step", beta=cfg.beta, phase="reconstruction")
-            self._apply(out["loss"], [self.optimizers["ambient"]], share)
-            out2 = loss_of(x, method="two-step", likelihood_weight=max(weight, 1e-12),
-                           phase="likelihood")
-            self._apply(out2["loss"], [self.optimizers["prior"]], share)
-            out = {**out, "loss": out["loss"].detach() + out2["loss"].detach(),
-                   "prior_nll": out2["prior_nll"]}
-        else:
+        generator = None
+        if self.step_mode == "eager":   # compiled code draws from the default generator
             self._seed_probes()
-            out = loss_of(x, method=cfg.method, beta=cfg.beta, likelihood_weight=weight,
-                          hutchinson_samples=cfg.hutchinson_samples, cg_rtol=cfg.cg_rtol,
-                          generator=self.probe_gen)
-            self._apply(out["loss"], [self.optimizers["all"]], share)
+            generator = self.probe_gen
+        out = self.train_step(x, likelihood_weight=weight, loss_scale=share, generator=generator)
+        skipped = out["skipped"]
+        self._streak = (self._streak + skipped) * skipped   # on the device: no synchronisation
         return out
 
-    def _apply(self, loss: torch.Tensor, optimizers, share: float = 1.0):
-        for o in optimizers:
-            o.zero_grad(set_to_none=True)
-        # every rank must take the same branch (a skipped backward would hang the others)
-        if not self.dist.all_true(bool(torch.isfinite(loss)) or share == 0.0):
-            self.nonfinite_streak += 1
-            if self.nonfinite_streak > self.cfg.max_nonfinite_steps:
-                raise FloatingPointError(
-                    f"training diverged: {self.nonfinite_streak} steps in a row with a non-finite "
-                    f"loss (last at step {self.step}); the last good checkpoint is "
-                    f"{self.checkpoint_path}. Lower --lr or --beta, or use float64.")
-            return
-        self.nonfinite_streak = 0
-        (loss * share if share != 1.0 else loss).backward()
-        for o in optimizers:
-            o.step()
+    def _check_divergence(self):
+        """Raise when more than ``max_nonfinite_steps`` steps in a row were skipped (read at
+        log time, so the step loop never waits for the device)."""
+        self.nonfinite_streak = int(self._streak)
+        if self.nonfinite_streak > self.cfg.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"training diverged: {self.nonfinite_streak} steps in a row with a non-finite "
+                f"loss or gradient (up to step {self.step}); the last good checkpoint is "
+                f"{self.checkpoint_path}. Lower --lr or --beta, or use float64.")
 
     def _log(self, row: dict):
         if not self.dist.is_main:
@@ -287,7 +294,10 @@ class Trainer:
                 n = min(len(self.train_x), 2000)
                 self.model.prior_log_prob(self.model.encode(self.train_x[:n]))
             self._initialized = True
-        self._step_fn = self._build_step_fn()
+        self.train_step = self._build_train_step()
+        if self.progress and self.dropped_per_epoch:
+            print(f"injflow: captured step: the last {self.dropped_per_epoch} samples of each "
+                  f"epoch's shuffle are dropped (one batch shape)", flush=True)
         from tqdm.auto import tqdm
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress,
                    dynamic_ncols=True, mininterval=0.5, desc=f"train {self.cfg.method}")
@@ -307,6 +317,7 @@ class Trainer:
                     now = time.perf_counter()
                     sps = (self.step - s_last) / max(now - t_last, 1e-9)
                     t_last, s_last = now, self.step
+                    self._check_divergence()
                     row = {"step": self.step, "epoch": epoch, "likelihood_weight": w,
                            "steps_per_s": round(sps, 3), **self._batch_metrics(out, share)}
                     if end_of_epoch:
@@ -335,7 +346,8 @@ class Trainer:
 
     def _batch_metrics(self, out: dict, share: float) -> dict:
         """The step's loss and its parts, averaged over the global batch (all ranks)."""
-        keys = [k for k in ("loss", "nll", "prior_nll", "reconstruction") if out[k] is not None]
+        keys = [k for k in ("loss", "nll", "prior_nll", "reconstruction")
+                if out.get(k) is not None]
         local = {k: float(out[k].detach()) * share if share else 0.0 for k in keys}
         reduced = self.dist.sum(local)
         return {k: reduced[k] / self.dist.world_size if k in reduced else None

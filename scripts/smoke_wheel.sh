@@ -18,7 +18,7 @@ for c in cc gcc g++ c++ nvcc; do printf '#!/bin/sh\necho "smoke_wheel: $0 called
   > "$WORK/nocompiler/$c"; chmod +x "$WORK/nocompiler/$c"; done
 echo "smoke_wheel: installing $(basename "$WHEEL") into a fresh environment"
 PATH="$WORK/nocompiler:$PATH" CC=false CXX=false "$PY" -m pip install -q \
-  --disable-pip-version-check --only-binary=:all: "$WHEEL"
+  --disable-pip-version-check --only-binary=:all: "$WHEEL[cli]"
 cd "$WORK"   # away from any checkout, so the installed package is the one imported
 PATH="$WORK/nocompiler:$PATH" "$PY" - <<'PY'
 import os, sys

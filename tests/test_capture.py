@@ -63,7 +63,7 @@ def test_compiled_step_on_cpu_trains_like_the_eager_loop():
     a, b = small_model(), small_model()
     ref = manual_steps(a, xs, ws)
     step, got = captured_steps(b, xs, ws, compile=True)
-    assert step.compiled_loss_fn is not None and not step.captured
+    assert step.compiled_forward is not None and not step.captured
     assert got == pytest.approx(ref, rel=1e-9)
     for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, rtol=1e-8, atol=1e-10, msg=k)
@@ -122,7 +122,7 @@ def test_cuda_compiled_replay_matches_eager():
     before = copy.deepcopy(b.state_dict())
     opt = torch.optim.Adam(b.parameters(), lr=1e-2, capturable=True)
     step = CapturedStep(b, opt, xs[0], method="exact", beta=10.0, compile=True)
-    assert step.captured and step.compiled_loss_fn is not None
+    assert step.captured and step.compiled_forward is not None
     for k, v in b.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
     ref = manual_steps(a, xs, ws, capturable=True)

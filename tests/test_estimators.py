@@ -160,3 +160,14 @@ def test_errors():
     with pytest.raises(ValueError, match="hutchinson_samples must be a positive int"):
         logdet_jtj(m.decoder, torch.randn(2, 2, dtype=torch.float64), "hutchinson",
                    hutchinson_samples=0)
+
+
+def test_model_decode_takes_the_fast_path_and_library_ops_under_torch_func_say_what_to_pass():
+    from injflow_ext import RectangularFlow
+    torch.manual_seed(0)
+    m = RectangularFlow(4, 2, ambient_layers=2, ambient_hidden=(8,), prior_layers=1,
+                        prior_hidden=(8,)).double()
+    u = torch.randn(5, 2, dtype=torch.float64)
+    assert torch.equal(logdet_jtj(m.decode, u).value, logdet_jtj(m.decoder, u).value)
+    with pytest.raises(TypeError, match="pass a decoder with jvp_packed|Pass a decoder with"):
+        logdet_jtj(lambda v: m.decode(v), u)

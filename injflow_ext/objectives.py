@@ -1,0 +1,167 @@
+"""Training objectives of a RectangularFlow, one class per method (docs/design.md §1).
+
+An objective owns its loss terms, its parameter groups and its phases; the training step
+(:class:`injflow_ext.step.TrainStep`) runs every phase of an objective in order, each with
+its own optimiser over that phase's parameters:
+
+- :class:`ExactObjective` (RNF-ML, exact volume-term gradient), one phase ``"all"``:
+  ``w·(−log p_U(u) + ½ log det JᵀJ) + β‖x − g(u)‖²``;
+- :class:`HutchinsonObjective` (RNF-ML, Hutchinson + CG estimate of the volume term's
+  gradient), the same loss with a surrogate in place of ``log det JᵀJ``;
+- :class:`TwoStepObjective` (RNF-TS baseline): phase ``"reconstruction"`` trains the ambient
+  flow on ``β‖x − g(u)‖²``, phase ``"likelihood"`` trains the prior flow on
+  ``−w·log p_U(sg(u))``.
+
+``objective.loss(model, x, phase, likelihood_weight, generator)`` returns a dict with the
+scalar ``"loss"`` to minimise and detached metrics (``nll``, ``prior_nll``,
+``reconstruction``, ``logdet``: None where a method does not compute them) and
+``"diagnostics"`` (CG iterations and convergence for Hutchinson).
+A new estimator is a new class here; the step, the trainer and the CLI take it unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .estimators import logdet_jtj
+
+__all__ = ["Objective", "ExactObjective", "HutchinsonObjective", "TwoStepObjective",
+           "OBJECTIVES", "make_objective"]
+
+
+class Objective:
+    """Base class. ``phases``: names of the optimisation phases, in the order a step runs
+    them; ``capturable``: whether a step of it can be recorded in a CUDA graph."""
+
+    name = "objective"
+    phases: tuple = ("all",)
+    capturable = True
+
+    def __init__(self, beta: float = 50.0):
+        if not beta >= 0:
+            raise ValueError(f"{type(self).__name__}: beta must be >= 0, got {beta!r}")
+        self.beta = float(beta)
+
+    def parameter_groups(self, model) -> dict:
+        """``{phase: [parameters]}``: what each phase's optimiser updates."""
+        return {"all": list(model.parameters())}
+
+    def loss(self, model, x: torch.Tensor, phase: str = "all",
+             likelihood_weight: Union[float, torch.Tensor] = 1.0,
+             generator: Optional[torch.Generator] = None) -> dict:
+        raise NotImplementedError
+
+    def _check_phase(self, phase):
+        if phase not in self.phases:
+            raise ValueError(f"{type(self).__name__}: phase must be one of {list(self.phases)}, "
+                             f"got {phase!r}")
+
+    def __repr__(self):
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+class _VolumeObjective(Objective):
+    """RNF-ML: negative log-likelihood on the manifold plus the reconstruction penalty, with the
+    volume term from :func:`injflow_ext.estimators.logdet_jtj` (``method``)."""
+
+    method = "exact"
+
+    def _estimator_kwargs(self) -> dict:
+        return {}
+
+    def loss(self, model, x, phase="all", likelihood_weight=1.0, generator=None):
+        self._check_phase(phase)
+        u = model.encode(x)
+        res = logdet_jtj(model.decoder, u, self.method, generator=generator,
+                         **self._estimator_kwargs())
+        rec = ((x - res.decoded) ** 2).sum(-1)
+        prior_nll = -model.prior_log_prob(u)
+        loss = (likelihood_weight * (prior_nll + 0.5 * res.value) + self.beta * rec).mean()
+        exact = self.method == "exact"
+        return {"loss": loss,
+                "nll": (prior_nll + 0.5 * res.value).mean().detach() if exact else None,
+                "prior_nll": prior_nll.mean().detach(),
+                "reconstruction": rec.mean().detach(),
+                "logdet": res.value.mean().detach() if exact else None,
+                "diagnostics": res.diagnostics}
+
+
+class ExactObjective(_VolumeObjective):
+    """RNF-ML with the exact gradient of ``½ log det JᵀJ`` (d tangents per sample)."""
+
+    name = "exact"
+    method = "exact"
+
+
+class HutchinsonObjective(_VolumeObjective):
+    """RNF-ML with the Hutchinson + CG estimate of the volume term's gradient.
+
+    Args: beta; samples (probes K per sample); probe ("normal" or "rademacher"); cg_rtol;
+    cg_max_iter (default d)."""
+
+    name = "hutchinson"
+    method = "hutchinson"
+
+    def __init__(self, beta: float = 50.0, samples: int = 1, probe: str = "normal",
+                 cg_rtol: float = 1e-5, cg_max_iter: Optional[int] = None):
+        super().__init__(beta)
+        if not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"HutchinsonObjective: samples must be a positive int, got "
+                             f"{samples!r}")
+        self.samples, self.probe, self.cg_rtol, self.cg_max_iter = samples, probe, cg_rtol, \
+            cg_max_iter
+
+    def _estimator_kwargs(self):
+        return dict(hutchinson_samples=self.samples, probe=self.probe, cg_rtol=self.cg_rtol,
+                    cg_max_iter=self.cg_max_iter)
+
+
+class TwoStepObjective(Objective):
+    """RNF-TS / M-flow baseline: no volume term; reconstruction trains the ambient flow, then
+    the likelihood of the (detached) encodings trains the prior flow."""
+
+    name = "two-step"
+    phases = ("reconstruction", "likelihood")
+
+    def parameter_groups(self, model):
+        groups = model.parameter_groups()
+        return {"reconstruction": groups["ambient"], "likelihood": groups["prior"]}
+
+    def loss(self, model, x, phase="reconstruction", likelihood_weight=1.0, generator=None):
+        self._check_phase(phase)
+        if phase == "reconstruction":
+            u = model.encode(x)
+            rec = ((x - model.decode(u)) ** 2).sum(-1)
+            with torch.no_grad():
+                prior_nll = -model.prior_log_prob(u)
+            return {"loss": self.beta * rec.mean(), "nll": None,
+                    "prior_nll": prior_nll.mean(), "reconstruction": rec.mean().detach(),
+                    "logdet": None, "diagnostics": {}}
+        with torch.no_grad():
+            u = model.encode(x)
+            rec = ((x - model.decode(u)) ** 2).sum(-1)
+        prior_nll = -model.prior_log_prob(u)
+        return {"loss": likelihood_weight * prior_nll.mean(), "nll": None,
+                "prior_nll": prior_nll.mean().detach(), "reconstruction": rec.mean(),
+                "logdet": None, "diagnostics": {}}
+
+
+OBJECTIVES = {"exact": ExactObjective, "hutchinson": HutchinsonObjective,
+              "two-step": TwoStepObjective}
+
+
+def make_objective(objective: Union[str, Objective], **kwargs) -> Objective:
+    """An :class:`Objective` from a name ("exact", "hutchinson", "two-step") and its keyword
+    arguments, or the objective itself (then no keyword arguments)."""
+    if isinstance(objective, Objective):
+        if kwargs:
+            raise TypeError(f"make_objective: keyword arguments {sorted(kwargs)} are for a "
+                            "name, not an Objective instance")
+        return objective
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {list(OBJECTIVES)} "
+                         "or an injflow_ext.objectives.Objective")
+    return OBJECTIVES[objective](**kwargs)

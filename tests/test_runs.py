@@ -1,0 +1,138 @@
+"""The run directory (injflow_ext.runs) and the failures a user hits with it: resume needs only
+``--out RUN --resume`` from any working directory; damaged or foreign files give one clear
+message naming the file; checkpoints are read safely; a SIGKILLed run resumes bit-identically;
+out-of-range numbers are refused."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from injflow_ext import load_run
+from injflow_ext.cli import main
+from injflow_ext.runs import load_checkpoint, numpy_rng_state, read_config, set_numpy_rng_state
+
+TINY = ["--ambient-layers", "2", "--ambient-hidden", "16,16", "--prior-layers", "1",
+        "--prior-hidden", "8", "--batch-size", "100", "--quiet"]
+
+
+@pytest.fixture
+def npy_run(tmp_path, monkeypatch):
+    """A finished run trained on a .npy file named by a relative path, latent-dim given once."""
+    work = tmp_path / "work"
+    work.mkdir()
+    angles = np.random.default_rng(0).uniform(0, 2 * np.pi, 400)
+    np.save(work / "circle.npy", np.stack([np.cos(angles), np.sin(angles)], 1))
+    monkeypatch.chdir(work)
+    assert main(["train", "--data", "circle.npy", "--latent-dim", "1", "--out", "run",
+                 "--steps", "4", "--no-eval", *TINY]) == 0
+    return work / "run"
+
+
+def test_resume_needs_only_out_and_resume_from_any_directory(npy_run, tmp_path, monkeypatch):
+    cfg = read_config(str(npy_run))
+    assert os.path.isabs(cfg["data"]["name"])          # stored absolute
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", "--out", str(npy_run), "--resume", "--quiet", "--no-eval"]) == 0
+    assert load_checkpoint(str(npy_run / "checkpoint.pt"))["step"] == 4
+
+
+@pytest.mark.parametrize("name,command", [
+    ("model.pt", ["eval"]),
+    ("config.json", ["eval"]),
+    ("checkpoint.pt", ["train", "--resume", "--quiet", "--no-eval"]),
+])
+def test_damaged_files_give_one_clear_message(npy_run, capsys, name, command):
+    path = npy_run / name
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])   # truncated
+    run = ["--out", str(npy_run)] if command[0] == "train" else [str(npy_run)]
+    assert main([command[0], *run, *command[1:]]) == 2
+    err = capsys.readouterr().err
+    assert name in err and ("damaged" in err or "truncated" in err), err
+    assert "Traceback" not in err
+
+
+class Payload:
+    """An object a safe checkpoint never holds (unpickling one could run code)."""
+
+
+def test_checkpoint_with_an_arbitrary_object_is_refused(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "payload": Payload()}, path)
+    with pytest.raises(ValueError, match="loading it could run code, so it is refused"):
+        load_checkpoint(str(path))
+
+
+def test_numpy_rng_state_round_trips_through_a_safe_checkpoint(tmp_path):
+    np.random.seed(5)
+    np.random.normal(size=3)
+    state = numpy_rng_state()
+    torch.save({"model": {}, "rng": state}, tmp_path / "c.pt")
+    expected = np.random.normal(size=4)
+    set_numpy_rng_state(load_checkpoint(str(tmp_path / "c.pt"))["rng"])
+    assert np.array_equal(np.random.normal(size=4), expected)
+
+
+def test_missing_model_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no model.pt"):
+        load_run(str(tmp_path))
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["sample", "RUN", "-n", "0", "--out", "s.npy"], "-n: must be at least 1, got 0"),
+    (["train", "--data", "von-mises", "--steps", "-3"], "--steps: must be at least 1, got -3"),
+    (["train", "--data", "von-mises", "--epochs", "0"], "--epochs: must be at least 1, got 0"),
+    (["train", "--data", "von-mises", "--latent-dim", "0"],
+     "--latent-dim: must be at least 1, got 0"),
+])
+def test_out_of_range_numbers_are_refused(argv, pattern, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert pattern in capsys.readouterr().err
+
+
+def _final_weights(run):
+    return load_checkpoint(str(run / "checkpoint.pt"))["model"]
+
+
+def test_sigkill_after_a_checkpoint_resumes_bit_identically(tmp_path):
+    """A training process killed with SIGKILL (no chance to write anything) after its first
+    checkpoints resumes from the last one and ends with exactly the weights of an uninterrupted
+    run."""
+    args = ["--data", "von-mises", "--n-samples", "400", "--steps", "400", "--checkpoint-every",
+            "20", "--patience", "1000", "--dtype", "float64", "--no-eval", *TINY]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert main(["train", "--out", str(full), *args]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "injflow_ext", "train", "--out", str(killed),
+                             *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        ck = killed / "checkpoint.pt"
+        if ck.exists() and 40 <= load_checkpoint(str(ck))["step"] < 300:
+            break
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        pytest.fail("the training process finished before it could be killed; raise --steps")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = load_checkpoint(str(killed / "checkpoint.pt"))["step"]
+    assert 0 < step < 400
+    assert main(["train", "--out", str(killed), "--resume", "--quiet", "--no-eval"]) == 0
+    a, b = _final_weights(full), _final_weights(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log = json.load(open(killed / "metrics.json"))
+    assert log["train"]["steps"] == 400

@@ -1,0 +1,195 @@
+"""TrainStep: the one training step of the library. Eager steps train bit-identically to a
+hand-written loop for every objective; non-finite steps are skipped on the device; the compiled
+mode trains like the eager one; on CUDA the captured replay matches the eager step and building
+it does not train the model."""
+
+import pytest
+import torch
+
+from injflow_ext import RectangularFlow, TrainStep
+from injflow_ext.objectives import (ExactObjective, HutchinsonObjective, TwoStepObjective,
+                                    make_objective)
+from injflow_ext.step import resolve_mode
+
+from conftest import _cuda_usable
+
+needs_cuda = pytest.mark.skipif(not _cuda_usable(),
+                                reason="needs a GPU and an extension built with CUDA kernels")
+
+
+def small_model(device="cpu", dtype=torch.float64):
+    torch.manual_seed(0)
+    m = RectangularFlow(6, 2, ambient_layers=2, ambient_hidden=(16,), prior_layers=1,
+                        prior_hidden=(8,)).to(device=device, dtype=dtype)
+    m.loss(torch.randn(64, 6, device=device, dtype=dtype))  # ActNorm initialisation
+    return m
+
+
+def batches(n, device="cpu", dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(32, 6, generator=g).to(device=device, dtype=dtype) for _ in range(n)]
+
+
+OBJECTIVES = {"exact": lambda: ExactObjective(beta=10.0),
+              "hutchinson": lambda: HutchinsonObjective(beta=10.0, samples=2),
+              "two-step": lambda: TwoStepObjective(beta=10.0)}
+
+
+def hand_written(model, objective, xs, weights, seed=3):
+    """The loop a user writes: per phase zero_grad, loss, backward, Adam step."""
+    groups = objective.parameter_groups(model)
+    opts = {ph: torch.optim.Adam(groups[ph], lr=1e-2, fused=True) for ph in objective.phases}
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for x, w in zip(xs, weights):
+        total = 0.0
+        for ph in objective.phases:
+            opts[ph].zero_grad(set_to_none=True)
+            out = objective.loss(model, x, ph, w, gen)
+            out["loss"].backward()
+            opts[ph].step()
+            total += float(out["loss"].detach())
+        losses.append(total)
+    return losses
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_eager_step_trains_bit_identically_to_a_hand_written_loop(name):
+    xs, ws = batches(4), [0.0, 0.5, 1.0, 1.0]
+    a, b = small_model(), small_model()
+    ref = hand_written(a, OBJECTIVES[name](), xs, ws)
+    step = TrainStep(b, OBJECTIVES[name](), lr=1e-2)
+    gen = torch.Generator().manual_seed(3)
+    got = [float(step(x, likelihood_weight=w, generator=gen)["loss"]) for x, w in zip(xs, ws)]
+    assert got == ref
+    for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), k
+
+
+@pytest.mark.parametrize("name", ["exact", "two-step"])
+def test_non_finite_step_is_skipped_on_the_device(name):
+    xs = batches(3)
+    bad = xs[1].clone()
+    bad[0, 0] = float("nan")
+    a, b = small_model(), small_model()
+    step_a = TrainStep(a, OBJECTIVES[name](), lr=1e-2)
+    step_b = TrainStep(b, OBJECTIVES[name](), lr=1e-2)
+    step_a(xs[0]), step_a(xs[2])                    # never sees the bad batch
+    step_b(xs[0])
+    out = step_b(bad)
+    assert float(out["skipped"]) == 1.0
+    out = step_b(xs[2])
+    assert float(out["skipped"]) == 0.0
+    for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), k                # the bad step changed nothing
+    for pa, pb in zip(step_a.optimizers.values(), step_b.optimizers.values()):
+        for sa, sb in zip(pa.state.values(), pb.state.values()):
+            assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_compiled_step_trains_like_the_eager_one():
+    torch._dynamo.reset()
+    xs, ws = batches(4), [0.0, 0.5, 1.0, 1.0]
+    a, b = small_model(), small_model()
+    eager = TrainStep(a, "exact", lr=1e-2)
+    compiled = TrainStep(b, "exact", lr=1e-2, mode="compiled")
+    ref = [float(eager(x, w)["loss"]) for x, w in zip(xs, ws)]
+    got = [float(compiled(x, w)["loss"]) for x, w in zip(xs, ws)]
+    assert compiled.compiled_forward is not None
+    assert got == pytest.approx(ref, rel=1e-9)
+    for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(pa, pb, rtol=1e-8, atol=1e-10, msg=k)
+
+
+def test_captured_mode_off_cuda_runs_eagerly_and_says_so():
+    m = small_model()
+    step = TrainStep(m, "exact", mode="captured", compile=False, example_x=batches(1)[0])
+    assert not step.captured and "CUDA device" in step.reason
+    assert torch.isfinite(step(batches(1)[0])["loss"])
+
+
+def test_update_false_leaves_gradients_and_weights():
+    m = small_model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    out = TrainStep(m, "exact", update=False)(batches(1)[0])
+    assert torch.isfinite(out["loss"])
+    assert all(p.grad is not None for p in m.parameters())
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_resolve_mode():
+    exact = make_objective("exact")
+    assert resolve_mode("auto", torch.device("cpu"), exact) == "eager"
+    assert resolve_mode("auto", torch.device("cuda"), exact) == "captured"
+    assert resolve_mode("auto", torch.device("cuda"), exact, distributed=True) == "compiled"
+    assert resolve_mode("compiled", torch.device("cpu"), exact) == "compiled"
+    with pytest.raises(ValueError, match="step mode must be 'auto' or one of"):
+        resolve_mode("fast", torch.device("cpu"), exact)
+
+
+def test_bad_arguments_say_what_to_change():
+    m = small_model()
+    with pytest.raises(ValueError, match="mode must be one of"):
+        TrainStep(m, "exact", mode="auto")
+    with pytest.raises(ValueError, match="unknown objective 'ml'"):
+        TrainStep(m, "ml")
+    with pytest.raises(ValueError, match=r"has phases \['reconstruction', 'likelihood'\]"):
+        TrainStep(m, "two-step", torch.optim.Adam(m.parameters()))
+    with pytest.raises(ValueError, match="update=False runs no optimiser"):
+        TrainStep(m, "exact", torch.optim.Adam(m.parameters()), update=False)
+    with pytest.raises(TypeError, match="compile must be a bool or a dict"):
+        TrainStep(m, "exact", compile="yes")
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        ExactObjective(beta=-1.0)
+    with pytest.raises(ValueError, match="samples must be a positive int"):
+        HutchinsonObjective(samples=0)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["exact", "two-step"])
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_captured_replay_matches_eager_and_construction_does_not_train(name, compile):
+    torch._dynamo.reset()
+    xs, ws = batches(4, "cuda", torch.float32), [0.0, 0.5, 1.0, 1.0]
+    a, b = small_model("cuda", torch.float32), small_model("cuda", torch.float32)
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    eager = TrainStep(a, OBJECTIVES[name](), lr=1e-2)
+    captured = TrainStep(b, OBJECTIVES[name](), lr=1e-2, mode="captured", compile=compile,
+                         example_x=xs[0])
+    assert captured.captured
+    for k, v in b.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    ref = [float(eager(x, w)["loss"]) for x, w in zip(xs, ws)]
+    got = [float(captured(x, w)["loss"]) for x, w in zip(xs, ws)]
+    assert got == pytest.approx(ref, rel=1e-4, abs=1e-5)
+    for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@needs_cuda
+def test_cuda_captured_step_skips_a_non_finite_batch():
+    xs = batches(3, "cuda", torch.float32)
+    bad = xs[1].clone()
+    bad[0, 0] = float("nan")
+    m = small_model("cuda", torch.float32)
+    step = TrainStep(m, "exact", lr=1e-2, mode="captured", compile=False, example_x=xs[0])
+    step(xs[0])
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert float(step(bad)["skipped"]) == 1.0
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert float(step(xs[2])["skipped"]) == 0.0
+
+
+@needs_cuda
+def test_cuda_captured_refuses_a_non_capturable_optimizer():
+    m = small_model("cuda", torch.float32)
+    with pytest.raises(ValueError, match="capturable=True"):
+        TrainStep(m, "exact", torch.optim.Adam(m.parameters()), mode="captured",
+                  example_x=batches(1, "cuda", torch.float32)[0])
+    with pytest.raises(ValueError, match="needs example_x"):
+        TrainStep(m, "exact", mode="captured")
