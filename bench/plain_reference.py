@@ -1,6 +1,6 @@
 """Plain-PyTorch references of a RectangularFlow training step, on the same weights.
 
-They are what a user would write without this library (DESIGN.md §5):
+They are what a user would write without this library (docs/design.md §5, bench/RESULTS.md):
 - ``exact_one_tangent``: d separate forward-mode passes, one tangent each, the primal
   recomputed every time (the original paper's code style);
 - ``exact_batched``: the primal once and all d tangents beside it, separate GEMMs and
@@ -167,7 +167,7 @@ def reference_cg(matvec, b, rtol, max_iter):
     rs = (r * r).sum(1, keepdim=True)
     tol2 = rtol ** 2 * (b * b).sum(1, keepdim=True)
     it = 0
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 - `it` is the count returned below
         Ap = matvec(p)
         alpha = rs / (p * Ap).sum(1, keepdim=True).clamp(min=1e-30)
         x = x + alpha * p

@@ -1,5 +1,5 @@
 """Benchmark: one RectangularFlow training step (loss forward + backward) at the paper's sizes,
-ours against plain-PyTorch references on the same weights (DESIGN.md §5).
+ours against plain-PyTorch references on the same weights (docs/design.md §5, bench/RESULTS.md).
 
 Methods: ours_exact, ours_hutchinson (K=1 probe, CG capped at d iterations), and from
 bench/plain_reference.py: ref_one_tangent (d separate tangent passes, the paper's code style),
@@ -33,8 +33,8 @@ import plain_reference as ref  # noqa: E402
 from common import add_common_args, environment, median_time, print_table, write_results  # noqa: E402
 
 from injflow_ext import RectangularFlow, TrainStep  # noqa: E402
-from injflow_ext.objectives import ExactObjective, HutchinsonObjective  # noqa: E402
 from injflow_ext.nn import set_mlp_path  # noqa: E402
+from injflow_ext.objectives import ExactObjective, HutchinsonObjective  # noqa: E402
 
 CONFIGS = {  # name: (D, d, batch, hidden)
     "POWER": (6, 2, 5000, (128,) * 4),

@@ -26,8 +26,14 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (add_common_args, environment, paired_ratio_interval,  # noqa: E402
-                    print_table, times_interleaved, write_results)
+from common import (  # noqa: E402
+    add_common_args,
+    environment,
+    paired_ratio_interval,
+    print_table,
+    times_interleaved,
+    write_results,
+)
 
 from injflow_ext import tangent_coupling_packed, tangent_linear_packed  # noqa: E402
 

@@ -8,6 +8,11 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "activations.h"
+#include "cg.h"
+#include "gram_logdet.h"
+#include "tangent_mlp.h"
+
 #ifdef INJFLOW_WITH_CUDA
 namespace injflow { int cuda_runtime_version(); }
 #endif
@@ -102,4 +107,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "major.minor.patch of the torch headers this module was compiled against.");
   m.def("cuda_runtime_version", &cuda_runtime_version_or_zero,
         "CUDART_VERSION the CUDA kernels were compiled with (0 without CUDA).");
+  // The codes the kernels use, exported so that Python never keeps a copy of them.
+  pybind11::dict act;
+  act["none"] = int(injflow::kActNone);
+  act["tanh"] = int(injflow::kActTanh);
+  act["relu"] = int(injflow::kActRelu);
+  act["leaky_relu"] = int(injflow::kActLeakyRelu);
+  act["elu"] = int(injflow::kActElu);
+  act["softplus"] = int(injflow::kActSoftplus);
+  act["silu"] = int(injflow::kActSilu);
+  act["sigmoid"] = int(injflow::kActSigmoid);
+  m.attr("ACTIVATION_CODES") = act;
+  pybind11::dict scale;
+  scale["tanh"] = int(injflow::kScaleTanh);
+  scale["exp"] = int(injflow::kScaleExp);
+  m.attr("COUPLING_SCALE_CODES") = scale;
+  pybind11::dict path;
+  path["auto"] = int(injflow::kMlpAuto);
+  path["per_layer"] = int(injflow::kMlpPerLayer);
+  path["fused"] = int(injflow::kMlpFused);
+  m.attr("MLP_PATH_CODES") = path;
+  pybind11::dict gram;
+  gram["ok"] = int(injflow::kGramOk);
+  gram["jittered"] = int(injflow::kGramJittered);
+  gram["failed"] = int(injflow::kGramFailed);
+  m.attr("GRAM_STATUS_CODES") = gram;
+  pybind11::dict cg;
+  cg["running"] = int(injflow::kCGRunning);
+  cg["converged"] = int(injflow::kCGConverged);
+  cg["breakdown"] = int(injflow::kCGBreakdown);
+  m.attr("CG_STATUS_CODES") = cg;
 }

@@ -11,6 +11,8 @@ Models: injflow_ext.nn (bijections with batched tangents), injflow_ext.estimator
 (exact / Hutchinson volume term), RectangularFlow.
 """
 
+# Order matters: the compiled extension loads first, so that an unbuilt checkout fails with the
+# message that says how to build it; then the ops, then what builds on them.
 from ._extension import build_info
 from .ops import (CGResult, GramLogdetInfo, cg_solve, gram_logdet, tangent_affine_coupling,
                   tangent_coupling_packed, tangent_linear, tangent_linear_packed, tangent_mlp)

@@ -10,7 +10,6 @@ the exact torch release (``torch==2.13.0``).
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 BASE_VERSION = "0.1.0"
 
@@ -23,7 +22,7 @@ def torch_release(torch_version: str) -> str:
     return f"{m.group(1)}.{m.group(2)}.{m.group(3) or 0}"
 
 
-def local_version_tag(torch_version: str, cuda_version: Optional[str]) -> str:
+def local_version_tag(torch_version: str, cuda_version: str | None) -> str:
     """``("2.13.0+cpu", None)`` -> ``"pt213cpu"``; ``("2.14.1+cu130", "13.0")`` -> ``"pt214cu130"``.
 
     ``cuda_version`` is the CUDA version the kernels were compiled with, or None for a CPU-only
@@ -38,6 +37,6 @@ def local_version_tag(torch_version: str, cuda_version: Optional[str]) -> str:
     return f"{tag}cpu"
 
 
-def package_version(torch_version: str, cuda_version: Optional[str]) -> str:
+def package_version(torch_version: str, cuda_version: str | None) -> str:
     """The full version of a build, e.g. ``"0.1.0+pt213cpu"``."""
     return f"{BASE_VERSION}+{local_version_tag(torch_version, cuda_version)}"

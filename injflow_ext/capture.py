@@ -14,7 +14,7 @@ call checks the batch's shape and dtype against ``example_x``, also when it runs
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -48,10 +48,10 @@ class CapturedStep(TrainStep):
     compile (True or a dict of ``torch.compile`` options).
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                  example_x: torch.Tensor, *, method: str = "exact", beta: float = 50.0,
                  hutchinson_samples: int = 1, cg_rtol: float = 1e-5,
-                 loss_fn: Optional[Callable] = None, capture: bool = True, warmup: int = 3,
+                 loss_fn: Callable | None = None, capture: bool = True, warmup: int = 3,
                  compile: bool | dict = False):
         if not isinstance(example_x, torch.Tensor) or example_x.dim() != 2:
             raise ValueError("CapturedStep: example_x must be a tensor of shape (B, D), got "
@@ -82,7 +82,7 @@ class CapturedStep(TrainStep):
                          update=optimizer is not None, compile=compile, warmup=warmup,
                          skip_nonfinite=False)
 
-    def __call__(self, x: torch.Tensor, likelihood_weight: float = 1.0) -> Dict[str, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, likelihood_weight: float = 1.0) -> dict[str, torch.Tensor]:
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != self.example_shape:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"CapturedStep: x must have the shape of the captured batch "

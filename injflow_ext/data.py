@@ -9,8 +9,8 @@ log-density on their manifold (w.r.t. its d-dimensional volume) for the KL metri
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -28,10 +28,10 @@ class Dataset:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
-    latent_dim: Optional[int] = None
-    log_density: Optional[Callable[[np.ndarray], np.ndarray]] = None
-    sampler: Optional[Callable[[int, np.random.Generator], np.ndarray]] = None
-    image_shape: Optional[tuple] = None
+    latent_dim: int | None = None
+    log_density: Callable[[np.ndarray], np.ndarray] | None = None
+    sampler: Callable[[int, np.random.Generator], np.ndarray] | None = None
+    image_shape: tuple | None = None
 
     @property
     def dim(self) -> int:

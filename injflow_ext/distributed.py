@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -46,7 +45,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    backend: Optional[str] = None
+    backend: str | None = None
 
     @property
     def is_main(self) -> bool:
@@ -57,7 +56,7 @@ class DistContext:
     def enabled(self) -> bool:
         return self.world_size > 1
 
-    def sum(self, values: Dict[str, float]) -> Dict[str, float]:
+    def sum(self, values: dict[str, float]) -> dict[str, float]:
         """Sums of scalar ``values`` over the ranks (float64, one collective)."""
         if not self.enabled or not values:
             return dict(values)

@@ -1,5 +1,5 @@
 """The volume term ``log det(JᵀJ)`` of a decoder ``g: R^d -> R^D`` at ``u``, ``J = ∂g/∂u``,
-exactly or by a stochastic estimate of its gradient (DESIGN.md §1). This module is the one
+exactly or by a stochastic estimate of its gradient (docs/design.md §1). This module is the one
 place of that math; models and training call it.
 
 - ``method="exact"``: J from d tangents in one pass, then ``gram_logdet`` (fused Gram,
@@ -16,8 +16,8 @@ user's ``nn.Module`` (generic path through ``torch.func``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 
@@ -105,7 +105,7 @@ def decoder_jacobian(decoder, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def _probes(B: int, K: int, d: int, kind: str, like: torch.Tensor,
-            generator: Optional[torch.Generator]) -> torch.Tensor:
+            generator: torch.Generator | None) -> torch.Tensor:
     if kind == "normal":
         return torch.randn(B, K, d, dtype=like.dtype, device=like.device, generator=generator)
     if kind == "rademacher":
@@ -143,7 +143,7 @@ def _gram_matvec(decoder, u: torch.Tensor) -> Callable[[torch.Tensor], torch.Ten
 
 def logdet_jtj(decoder, u: torch.Tensor, method: str = "exact", *, hutchinson_samples: int = 1,
                probe: str = "normal", cg_rtol: float = 1e-5, cg_max_iter: int | None = None,
-               cg_check_every="auto", generator: Optional[torch.Generator] = None,
+               cg_check_every="auto", generator: torch.Generator | None = None,
                **gram_kwargs) -> LogdetResult:
     """Volume term of the decoder at ``u (B, d)``; see the module docstring.
 

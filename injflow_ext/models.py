@@ -1,4 +1,4 @@
-"""RectangularFlow: an injective flow ``x = h(pad(f(z)))`` (DESIGN.md §1).
+"""RectangularFlow: an injective flow ``x = h(pad(f(z)))`` (docs/design.md §1).
 
 ``z ~ N(0, I_d)``, ``u = f(z)`` a d-dimensional prior flow, ``pad`` appends ``D − d`` zeros, ``h``
 a D-dimensional ambient flow. The density of ``x`` on the manifold ``g(R^d)``, ``g = h ∘ pad``, is
@@ -9,7 +9,7 @@ a D-dimensional ambient flow. The density of ``x`` on the manifold ``g(R^d)``, `
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ _LOG_2PI = math.log(2 * math.pi)
 class _Decoder:
     """``g = h ∘ pad`` as the estimators see it: ``__call__(u)`` and ``jvp_packed(UV)``."""
 
-    def __init__(self, model: "RectangularFlow"):
+    def __init__(self, model: RectangularFlow):
         self.model = model
 
     def jvp_packed(self, UV: torch.Tensor) -> torch.Tensor:
@@ -195,7 +195,7 @@ class RectangularFlow(nn.Module):
                            "config": self.config, "state_dict": self.state_dict()}, path)
 
     @classmethod
-    def load(cls, path: str, map_location="cpu") -> "RectangularFlow":
+    def load(cls, path: str, map_location="cpu") -> RectangularFlow:
         """A model saved by :meth:`save` (on the CPU by default, also from a GPU run)."""
         payload = torch.load(path, map_location=map_location, weights_only=True)
         if not isinstance(payload, dict) or "config" not in payload:

@@ -21,8 +21,6 @@ A new estimator is a new class here; the step, the trainer and the CLI take it u
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 
 from .estimators import logdet_jtj
@@ -49,8 +47,8 @@ class Objective:
         return {"all": list(model.parameters())}
 
     def loss(self, model, x: torch.Tensor, phase: str = "all",
-             likelihood_weight: Union[float, torch.Tensor] = 1.0,
-             generator: Optional[torch.Generator] = None) -> dict:
+             likelihood_weight: float | torch.Tensor = 1.0,
+             generator: torch.Generator | None = None) -> dict:
         raise NotImplementedError
 
     def _check_phase(self, phase):
@@ -106,7 +104,7 @@ class HutchinsonObjective(_VolumeObjective):
     method = "hutchinson"
 
     def __init__(self, beta: float = 50.0, samples: int = 1, probe: str = "normal",
-                 cg_rtol: float = 1e-5, cg_max_iter: Optional[int] = None):
+                 cg_rtol: float = 1e-5, cg_max_iter: int | None = None):
         super().__init__(beta)
         if not isinstance(samples, int) or samples < 1:
             raise ValueError(f"HutchinsonObjective: samples must be a positive int, got "
@@ -153,7 +151,7 @@ OBJECTIVES = {"exact": ExactObjective, "hutchinson": HutchinsonObjective,
               "two-step": TwoStepObjective}
 
 
-def make_objective(objective: Union[str, Objective], **kwargs) -> Objective:
+def make_objective(objective: str | Objective, **kwargs) -> Objective:
     """An :class:`Objective` from a name ("exact", "hutchinson", "two-step") and its keyword
     arguments, or the objective itself (then no keyword arguments)."""
     if isinstance(objective, Objective):

@@ -33,7 +33,7 @@ every replay).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Union
+from collections.abc import Callable
 
 import torch
 
@@ -99,11 +99,11 @@ class TrainStep:
     next call (clone what you keep).
     """
 
-    def __init__(self, model: torch.nn.Module, objective: Union[str, Objective] = "exact",
+    def __init__(self, model: torch.nn.Module, objective: str | Objective = "exact",
                  optimizers=None, *, mode: str = "eager",
-                 example_x: Optional[torch.Tensor] = None, lr: float = 1e-3, update: bool = True,
-                 compile: Union[bool, dict, None] = None, warmup: int = 3,
-                 skip_nonfinite: bool = True, wrap: Optional[Callable] = None):
+                 example_x: torch.Tensor | None = None, lr: float = 1e-3, update: bool = True,
+                 compile: bool | dict | None = None, warmup: int = 3,
+                 skip_nonfinite: bool = True, wrap: Callable | None = None):
         if mode not in MODES:
             raise ValueError(f"TrainStep: mode must be one of {list(MODES)}, got {mode!r} "
                              "('auto' is resolved by injflow_ext.step.resolve_mode)")
@@ -149,7 +149,7 @@ class TrainStep:
 
     # ----------------------------------------------------------------------------- public
     def __call__(self, x: torch.Tensor, likelihood_weight: float = 1.0, loss_scale: float = 1.0,
-                 generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         self._weight.fill_(likelihood_weight)
         self._scale.fill_(loss_scale)
         if not self.captured:
@@ -232,14 +232,14 @@ class TrainStep:
             bad = bad | ~torch.isfinite(torch.stack(norms).sum())
         return bad.to(loss.dtype)
 
-    def _body(self, x, generator) -> Dict[str, torch.Tensor]:
+    def _body(self, x, generator) -> dict[str, torch.Tensor]:
         forward = self.forward
         if self.compiled_forward is not None:
             if self._settled:   # the first step runs uncompiled (one-time state, e.g. ActNorm)
                 forward = self.compiled_forward
                 generator = None   # compiled code draws from the default generator
             self._settled = True
-        flat: Dict[str, torch.Tensor] = {}
+        flat: dict[str, torch.Tensor] = {}
         skipped = None
         for phase in self.phases:
             out = forward(x, phase, self._weight, generator)

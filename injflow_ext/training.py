@@ -17,7 +17,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
@@ -27,8 +26,7 @@ from .distributed import DistContext, shard
 from .evaluation import per_sample_scores
 from .models import RectangularFlow
 from .objectives import Objective, make_objective
-from .runs import (RunDir, load_checkpoint, numpy_rng_state, save_checkpoint,
-                   set_numpy_rng_state)
+from .runs import RunDir, load_checkpoint, numpy_rng_state, save_checkpoint, set_numpy_rng_state
 from .step import TrainStep, resolve_mode
 
 __all__ = ["TrainConfig", "Trainer", "validation_objective", "likelihood_weight"]
@@ -42,11 +40,11 @@ class TrainConfig:
     method: str = "exact"                  # exact | hutchinson | two-step
     hutchinson_samples: int = 1
     beta: float = 50.0
-    epochs: Optional[int] = 50
-    steps: Optional[int] = None            # overrides epochs when set
+    epochs: int | None = 50
+    steps: int | None = None            # overrides epochs when set
     batch_size: int = 200
     lr: float = 1e-3
-    likelihood_warmup: Optional[tuple] = None   # (start_epoch, end_epoch): weight 0 -> 1
+    likelihood_warmup: tuple | None = None   # (start_epoch, end_epoch): weight 0 -> 1
     seed: int = 0
     device: str = "cpu"
     checkpoint_every: int = 500
@@ -97,7 +95,7 @@ def likelihood_weight(progress_epochs: float, warmup) -> float:
 
 
 def validation_objective(model: RectangularFlow, x: torch.Tensor, beta: float,
-                         batch_size: int = 1000, dist: Optional[DistContext] = None) -> dict:
+                         batch_size: int = 1000, dist: DistContext | None = None) -> dict:
     """Mean ``−log p(x) + β‖x − proj(x)‖²`` over ``x`` (N, D) with the exact log-density, the
     same for every training method, plus its parts. With a distributed ``dist`` each rank scores
     its share of ``x`` and the means are over all of it."""
@@ -123,7 +121,7 @@ class Trainer:
 
     def __init__(self, model: RectangularFlow, train: np.ndarray, val: np.ndarray,
                  config: TrainConfig, out_dir: str, progress: bool = True,
-                 dist: Optional[DistContext] = None):
+                 dist: DistContext | None = None):
         config.validate()
         self.dist = dist or DistContext(device=torch.device(config.device))
         self.cfg, self.out_dir = config, out_dir
@@ -189,7 +187,7 @@ class Trainer:
         if self.dist.is_main:
             self.model.save(self.model_path)
 
-    def load_checkpoint(self, path: Optional[str] = None):
+    def load_checkpoint(self, path: str | None = None):
         st = load_checkpoint(path or self.checkpoint_path, map_location=self.device)
         self.model.load_state_dict(st["model"])
         for k, o in self.optimizers.items():

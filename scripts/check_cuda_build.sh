@@ -3,7 +3,7 @@
 # (scripts/build_wheel.sh with FORCE_CUDA=1), install that wheel and import it.
 #
 # Needs nvcc (CUDA 13.0) and a virtual environment with the CUDA build of torch
-# (DESIGN.md §4). The sources are copied to a scratch folder, so the CPU build in the
+# (docs/design.md §4). The sources are copied to a scratch folder, so the CPU build in the
 # working tree is left alone.
 #
 #   scripts/check_cuda_build.sh [VENV]      (default VENV: .venv-cuda, created if missing)

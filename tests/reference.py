@@ -14,7 +14,8 @@ def batched_jacobian(f, x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------ plain-PyTorch flows
 
-_PLAIN_ACTIVATIONS = {
+# The activations in plain PyTorch, by the library's names: the one table of the tests.
+PLAIN_ACTIVATIONS = {
     None: lambda z: z,
     "tanh": torch.tanh,
     "relu": torch.relu,
@@ -29,8 +30,7 @@ _PLAIN_ACTIVATIONS = {
 def plain_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """The forward map of an injflow_ext bijection rewritten with plain torch ops on the same
     parameters (an independent reference that torch.func can differentiate)."""
-    from injflow_ext.nn import (ActNorm, AffineCoupling, InvertibleLinear, Permutation,
-                                Sequential)
+    from injflow_ext.nn import ActNorm, AffineCoupling, InvertibleLinear, Permutation, Sequential
 
     if isinstance(layer, Sequential):
         for sub in layer.layers:
@@ -50,7 +50,7 @@ def plain_forward(layer, x: torch.Tensor) -> torch.Tensor:
         for i, (W, b) in enumerate(zip(mlp.weights, mlp.biases)):
             h = h @ W.T + b
             if i < n - 1:
-                h = _PLAIN_ACTIVATIONS[mlp.activation](h)
+                h = PLAIN_ACTIVATIONS[mlp.activation](h)
         s, t = h.chunk(2, dim=-1)
         st = torch.tanh(s) if layer.scale == "tanh" else s
         yb = xb * torch.exp(st) + t

@@ -5,8 +5,14 @@ the middle of a model)."""
 import pytest
 import torch
 
-from injflow_ext import (RectangularFlow, cg_solve, gram_logdet, tangent_coupling_packed,
-                         tangent_linear_packed, tangent_mlp)
+from injflow_ext import (
+    RectangularFlow,
+    cg_solve,
+    gram_logdet,
+    tangent_coupling_packed,
+    tangent_linear_packed,
+    tangent_mlp,
+)
 
 LOW = [torch.bfloat16, torch.float16]
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 from reference import jacfwd_logdet_jtj, plain_decoder
 
-from injflow_ext import tangent_linear_packed
-from injflow_ext import RectangularFlow
+from injflow_ext import RectangularFlow, tangent_linear_packed
 from injflow_ext.estimators import decoder_jacobian, logdet_jtj
 
 

@@ -5,8 +5,7 @@ import pytest
 import torch
 from reference import batched_jacobian
 
-from injflow_ext.nn import (MLP, ActNorm, AffineCoupling, InvertibleLinear, Permutation, Reverse,
-                            Sequential)
+from injflow_ext.nn import MLP, ActNorm, AffineCoupling, InvertibleLinear, Permutation, Reverse, Sequential
 
 
 def perturb(layer):

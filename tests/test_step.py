@@ -5,13 +5,11 @@ it does not train the model."""
 
 import pytest
 import torch
+from conftest import _cuda_usable
 
 from injflow_ext import RectangularFlow, TrainStep
-from injflow_ext.objectives import (ExactObjective, HutchinsonObjective, TwoStepObjective,
-                                    make_objective)
+from injflow_ext.objectives import ExactObjective, HutchinsonObjective, TwoStepObjective, make_objective
 from injflow_ext.step import resolve_mode
-
-from conftest import _cuda_usable
 
 needs_cuda = pytest.mark.skipif(not _cuda_usable(),
                                 reason="needs a GPU and an extension built with CUDA kernels")

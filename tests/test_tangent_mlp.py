@@ -8,23 +8,12 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import DEVICES, _cuda_usable
+from reference import PLAIN_ACTIVATIONS
 
 from injflow_ext import tangent_linear_packed, tangent_mlp
-from injflow_ext.ops.tangent import ACTIVATION_PARAM
 
-from conftest import DEVICES, _cuda_usable
-
-PLAIN = {
-    None: lambda z: z,
-    "tanh": torch.tanh,
-    "relu": F.relu,
-    "leaky_relu": lambda z: F.leaky_relu(z, ACTIVATION_PARAM["leaky_relu"]),
-    "elu": F.elu,
-    "softplus": F.softplus,
-    "silu": F.silu,
-    "sigmoid": torch.sigmoid,
-}
+PLAIN = PLAIN_ACTIVATIONS
 needs_cuda = pytest.mark.skipif(not _cuda_usable(),
                                 reason="needs a GPU and an extension built with CUDA kernels")
 
@@ -114,7 +103,7 @@ def test_gradcheck(device, activation):
             for b in bs:
                 b.add_(torch.sign(b) * 0.5)
     for path in paths_for(device):
-        def f(XV, *params):
+        def f(XV, *params, path=path):
             return tangent_mlp(XV, params[:3], params[3:], activation, "tanh", path=path)
         assert torch.autograd.gradcheck(f, (XV, *Ws, *bs)), path
 

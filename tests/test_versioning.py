@@ -5,8 +5,7 @@ import torch
 
 import injflow_ext
 from injflow_ext._extension import mismatch_message
-from injflow_ext._versioning import (BASE_VERSION, local_version_tag, package_version,
-                                     torch_release)
+from injflow_ext._versioning import BASE_VERSION, local_version_tag, package_version, torch_release
 
 
 @pytest.mark.parametrize("torch_version,cuda,tag", [

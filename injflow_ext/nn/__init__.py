@@ -1,8 +1,7 @@
 """Bijections (``nn.Module``s) with forward, inverse, log|det| and batched tangents."""
 
 from .base import Bijection
-from .layers import (ActNorm, AffineCoupling, FixedAffine, InvertibleLinear, Permutation,
-                     Reverse, Sequential)
+from .layers import ActNorm, AffineCoupling, FixedAffine, InvertibleLinear, Permutation, Reverse, Sequential
 from .mlp import MLP, set_mlp_path
 
 __all__ = ["Bijection", "AffineCoupling", "ActNorm", "Permutation", "Reverse",

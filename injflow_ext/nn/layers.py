@@ -3,7 +3,7 @@ InvertibleLinear, Sequential. Shapes: ``x (B, n)``, packed tangents ``XV (B, 1+K
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -6,9 +6,16 @@ calls ``torch.ops.injflow.*``, and registers the op's autograd and fake (meta) k
 
 from .cg import CGResult, cg_solve
 from .gram_logdet import GRAM_FAILED, GRAM_JITTERED, GRAM_OK, GramLogdetInfo, gram_logdet
-from .tangent import (ACTIVATIONS, COUPLING_SCALES, MLP_PATHS, tangent_affine_coupling,
-                      tangent_coupling_packed, tangent_linear, tangent_linear_packed,
-                      tangent_mlp)
+from .tangent import (
+                      ACTIVATIONS,
+                      COUPLING_SCALES,
+                      MLP_PATHS,
+                      tangent_affine_coupling,
+                      tangent_coupling_packed,
+                      tangent_linear,
+                      tangent_linear_packed,
+                      tangent_mlp,
+)
 
 __all__ = [
     "gram_logdet", "GramLogdetInfo", "GRAM_OK", "GRAM_JITTERED", "GRAM_FAILED",

@@ -1,21 +1,26 @@
 """Batched conjugate gradients on many small SPD systems, one fused kernel per iteration.
 
 The solution is not differentiated: inputs are detached and the result carries no autograd
-history (the volume-term estimators use it as a constant, ``sg(ξ)`` in DESIGN.md §1).
+history (the volume-term estimators use it as a constant, ``sg(ξ)`` in docs/design.md §1).
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Union
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
+from .._extension import _C
 from ._checks import autocast_float32, check_tensor
 
 __all__ = ["cg_solve", "CGResult", "CG_RUNNING", "CG_CONVERGED", "CG_BREAKDOWN"]
 
 # Per-system status codes (csrc/cg.h)
-CG_RUNNING, CG_CONVERGED, CG_BREAKDOWN = 0, 1, 2
+# per-system status codes of the kernels (csrc/cg.h), exported by the extension
+CG_RUNNING, CG_CONVERGED, CG_BREAKDOWN = (_C.CG_STATUS_CODES[k] for k in ("running",
+                                                                         "converged",
+                                                                         "breakdown"))
 
 
 class CGResult(NamedTuple):
@@ -40,7 +45,7 @@ class CGResult(NamedTuple):
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
 
-def cg_solve(A: Union[torch.Tensor, MatVec], b: torch.Tensor, *, x0: torch.Tensor | None = None,
+def cg_solve(A: torch.Tensor | MatVec, b: torch.Tensor, *, x0: torch.Tensor | None = None,
              rtol: float = 1e-5, atol: float = 0.0, max_iter: int | None = None,
              check_every: int | None = None) -> CGResult:
     """Solve ``A x = b`` for a batch of small SPD systems by conjugate gradients.
@@ -141,6 +146,9 @@ def cg_solve(A: Union[torch.Tensor, MatVec], b: torch.Tensor, *, x0: torch.Tenso
 
 @torch.library.register_fake("injflow::cg_init")
 def _cg_init_fake(r, b, rtol, atol):
+    torch._check(r.dim() == 3 and r.shape == b.shape,
+                 lambda: f"cg_init: r and b must both be (N, d, K), got {tuple(r.shape)} and "
+                         f"{tuple(b.shape)}")
     N, _, K = r.shape
     return (torch.empty_like(r, memory_format=torch.contiguous_format), r.new_empty(N, K),
             r.new_empty(N, K), r.new_empty(N, K, dtype=torch.int32),

@@ -11,13 +11,15 @@ from typing import NamedTuple
 
 import torch
 
-from .._extension import check_device
+from .._extension import _C, check_device
 from ._checks import autocast_float32
 
 __all__ = ["gram_logdet", "GramLogdetInfo", "GRAM_OK", "GRAM_JITTERED", "GRAM_FAILED"]
 
 # Per-sample status codes of gram_logdet (csrc/gram_logdet.h).
-GRAM_OK, GRAM_JITTERED, GRAM_FAILED = 0, 1, 2
+# per-sample status codes of the kernels (csrc/gram_logdet.h), exported by the extension
+GRAM_OK, GRAM_JITTERED, GRAM_FAILED = (_C.GRAM_STATUS_CODES[k] for k in ("ok", "jittered",
+                                                                        "failed"))
 
 
 class GramLogdetInfo(NamedTuple):
@@ -133,6 +135,8 @@ def _factor_dtype(J: torch.Tensor, accumulate_float64: bool) -> torch.dtype:
 @torch.library.register_fake("injflow::gram_logdet")
 def _gram_logdet_fake(J, accumulate_float64, max_relative_jitter):
     torch._check(J.dim() == 3, lambda: f"gram_logdet: J must be (B, D, d), got {J.shape}")
+    torch._check(J.shape[2] <= J.shape[1],
+                 lambda: f"gram_logdet: J must be (B, D, d) with d <= D, got {tuple(J.shape)}")
     B, _, d = J.shape
     f = _factor_dtype(J, accumulate_float64)
     return (J.new_empty(B), J.new_empty(B, dtype=f), J.new_empty(B, dtype=torch.int32),

@@ -5,7 +5,7 @@ with row 0 the primal. The ``*_packed`` ops take and return that layout, so a ch
 runs without copies; ``tangent_linear`` and ``tangent_affine_coupling`` accept the separate
 tensors for convenience (one copy to stack them).
 
-Math (DESIGN.md §1):
+Math (docs/design.md §1):
 - linear: ``y = σ(xWᵀ + b)``, ``ẏ = σ'(xWᵀ + b) ⊙ (v Wᵀ)``
 - affine coupling: ``y = x ⊙ exp(s̃) + t``, ``ẏ = v ⊙ exp(s̃) + x ⊙ exp(s̃) ⊙ s̃'(s) ⊙ ṡ + ṫ``,
   ``s̃ = tanh(s)`` (``scale="tanh"``, bounded) or ``s̃ = s`` (``scale="exp"``),
@@ -19,20 +19,20 @@ from __future__ import annotations
 
 import torch
 
+from .._extension import _C
 from ._checks import autocast_float32, check_tensor
 
 __all__ = ["ACTIVATIONS", "COUPLING_SCALES", "MLP_PATHS", "tangent_linear",
            "tangent_linear_packed", "tangent_mlp", "tangent_affine_coupling",
            "tangent_coupling_packed", "activation_code"]
 
-# Codes of csrc/activations.h
-ACTIVATIONS = {None: 0, "none": 0, "identity": 0, "tanh": 1, "relu": 2, "leaky_relu": 3,
-               "elu": 4, "softplus": 5, "silu": 6, "sigmoid": 7}
+# The kernels' codes (csrc/activations.h, csrc/tangent_mlp.h), exported by the extension.
+ACTIVATIONS = {None: _C.ACTIVATION_CODES["none"], "identity": _C.ACTIVATION_CODES["none"],
+               **_C.ACTIVATION_CODES}
 # Default parameter (leaky_relu: negative slope, elu: alpha), as torch.nn.functional.
 ACTIVATION_PARAM = {"leaky_relu": 0.01, "elu": 1.0}
-COUPLING_SCALES = {"tanh": 0, "exp": 1}
-# Paths of tangent_mlp (csrc/tangent_mlp.h MlpPath).
-MLP_PATHS = {"auto": 0, "per_layer": 1, "fused": 2}
+COUPLING_SCALES = dict(_C.COUPLING_SCALE_CODES)
+MLP_PATHS = dict(_C.MLP_PATH_CODES)
 
 
 def activation_code(activation, param=None) -> tuple[int, float]:
@@ -184,8 +184,19 @@ def tangent_affine_coupling(x_b, V_b, s, S_dot, t, T_dot, scale: str = "tanh"):
 # ----------------------------------------------------------------------------- registrations
 # Fake (meta) kernels, for torch.compile and opcheck.
 
+# The fake kernels refuse what the kernels refuse (torch._check), so that tracing fails where
+# running would, with the same message.
+
 @torch.library.register_fake("injflow::tangent_linear")
 def _tangent_linear_fake(XV, W, b, activation, slope):
+    torch._check(XV.dim() == 3, lambda: f"tangent_linear: XV must be (B, 1+K, n_in), got "
+                                        f"{tuple(XV.shape)}")
+    torch._check(W.dim() == 2 and W.shape[1] == XV.shape[2],
+                 lambda: f"tangent_linear: W must be (n_out, {XV.shape[2]}), got "
+                         f"{tuple(W.shape)}")
+    torch._check(b is None or tuple(b.shape) == (W.shape[0],),
+                 lambda: f"tangent_linear: b must be ({W.shape[0]},)")
+    torch._check(XV.dtype == W.dtype, lambda: f"tangent_linear: W must have dtype {XV.dtype}")
     B, R, _ = XV.shape
     shape = (B, R, W.shape[0])
     return XV.new_empty(shape), XV.new_empty(shape), XV.new_empty(B, W.shape[0])
@@ -198,6 +209,11 @@ def _tangent_linear_backward_fake(grad_Y, XV, W, Z, Y, dA, activation, slope):
 
 @torch.library.register_fake("injflow::tangent_coupling")
 def _tangent_coupling_fake(XV, ST, scale):
+    torch._check(XV.dim() == 3, lambda: f"tangent_coupling: XV must be (B, 1+K, m), got "
+                                        f"{tuple(XV.shape)}")
+    torch._check(ST.dim() == 3 and tuple(ST.shape) == (XV.shape[0], XV.shape[1], 2 * XV.shape[2]),
+                 lambda: f"tangent_coupling: ST must be ({XV.shape[0]}, {XV.shape[1]}, "
+                         f"{2 * XV.shape[2]}), got {tuple(ST.shape)}")
     return XV.new_empty(XV.shape), XV.new_empty(XV.shape[0])
 
 
@@ -215,7 +231,8 @@ def _tangent_mlp_fake(XV, weights, biases, activation, slope, last_activation, p
     n = XV.shape[2]
     for W in weights:
         torch._check(W.dim() == 2 and W.shape[1] == n,
-                     lambda: f"tangent_mlp: a weight must be (n_out, {n}), got {tuple(W.shape)}")
+                     lambda n=n, W=W: f"tangent_mlp: a weight must be (n_out, {n}), got "
+                                      f"{tuple(W.shape)}")
         n = W.shape[0]
     Z = [XV.new_empty(B, R, W.shape[0]) for W in weights]
     A = [XV.new_empty(B, R, W.shape[0]) for W in weights[:-1]]
