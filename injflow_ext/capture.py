@@ -20,7 +20,7 @@ import torch
 
 from .models import RectangularFlow
 from .objectives import Objective, make_objective
-from .step import TrainStep
+from .step import TrainStep, check_batch
 
 __all__ = ["CapturedStep"]
 
@@ -83,13 +83,6 @@ class CapturedStep(TrainStep):
                          skip_nonfinite=False)
 
     def __call__(self, x: torch.Tensor, likelihood_weight: float = 1.0) -> dict[str, torch.Tensor]:
-        if not isinstance(x, torch.Tensor) or tuple(x.shape) != self.example_shape:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"CapturedStep: x must have the shape of the captured batch "
-                             f"{self.example_shape}, got {got}; drop or pad the last batch of "
-                             "an epoch, or build another CapturedStep for this shape")
-        if x.dtype != self.example_dtype or x.device != self.example_device:
-            raise ValueError(f"CapturedStep: x must be {self.example_dtype} on "
-                             f"{self.example_device}, got {x.dtype} on {x.device}")
-        out = super().__call__(x, likelihood_weight)
-        return out
+        check_batch("CapturedStep", x, self.example_shape, self.example_dtype,
+                    self.example_device)
+        return super().__call__(x, likelihood_weight)

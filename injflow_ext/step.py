@@ -60,6 +60,17 @@ def resolve_mode(mode: str, device: torch.device, objective: Objective,
     return mode
 
 
+def check_batch(owner: str, x, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """A batch for a step of one fixed shape, dtype and device (a captured graph's)."""
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{owner}: x must have the shape of the captured batch {shape}, got "
+                         f"{got}; drop or pad the last batch of an epoch, or build another "
+                         f"{owner} for this shape")
+    if x.dtype != dtype or x.device != device:
+        raise ValueError(f"{owner}: x must be {dtype} on {device}, got {x.dtype} on {x.device}")
+
+
 class _ObjectiveLoss(torch.nn.Module):
     """``objective.loss(model, ...)`` as a module's forward, so that DistributedDataParallel
     (``wrap``) and torch.compile see the step's forward."""
@@ -155,14 +166,7 @@ class TrainStep:
         if not self.captured:
             self._zero_grad()
             return self._body(x, generator)
-        if not isinstance(x, torch.Tensor) or tuple(x.shape) != self.shape:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"TrainStep: x must have the shape of the captured batch "
-                             f"{self.shape}, got {got}; drop or pad the last batch of an epoch, "
-                             "or build another TrainStep for this shape")
-        if x.dtype != self.dtype or x.device != self.device:
-            raise ValueError(f"TrainStep: x must be {self.dtype} on {self.device}, got "
-                             f"{x.dtype} on {x.device}")
+        check_batch("TrainStep", x, self.shape, self.dtype, self.device)
         self._static_x.copy_(x)
         self._graph.replay()
         return self._static_out
