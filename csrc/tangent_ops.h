@@ -5,10 +5,17 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include "activations.h"
 
 namespace injflow {
+
+// The GEMMs of the ops run in the op's dtype whatever the caller's autocast state: a backward
+// evaluated inside an autocast region (torch.autograd.grad in the Hutchinson CG's matvec) would
+// otherwise send at::mm to bfloat16 and mix dtypes. Hold one around ATen calls:
+//   const NoAutocast guard(c10::autocast_dispatch_keyset);
+using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
 
 inline void check_tangent_linear_args(const at::Tensor& XV, const at::Tensor& W,
                                       const c10::optional<at::Tensor>& b, int64_t act) {
@@ -64,6 +71,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_composite(
     const at::Tensor& XV, const at::Tensor& W, const c10::optional<at::Tensor>& b, int64_t act,
     double slope, LinearEpilogueFn epilogue) {
   check_tangent_linear_args(XV, W, b, act);
+  const NoAutocast guard(c10::autocast_dispatch_keyset);
   const int64_t B = XV.size(0), R = XV.size(1), n_in = XV.size(2), n_out = W.size(0);
   at::Tensor Z = at::mm(XV.reshape({B * R, n_in}), W.t()).view({B, R, n_out});
   at::Tensor Y = at::empty_like(Z);
@@ -91,6 +99,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_co
     const at::Tensor& Y, const at::Tensor& dA, int64_t act, double slope,
     LinearGradPreactFn grad_preact) {
   check_tangent_linear_backward_args(gY_in, XV, W, Z, Y, dA, act);
+  const NoAutocast guard(c10::autocast_dispatch_keyset);
   const int64_t B = XV.size(0), R = XV.size(1), n_in = XV.size(2), n_out = W.size(0);
   const at::Tensor gY = gY_in.contiguous();
   at::Tensor GZ, gb;

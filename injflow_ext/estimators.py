@@ -133,9 +133,12 @@ def _gram_matvec(decoder, u: torch.Tensor) -> Callable[[torch.Tensor], torch.Ten
         with torch.no_grad():
             _, JV = _push_tangents(decoder, u0.detach(), v.mT)      # (B, K, D)
         cols = []
-        for k in range(JV.shape[1]):
-            g, = torch.autograd.grad(x0, u0, JV[:, k], retain_graph=True)
-            cols.append(g)
+        # the VJPs run in the graph's dtype: under torch.autocast (this runs inside the forward
+        # pass) the backward ops would otherwise see low-precision operands
+        with torch.autocast(u0.device.type, enabled=False):
+            for k in range(JV.shape[1]):
+                g, = torch.autograd.grad(x0, u0, JV[:, k], retain_graph=True)
+                cols.append(g)
         return torch.stack(cols, dim=-1)                             # (B, d, K)
 
     return matvec

@@ -149,14 +149,14 @@ def test_bad_arguments_say_what_to_change():
 
 @needs_cuda
 @pytest.mark.parametrize("name", ["exact", "two-step"])
-@pytest.mark.parametrize("compile", [False, True])
-def test_cuda_captured_replay_matches_eager_and_construction_does_not_train(name, compile):
-    torch._dynamo.reset()
+def test_cuda_captured_replay_trains_like_eager_and_construction_does_not_train(name):
+    """Captured without compiling: the replay runs the eager step's kernels, so the trajectory
+    follows the eager one (losses and weights to 1e-4 over 4 Adam steps)."""
     xs, ws = batches(4, "cuda", torch.float32), [0.0, 0.5, 1.0, 1.0]
     a, b = small_model("cuda", torch.float32), small_model("cuda", torch.float32)
     before = {k: v.clone() for k, v in b.state_dict().items()}
     eager = TrainStep(a, OBJECTIVES[name](), lr=1e-2)
-    captured = TrainStep(b, OBJECTIVES[name](), lr=1e-2, mode="captured", compile=compile,
+    captured = TrainStep(b, OBJECTIVES[name](), lr=1e-2, mode="captured", compile=False,
                          example_x=xs[0])
     assert captured.captured
     for k, v in b.state_dict().items():
@@ -166,6 +166,33 @@ def test_cuda_captured_replay_matches_eager_and_construction_does_not_train(name
     assert got == pytest.approx(ref, rel=1e-4, abs=1e-5)
     for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["exact", "two-step"])
+def test_cuda_compiled_capture_computes_the_eager_loss_and_gradients(name):
+    """Compiled and captured, loss and backward only, replayed on fresh batches: every replay's
+    loss and gradients equal the eager step's on the same batch to float32 rounding (inductor
+    reorders float32 arithmetic). Adam trajectories are not compared: Adam turns rounding-level
+    differences of near-zero gradient components into updates of the size of the learning rate
+    (on an H200 the compiled trajectory drifted 1e-3 from the eager one in 3 steps)."""
+    torch._dynamo.reset()
+    xs = batches(4, "cuda", torch.float32)
+    a, b = small_model("cuda", torch.float32), small_model("cuda", torch.float32)  # same weights
+    eager = TrainStep(a, OBJECTIVES[name](), update=False)
+    # the graph owns b's gradient tensors: nothing else may reset b's .grad
+    captured = TrainStep(b, OBJECTIVES[name](), update=False, mode="captured", example_x=xs[0])
+    assert captured.captured and captured.compiled_forward is not None
+    for x in xs:
+        got_loss = float(captured(x)["loss"])
+        got = [p.grad.clone() for p in b.parameters() if p.grad is not None]
+        ref_loss = float(eager(x)["loss"])
+        ref = [p.grad.clone() for p in a.parameters() if p.grad is not None]
+        assert len(got) == len(ref) > 0
+        assert got_loss == pytest.approx(ref_loss, rel=1e-5)
+        num = sum(((g - r) ** 2).sum() for g, r in zip(got, ref)) ** 0.5
+        den = sum((r ** 2).sum() for r in ref) ** 0.5
+        assert float(num / den) < 1e-4
 
 
 @needs_cuda

@@ -245,6 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_cpu(
     const at::Tensor& gY_in, const at::Tensor& XV_in, const at::Tensor& W, const at::Tensor& Z_in,
     const at::Tensor& Y_in, const at::Tensor& dA_in, int64_t act, double slope) {
   check_tangent_linear_backward_args(gY_in, XV_in, W, Z_in, Y_in, dA_in, act);
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);  // see tangent_ops.h
   const int64_t B = XV_in.size(0), R = XV_in.size(1), n_in = XV_in.size(2), n_out = W.size(0);
   const at::Tensor gY = gY_in.contiguous(), XV = XV_in.contiguous();
   at::Tensor gXV = at::empty({B, R, n_in}, XV.options());

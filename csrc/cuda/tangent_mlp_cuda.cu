@@ -31,6 +31,7 @@
 #include <mutex>
 
 #include "../tangent_mlp.h"
+#include "../tangent_ops.h"
 #include "tangent_ops_cuda.h"
 
 namespace injflow {
@@ -581,6 +582,7 @@ MlpBackwardResult tangent_mlp_backward_cuda(const at::Tensor& gY_in, const at::T
                                             int64_t last_act, int64_t path) {
   check_tangent_mlp_backward_args(gY_in, XV_in, weights, Y, Z_in, A_in, dA, act, last_act, path);
   const c10::cuda::CUDAGuard guard(XV_in.device());
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);  // see tangent_ops.h
   const int64_t B = XV_in.size(0), R = XV_in.size(1);
   const size_t L = weights.size();
   const int device = XV_in.get_device();
