@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_common_args, environment, median_time, print_table, write_results  # noqa: E402
 
 from injflow_ext import tangent_mlp  # noqa: E402
+from injflow_ext.benchmarks.plain_reference import plain_tangent_mlp  # noqa: E402
 
 # name: (batch, K, widths): the conditioners of bench/step.py's configurations (a coupling on
 # D features conditions on D // 2 and outputs 2 (D − D // 2)), and MINIBOONE's encode pass.
@@ -45,18 +46,7 @@ QUICK_CASES = {"TINY": (64, 3, [3, 16, 16, 6])}
 METHODS = ["plain", "plain_compiled", "ours_per_layer", "ours_fused", "ours_auto"]
 
 
-def plain_mlp(XV, Ws, bs):
-    """Primal once, tangents beside it: XV (B, 1+K, n) -> (B, 1+K, n_L)."""
-    x, V = XV[:, 0], XV[:, 1:]
-    for i, (W, b) in enumerate(zip(Ws, bs)):
-        z = x @ W.T + b
-        VW = V @ W.T
-        if i < len(Ws) - 1:
-            x = torch.tanh(z)
-            V = (1 - x * x).unsqueeze(1) * VW
-        else:
-            x, V = z, VW
-    return torch.cat([x.unsqueeze(1), V], dim=1)
+plain_mlp = plain_tangent_mlp
 
 
 def forward_fn(method):

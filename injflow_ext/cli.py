@@ -1,4 +1,4 @@
-"""``injflow`` command line: train, eval, ood, sample (also ``python -m injflow_ext``)."""
+"""``injflow`` command line: train, eval, ood, sample, bench (also ``python -m injflow_ext``)."""
 
 from __future__ import annotations
 
@@ -238,6 +238,16 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """``injflow bench``: ours against plain PyTorch on this machine (injflow_ext.benchmarks)."""
+    from .benchmarks import run_bench
+    device = _device(args.device)
+    path = args.json or f"injflow-bench-{device}.json"
+    run_bench(device, getattr(torch, args.dtype), quick=args.quick, budget=args.budget,
+              json_path=path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="injflow", description="Train and evaluate rectangular "
                                 "(injective) normalizing flows.")
@@ -312,6 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     s.set_defaults(func=cmd_sample)
+
+    b = sub.add_parser("bench", help="time the ops and a training step against plain PyTorch "
+                       "on this machine; prints tables and writes JSON")
+    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   choices=["cpu", "cuda"])
+    b.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    b.add_argument("--quick", action="store_true", help="tiny sizes, short timing")
+    b.add_argument("--budget", type=float, default=None,
+                   help="seconds of timing per method (default 1, --quick 0.2)")
+    b.add_argument("--json", default=None, help="output JSON (default injflow-bench-DEVICE.json)")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install a built wheel into a fresh virtual environment, without compiling anything, and check
-# that it works: import, build_info, gram_logdet against torch, a tiny training run via the CLI.
+# that it works: import, build_info, gram_logdet against torch, a tiny training run via the CLI,
+# and the installed benchmark (injflow bench --quick).
 #
 #   bash scripts/smoke_wheel.sh dist/injflow_ext-0.1.0+pt213cpu-*.whl
 #
@@ -41,4 +42,8 @@ PY
   --n-samples 500 --ambient-layers 2 --ambient-hidden 16 --prior-layers 1 --prior-hidden 16 \
   --out "$WORK/run" --quiet --no-eval
 test -f "$WORK/run/checkpoint.pt" && test -f "$WORK/run/model.pt"
+# a cluster user with only the wheel can measure their machine
+"$WORK/venv/bin/injflow" bench --device cpu --quick --budget 0.02 --json "$WORK/bench.json" \
+  > "$WORK/bench.log"
+test -s "$WORK/bench.json" || { cat "$WORK/bench.log"; echo "smoke_wheel: injflow bench failed"; exit 1; }
 echo "smoke_wheel: OK ($(basename "$WHEEL"))"

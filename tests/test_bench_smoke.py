@@ -53,3 +53,18 @@ def test_profile_step_smoke(tmp_path):
     assert [r["method"] for r in res["rows"]] == ["ours_exact", "ref_batched"]
     for r in res["rows"]:
         assert r["wall_ms"] > 0 and r["launches_per_step"] > 0 and r["top"]
+
+
+def test_installed_injflow_bench_runs_and_writes_json(tmp_path, capsys):
+    """``injflow bench`` needs no checkout: its code and the plain references are in the
+    package. It checks agreement before timing and reports ours against plain PyTorch."""
+    from injflow_ext.cli import main
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--device", "cpu", "--quick", "--budget", "0.02",
+                 "--json", str(out)]) == 0
+    res = json.load(open(out))
+    assert {r["op"] for r in res["ops"]} == {"gram_logdet", "tangent_mlp"}
+    for r in res["ops"] + res["step"]:
+        assert r["ours_ms"] > 0 and r["plain_ms"] > 0
+    assert res["step"][0]["grad_rel_err"] < 1e-3
+    assert "training step" in capsys.readouterr().out
