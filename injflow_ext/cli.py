@@ -84,6 +84,8 @@ def _train(args, dist) -> int:
         train["device"] = device
         if args.step_mode is not None:
             train["step_mode"] = args.step_mode
+        if args.precision is not None:
+            train["precision"] = args.precision
         tcfg = TrainConfig(**train)
     else:
         data = load_dataset(args.data, seed=args.seed, data_dir=args.data_dir,
@@ -114,7 +116,7 @@ def _train(args, dist) -> int:
                            likelihood_warmup=tuple(args.likelihood_warmup)
                            if args.likelihood_warmup else None, seed=args.seed, device=device,
                            checkpoint_every=args.checkpoint_every, patience=args.patience,
-                           step_mode=args.step_mode or "auto")
+                           step_mode=args.step_mode or "auto", precision=args.precision)
         tcfg.validate()
         dist.barrier()  # every rank has checked for an existing run before rank 0 writes one
         if dist.is_main:
@@ -281,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "compiled and captured in a CUDA graph on a GPU (the last partial batch "
                         "of each epoch is dropped: one batch shape), compiled under torchrun, "
                         "eager on the CPU")
+    t.add_argument("--precision", default=None, choices=["float32", "tf32"],
+                   help="float32 GEMMs of the training step: float32 (default) or tf32 "
+                        "(tensor cores, float32 accumulation; the log-determinant still "
+                        "accumulates in float64)")
     t.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     t.add_argument("--out", default=None, help="run directory (default runs/DATA-METHOD)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out exactly")

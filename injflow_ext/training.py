@@ -53,6 +53,7 @@ class TrainConfig:
     cg_rtol: float = 1e-5
     max_nonfinite_steps: int = 20
     step_mode: str = "auto"                # auto | eager | compiled | captured (injflow_ext.step)
+    precision: str | None = None           # None | float32 | tf32: the step's float32 GEMMs
     extra: dict = field(default_factory=dict)
 
     def validate(self):
@@ -61,6 +62,8 @@ class TrainConfig:
         if self.step_mode not in ("auto", "eager", "compiled", "captured"):
             raise ValueError(f"step_mode must be auto, eager, compiled or captured, got "
                              f"{self.step_mode!r}")
+        if self.precision not in (None, "float32", "tf32"):
+            raise ValueError(f"precision must be float32 or tf32, got {self.precision!r}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1 or self.lr <= 0:
@@ -227,7 +230,8 @@ class Trainer:
                     find_unused_parameters=len(self.objective.phases) > 1)
         example = self.train_x[:min(self.cfg.batch_size, len(self.train_x))]
         return TrainStep(self.model, self.objective, self.optimizers, mode=self.step_mode,
-                         example_x=example if self.captured else None, wrap=wrap)
+                         example_x=example if self.captured else None, wrap=wrap,
+                         precision=self.cfg.precision)
 
     def _seed_probes(self):
         """Hutchinson probes from (seed, step, rank): reproducible on resume with any world size,

@@ -218,3 +218,19 @@ def test_cuda_captured_refuses_a_non_capturable_optimizer():
                   example_x=batches(1, "cuda", torch.float32)[0])
     with pytest.raises(ValueError, match="needs example_x"):
         TrainStep(m, "exact", mode="captured")
+
+
+def test_precision_sets_the_gemm_mode_inside_the_step_only():
+    from injflow_ext.step import matmul_precision
+    seen = []
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with matmul_precision("tf32"):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+    with matmul_precision(None):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+    assert seen == [True, False] and torch.backends.cuda.matmul.allow_tf32 is False
+    m = small_model()
+    out = TrainStep(m, "exact", precision="tf32")(batches(1)[0])   # no effect on the CPU
+    assert torch.isfinite(out["loss"]) and torch.backends.cuda.matmul.allow_tf32 is False
+    with pytest.raises(ValueError, match="precision must be None, 'float32' or 'tf32'"):
+        TrainStep(m, "exact", precision="bf16")
