@@ -19,10 +19,6 @@ from .runs import load_run, read_config, write_config
 __all__ = ["main", "load_run"]
 
 
-def _read_config(run_dir: str) -> dict:
-    return read_config(run_dir)
-
-
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -69,7 +65,7 @@ def _train(args, dist) -> int:
         if not args.out:
             raise SystemExit("injflow train: --resume needs --out RUN_DIR")
         out = args.out
-        saved = _read_config(out)
+        saved = read_config(out)
         saved_data = saved["data"]
         args.data, args.seed = saved_data["name"], saved_data["seed"]
         args.data_dir = args.data_dir or saved_data.get("data_dir")
@@ -147,12 +143,12 @@ def _write_config(out, args, data, model, tcfg, build_info, world_size):
     os.makedirs(out, exist_ok=True)
     write_config(out, {"data": {"name": _stored_path(args.data),
                                 "data_dir": _stored_path(args.data_dir),
-                          "n_samples": args.n_samples, "seed": args.seed,
-                          "standardize": args.standardize, "dim": data.dim},
-                 "model": model.config, "train": asdict(tcfg), "build_info": build_info(),
-                 "dtype": args.dtype, "torch_version": torch.__version__,
-                 "world_size": world_size,
-                 "command": " ".join(sys.argv)})
+                                "n_samples": args.n_samples, "seed": args.seed,
+                                "standardize": args.standardize, "dim": data.dim},
+                       "model": model.config, "train": asdict(tcfg), "build_info": build_info(),
+                       "dtype": args.dtype, "torch_version": torch.__version__,
+                       "world_size": world_size,
+                       "command": " ".join(sys.argv)})
 
 
 def _report(args, summary, out, data, tcfg) -> int:
@@ -188,7 +184,7 @@ def _print_metrics(m: dict) -> None:
 
 
 def _data_of_run(run_dir: str, args) -> Dataset:
-    cfg = _read_config(run_dir)["data"]
+    cfg = read_config(run_dir)["data"]
     name = args.data or cfg["name"]
     return load_dataset(name, seed=cfg["seed"], data_dir=args.data_dir or cfg.get("data_dir"),
                         n_samples=cfg.get("n_samples") if name == cfg["name"] else None)
@@ -213,7 +209,7 @@ def cmd_eval(args) -> int:
 def cmd_ood(args) -> int:
     from .evaluation import ood_report
     model = load_run(args.run, map_location=_device(args.device))
-    seed = _read_config(args.run)["data"]["seed"]
+    seed = read_config(args.run)["data"]["seed"]
     x_in = load_dataset(args.in_data, seed=seed, data_dir=args.data_dir).test
     x_out = load_dataset(args.out_data, seed=seed, data_dir=args.data_dir).test
     for name, x in (("--in-data", x_in), ("--out-data", x_out)):

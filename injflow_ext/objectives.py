@@ -142,7 +142,12 @@ class TwoStepObjective(Objective):
             u = model.encode(x)
             rec = ((x - model.decode(u)) ** 2).sum(-1)
         prior_nll = -model.prior_log_prob(u)
-        return {"loss": likelihood_weight * prior_nll.mean(), "nll": None,
+        # the likelihood alone trains the prior flow, so a warm-up weight only scales its loss
+        # (Adam undoes the scale); a weight of exactly 0 would freeze the prior instead, hence
+        # the floor (the trainer's behaviour since the first version)
+        weight = (likelihood_weight.clamp_min(1e-12) if isinstance(likelihood_weight, torch.Tensor)
+                  else max(likelihood_weight, 1e-12))
+        return {"loss": weight * prior_nll.mean(), "nll": None,
                 "prior_nll": prior_nll.mean().detach(), "reconstruction": rec.mean(),
                 "logdet": None, "diagnostics": {}}
 

@@ -153,7 +153,6 @@ class Trainer:
         self.best = {"val_objective": math.inf, "epoch": -1}
         self.bad_epochs = 0
         self.stopped_early = False
-        self.nonfinite_streak = 0
         self._streak = torch.zeros((), dtype=dtype, device=self.device)  # skipped steps in a row
         self.probe_gen = torch.Generator(device=self.device)
         self._initialized = False
@@ -252,10 +251,10 @@ class Trainer:
     def _check_divergence(self):
         """Raise when more than ``max_nonfinite_steps`` steps in a row were skipped (read at
         log time, so the step loop never waits for the device)."""
-        self.nonfinite_streak = int(self._streak)
-        if self.nonfinite_streak > self.cfg.max_nonfinite_steps:
+        streak = int(self._streak)
+        if streak > self.cfg.max_nonfinite_steps:
             raise FloatingPointError(
-                f"training diverged: {self.nonfinite_streak} steps in a row with a non-finite "
+                f"training diverged: {streak} steps in a row with a non-finite "
                 f"loss or gradient (up to step {self.step}); the last good checkpoint is "
                 f"{self.checkpoint_path}. Lower --lr or --beta, or use float64.")
 

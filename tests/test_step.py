@@ -234,3 +234,13 @@ def test_precision_sets_the_gemm_mode_inside_the_step_only():
     assert torch.isfinite(out["loss"]) and torch.backends.cuda.matmul.allow_tf32 is False
     with pytest.raises(ValueError, match="precision must be None, 'float32' or 'tf32'"):
         TrainStep(m, "exact", precision="bf16")
+
+
+def test_two_step_prior_trains_during_a_zero_likelihood_warm_up():
+    """The two-step prior flow is trained by the likelihood alone: its weight is floored at
+    1e-12 (Adam undoes the scale), as the trainer always did, so a warm-up at 0 does not
+    freeze it."""
+    m = small_model()
+    before = [p.clone() for p in m.prior.parameters()]
+    TrainStep(m, TwoStepObjective(beta=10.0), lr=1e-2)(batches(1)[0], likelihood_weight=0.0)
+    assert any(not torch.equal(a, p) for a, p in zip(before, m.prior.parameters()))
