@@ -174,13 +174,22 @@ def _report(args, summary, out, data, tcfg) -> int:
 
 
 def _print_metrics(m: dict) -> None:
-    names = {"test_log_likelihood": "test log-likelihood (nats, on the manifold)",
+    names = {"test_log_likelihood": "test log-likelihood (nats, on the manifold; mean)",
              "reconstruction": "reconstruction error (mean ‖x − proj(x)‖²)",
              "frechet_distance": "Fréchet distance (samples vs test)",
-             "kl_divergence": "KL(true ‖ model) on the manifold"}
+             "kl_divergence": "KL(true ‖ model) on the true manifold's chart"}
     for k, label in names.items():
         if m.get(k) is not None:
             print(f"  {label}: {m[k]:.4f}")
+        if k == "test_log_likelihood" and m.get("test_log_likelihood_median") is not None:
+            print(f"    median {m['test_log_likelihood_median']:.4f}, 5% quantile "
+                  f"{m['test_log_likelihood_q05']:.4f}, min {m['test_log_likelihood_min']:.4g}; "
+                  f"{m['test_log_likelihood_below_floor']} of {m['n_test']} points below "
+                  f"{m['test_log_likelihood_floor']:g}, {m['test_log_likelihood_nonfinite']} "
+                  "non-finite")
+        if k == "kl_divergence" and m.get(k) is not None:
+            print(f"    true mass where the model's density is below 1e-4 (tears): "
+                  f"{m['tear_mass']:.2%}; binning error ≈ {m['kl_discretisation']:.1e}")
 
 
 def _data_of_run(run_dir: str, args) -> Dataset:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .charts import Chart, circle_chart, sphere_chart, torus_chart
+
 __all__ = ["Dataset", "load_dataset", "SYNTHETIC", "TABULAR", "DATASET_NAMES"]
 
 
@@ -22,6 +24,8 @@ class Dataset:
     """train/val/test: float64 arrays (N, D). latent_dim: the manifold dimension when known.
     log_density: the true log-density on the manifold for points on it, when known.
     sampler: draws n fresh points from the true distribution (synthetic sets).
+    chart: the true manifold's coordinates and density on them, for the KL
+    (:func:`injflow_ext.charts.chart_kl`; synthetic sets).
     image_shape: (H, W) for image data."""
 
     name: str
@@ -32,6 +36,7 @@ class Dataset:
     log_density: Callable[[np.ndarray], np.ndarray] | None = None
     sampler: Callable[[int, np.random.Generator], np.ndarray] | None = None
     image_shape: tuple | None = None
+    chart: Chart | None = None
 
     @property
     def dim(self) -> int:
@@ -45,25 +50,25 @@ def _split(x: np.ndarray, seed: int, val_frac=0.1, test_frac=0.1):
     return x[train], x[val], x[test]
 
 
-def _log_i0(kappa):
-    from scipy.special import i0e
-    return np.log(i0e(kappa)) + kappa
-
-
 # ----------------------------------------------------------------------- synthetic manifolds
 
-def _von_mises(n, rng, kappa=1.0, loc=np.pi / 2):
-    """The paper's: angle ~ von Mises(κ=1, loc=π/2) on the unit circle in R² (d = 1)."""
-    theta = rng.vonmises(loc, kappa, size=n)
-    return np.stack([np.cos(theta), np.sin(theta)], -1)
+def _circle_mixture(weights, locs, kappas):
+    """A mixture of von Mises angles on the unit circle in R² (d = 1): sampler, log-density on
+    the circle (arc length = dθ) and chart."""
+    chart = circle_chart(weights, locs, kappas)
+    w = np.asarray(weights, np.float64) / np.sum(weights)
+
+    def sample(n, rng):
+        comp = rng.choice(len(w), size=n, p=w)
+        theta = rng.vonmises(np.asarray(locs)[comp], np.asarray(kappas)[comp])
+        return np.stack([np.cos(theta), np.sin(theta)], -1)
+
+    def logpdf(x):
+        return chart.log_density(chart.coords(x))
+
+    return sample, logpdf, 1, chart
 
 
-def _von_mises_logpdf(x, kappa=1.0, loc=np.pi / 2):
-    theta = np.arctan2(x[:, 1], x[:, 0])  # arc length on the unit circle is dθ
-    return kappa * np.cos(theta - loc) - np.log(2 * np.pi) - _log_i0(kappa)
-
-
-_SPHERE_MU = np.array([0.0, 0.0, 1.0])
 _SPHERE_KAPPA = 3.0
 
 
@@ -77,13 +82,16 @@ def _sphere(n, rng, kappa=_SPHERE_KAPPA):
     return np.stack([r * np.cos(phi), r * np.sin(phi), w], -1)
 
 
-def _sphere_logpdf(x, kappa=_SPHERE_KAPPA):
-    # C₃(κ) = κ / (4π sinh κ), density w.r.t. surface area
-    log_c = np.log(kappa) - np.log(4 * np.pi) - (kappa + np.log1p(-np.exp(-2 * kappa)) - np.log(2))
-    return log_c + kappa * (x @ _SPHERE_MU)
+_SPHERE_CHART = sphere_chart(_SPHERE_KAPPA)
+
+
+def _sphere_logpdf(x):
+    # the chart (cos polar, azimuth) is equal-area: its density is the density on S²
+    return _SPHERE_CHART.log_density(_SPHERE_CHART.coords(x))
 
 
 _TORUS = dict(R=2.0, r=1.0, k_theta=2.0, mu_theta=0.0, k_phi=1.0, mu_phi=np.pi / 2)
+_TORUS_CHART = torus_chart(**_TORUS)
 
 
 def _torus(n, rng, p=_TORUS):
@@ -96,20 +104,21 @@ def _torus(n, rng, p=_TORUS):
 
 
 def _torus_logpdf(x, p=_TORUS):
-    phi = np.arctan2(x[:, 1], x[:, 0])
-    ring = np.hypot(x[:, 0], x[:, 1])
-    theta = np.arctan2(x[:, 2], ring - p["R"])
-    log_angles = (p["k_theta"] * np.cos(theta - p["mu_theta"]) - np.log(2 * np.pi)
-                  - _log_i0(p["k_theta"]) + p["k_phi"] * np.cos(phi - p["mu_phi"])
-                  - np.log(2 * np.pi) - _log_i0(p["k_phi"]))
+    c = _TORUS_CHART.coords(x)
     # area element of the torus: r (R + r cos θ) dθ dφ
-    return log_angles - np.log(p["r"] * (p["R"] + p["r"] * np.cos(theta)))
+    return _TORUS_CHART.log_density(c) - np.log(p["r"] * (p["R"] + p["r"] * np.cos(c[:, 0])))
 
 
+# name: (sampler, log-density on the manifold w.r.t. its volume, d, chart)
 SYNTHETIC = {
-    "von-mises": (_von_mises, _von_mises_logpdf, 1),
-    "sphere": (_sphere, _sphere_logpdf, 2),
-    "torus": (_torus, _torus_logpdf, 2),
+    # the paper's: angle ~ von Mises(κ = 1, loc = π/2)
+    "von-mises": _circle_mixture([1.0], [np.pi / 2], [1.0]),
+    # two bumps on opposite sides, two low-density arcs between them
+    "circle-mixture": _circle_mixture([0.6, 0.4], [np.pi / 3, -2 * np.pi / 3], [3.0, 3.0]),
+    # a sharp main bump and a broad small one beside it
+    "circle-mixture-uneven": _circle_mixture([0.75, 0.25], [0.0, 2.2], [8.0, 2.0]),
+    "sphere": (_sphere, _sphere_logpdf, 2, _SPHERE_CHART),
+    "torus": (_torus, _torus_logpdf, 2, _TORUS_CHART),
 }
 SYNTHETIC_SIZE = 10_000
 
@@ -211,10 +220,11 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
     """
     rng = np.random.default_rng(seed)
     if name in SYNTHETIC:
-        sample, logpdf, d = SYNTHETIC[name]
+        sample, logpdf, d, chart = SYNTHETIC[name]
         x = sample(n_samples or SYNTHETIC_SIZE, rng)
         tr, va, te = _split(x, seed)
-        return Dataset(name, tr, va, te, latent_dim=d, log_density=logpdf, sampler=sample)
+        return Dataset(name, tr, va, te, latent_dim=d, log_density=logpdf, sampler=sample,
+                       chart=chart)
     if name == "digits":
         x = _digits(seed, rng)
         tr, va, te = _split(x, seed)
