@@ -156,14 +156,15 @@ def _binned(chart: Chart, c: np.ndarray, w: np.ndarray, bins: tuple) -> np.ndarr
 
 
 def _kl_from_bins(p: np.ndarray, q: np.ndarray, bin_volume: float, floor: float):
-    """``(KL, tear_mass)`` of binned distributions: the model's density is floored at ``floor``
-    (per unit chart volume) and renormalised, so the KL is finite and ≥ 0."""
+    """``(KL, tear_mass, KL of the starved bins)`` of binned distributions: the model's density
+    is floored at ``floor`` (per unit chart volume) and renormalised, so the KL is finite and
+    ≥ 0."""
     starved = q < floor * bin_volume
-    tear = float(p[starved].sum())
     qf = np.maximum(q, floor * bin_volume)
     qf = qf / qf.sum()
     pos = p > 0
-    return float(np.sum(p[pos] * np.log(p[pos] / qf[pos]))), tear
+    terms = np.where(pos, p * np.log(np.where(pos, p, 1.0) / qf), 0.0)
+    return float(terms.sum()), float(p[starved].sum()), float(terms[starved].sum())
 
 
 def chart_kl(push: Callable[[np.ndarray], np.ndarray], chart: Chart, latent_dim: int, *,
@@ -184,7 +185,8 @@ def chart_kl(push: Callable[[np.ndarray], np.ndarray], chart: Chart, latent_dim:
 
     Returns a dict: ``kl`` (nats), ``kl_coarse`` (the same with bins twice as wide; the
     difference ``kl_discretisation`` estimates the binning error), ``tear_mass`` (true mass in
-    starved bins), ``estimator`` (its description), and for plotting ``edges`` (per axis),
+    starved bins), ``kl_tear`` (the part of ``kl`` from those bins: it grows with
+    ``log(1/floor)``), ``estimator`` (its description), and for plotting ``edges`` (per axis),
     ``true_density`` and ``model_density`` (per bin, per unit chart volume).
     """
     bins = tuple(bins or chart.bins)
@@ -215,10 +217,10 @@ def chart_kl(push: Callable[[np.ndarray], np.ndarray], chart: Chart, latent_dim:
         vol = float(np.prod([(hi - lo) / n for lo, hi, n in zip(chart.lows, chart.highs, bb)]))
         p = _true_bin_mass(chart, bb, sub if key == "kl" else 2 * sub)
         q = _binned(chart, c, w, bb)
-        kl, tear = _kl_from_bins(p, q, vol, floor)
+        kl, tear, kl_tear = _kl_from_bins(p, q, vol, floor)
         out[key] = kl
         if key == "kl":
-            out.update(tear_mass=tear, true_density=p / vol, model_density=q / vol,
+            out.update(tear_mass=tear, kl_tear=kl_tear, true_density=p / vol, model_density=q / vol,
                        edges=[np.linspace(lo, hi, n + 1)
                               for lo, hi, n in zip(chart.lows, chart.highs, bb)])
     out["kl_discretisation"] = abs(out["kl"] - out["kl_coarse"])

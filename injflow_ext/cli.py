@@ -13,7 +13,7 @@ import torch
 
 from ._io import atomic_json
 from .data import DATASET_NAMES, Dataset, load_dataset
-from .models import RectangularFlow
+from .models import RectangularFlow, default_ambient_size
 from .runs import load_run, read_config, write_config
 
 __all__ = ["main", "load_run"]
@@ -27,6 +27,16 @@ def _positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
     return v
+
+
+def _warmup_value(text: str) -> str:
+    """A likelihood warm-up point: steps ("500") or a percentage of the run ("25%")."""
+    from .training import warmup_steps
+    try:
+        warmup_steps((text, text), 100, 1)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip()
 
 
 def _hidden(text: str) -> tuple:
@@ -78,6 +88,9 @@ def _train(args, dist) -> int:
         train["likelihood_warmup"] = (tuple(train["likelihood_warmup"])
                                       if train.get("likelihood_warmup") else None)
         train["device"] = device
+        # runs written before these options existed trained with these
+        train.setdefault("select", "best")
+        train.setdefault("lr_schedule", "constant")
         if args.step_mode is not None:
             train["step_mode"] = args.step_mode
         if args.precision is not None:
@@ -102,16 +115,24 @@ def _train(args, dist) -> int:
             shift = data.train.mean(0)
             scale = data.train.std(0) + 1e-6 * (np.abs(data.train).max() + 1e-12)
         torch.manual_seed(args.seed)
-        model = RectangularFlow(data.dim, d, ambient_layers=args.ambient_layers,
-                                ambient_hidden=args.ambient_hidden, prior_layers=args.prior_layers,
-                                prior_hidden=args.prior_hidden, activation=args.activation,
-                                seed=args.seed, data_shift=shift, data_scale=scale)
+        layers, hidden = default_ambient_size(data.dim)
+        model = RectangularFlow(data.dim, d, ambient_layers=args.ambient_layers or layers,
+                                ambient_hidden=args.ambient_hidden or hidden, prior_layers=args.prior_layers,
+                                prior_hidden=args.prior_hidden,
+                                prior_spline_bins=args.prior_spline_bins,
+                                activation=args.activation,
+                                scale=args.coupling_scale, actnorm=args.actnorm,
+                                permutation=args.permutation, seed=args.seed, data_shift=shift,
+                                data_scale=scale)
         tcfg = TrainConfig(method=args.method, hutchinson_samples=args.hutchinson_samples,
                            beta=args.beta, epochs=args.epochs, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr,
                            likelihood_warmup=tuple(args.likelihood_warmup)
                            if args.likelihood_warmup else None, seed=args.seed, device=device,
                            checkpoint_every=args.checkpoint_every, patience=args.patience,
+                           select=args.select, lr_schedule=args.lr_schedule,
+                           lr_warmup=args.lr_warmup, lr_final=args.lr_final,
+                           grad_clip=args.grad_clip,
                            step_mode=args.step_mode or "auto", precision=args.precision)
         tcfg.validate()
         dist.barrier()  # every rank has checked for an existing run before rank 0 writes one
@@ -278,8 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, default=200,
                    help="global batch; under torchrun each of the N processes trains on 1/N of it")
     t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--likelihood-warmup", type=float, nargs=2, metavar=("START", "END"),
-                   default=None, help="likelihood weight 0 before epoch START, 1 after END")
+    t.add_argument("--likelihood-warmup", type=_warmup_value, nargs=2, metavar=("START", "END"),
+                   default=None, help="likelihood weight 0 before START, 1 after END: steps "
+                   "(500) or percentages of the run (25%%)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     t.add_argument("--step-mode", default=None,
@@ -298,12 +320,37 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="start again in an existing --out")
     t.add_argument("--checkpoint-every", type=_positive_int, default=500)
     t.add_argument("--patience", type=int, default=20,
-                   help="stop after this many epochs without validation improvement")
-    t.add_argument("--ambient-layers", type=int, default=10)
-    t.add_argument("--ambient-hidden", type=_hidden, default=(128,) * 4)
+                   help="--select best: stop after this many epochs without validation "
+                        "improvement (counted after the likelihood warm-up)")
+    t.add_argument("--select", default="final", choices=["final", "best"],
+                   help="model.pt: the last step's weights (final, the default: the learning "
+                        "rate has decayed to --lr-final by then) or the best validation "
+                        "objective after the likelihood warm-up (best, with early stopping)")
+    t.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"],
+                   help="cosine decay from --lr to --lr-final x --lr over the run (default), "
+                        "or constant")
+    t.add_argument("--lr-warmup", type=int, default=0,
+                   help="steps of linear learning-rate warm-up")
+    t.add_argument("--lr-final", type=float, default=0.0,
+                   help="cosine: the last step's learning rate as a fraction of --lr")
+    t.add_argument("--grad-clip", type=float, default=None,
+                   help="clip the global gradient norm to this value")
+    t.add_argument("--ambient-layers", type=_positive_int, default=None,
+                   help="couplings of h (default: 8 for D <= 8, else 10)")
+    t.add_argument("--ambient-hidden", type=_hidden, default=None,
+                   help="widths of h's conditioners (default: 64,64 for D <= 8, else "
+                        "128,128,128,128)")
     t.add_argument("--prior-layers", type=int, default=5)
     t.add_argument("--prior-hidden", type=_hidden, default=(32, 32))
+    t.add_argument("--prior-spline-bins", type=int, default=0,
+                   help="an elementwise spline with this many bins in each prior block (0: none)")
     t.add_argument("--activation", default="tanh")
+    t.add_argument("--coupling-scale", default="tanh", choices=["tanh", "exp"],
+                   help="coupling log-scale: tanh(s) (bounded) or s")
+    t.add_argument("--permutation", default="random", choices=["random", "reverse"],
+                   help="permutation after each coupling of h")
+    t.add_argument("--no-actnorm", dest="actnorm", action="store_false",
+                   help="no ActNorm layers")
     t.add_argument("--no-standardize", dest="standardize", action="store_false",
                    help="train on the raw data (default: a fixed per-feature standardisation "
                         "layer inside the model)")

@@ -100,7 +100,8 @@ def evaluate(model: RectangularFlow, data: Dataset, *, seed: int = 0) -> dict:
     if data.chart is not None:
         kl = model_chart_kl(model, data, seed=seed)
         out.update(kl_divergence=kl["kl"], kl_discretisation=kl["kl_discretisation"],
-                   tear_mass=kl["tear_mass"], kl_estimator=kl["estimator"])
+                   tear_mass=kl["tear_mass"], kl_tear=kl["kl_tear"],
+                   kl_estimator=kl["estimator"])
     return out
 
 

@@ -16,10 +16,27 @@ from torch import nn
 
 from ._io import atomic_torch_save
 from .estimators import logdet_jtj
-from .nn import ActNorm, AffineCoupling, Bijection, FixedAffine, Permutation, Reverse, Sequential
+from .nn import (
+    ActNorm,
+    AffineCoupling,
+    Bijection,
+    ElementwiseSpline,
+    FixedAffine,
+    Permutation,
+    Reverse,
+    Sequential,
+)
 from .nn.base import check_width
 
-__all__ = ["RectangularFlow"]
+__all__ = ["RectangularFlow", "default_ambient_size"]
+
+
+def default_ambient_size(ambient_dim: int) -> tuple[int, tuple[int, ...]]:
+    """``(layers, hidden)`` of the ambient flow h that ``injflow train`` uses by default: 8
+    couplings with MLP 64-64 conditioners for D ≤ 8 (as many couplings, at a quarter of the
+    cost per step, learn the low-dimensional sets as well: docs/experiments.md), else 10 with
+    MLP 128×4."""
+    return (8, (64, 64)) if ambient_dim <= 8 else (10, (128,) * 4)
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -49,9 +66,17 @@ class RectangularFlow(nn.Module):
         ambient_hidden: hidden widths of h's coupling conditioners.
         prior_layers: blocks (ActNorm, AffineCoupling, Reverse) of the prior flow f.
         prior_hidden: hidden widths of f's conditioners.
+        prior_spline_bins: when > 0, each block of f also gets an elementwise monotone spline
+            with this many bins (:class:`~injflow_ext.nn.ElementwiseSpline`): for d = 1 the
+            couplings have nothing to condition on and are affine, so without it the prior
+            on u stays Gaussian.
         activation: conditioner activation; scale: coupling scale ("tanh" bounded, or "exp").
         actnorm: include ActNorm layers (initialised from the first training batch).
         seed: seed of the fixed permutations.
+        permutation: the fixed permutation after each coupling of h: "random" (from ``seed``,
+            the default) or "reverse". In D = 2 a random permutation is the identity half the
+            time, so some couplings in a row transform the same coordinate; alternating them
+            ("reverse") nevertheless learned worse densities (docs/experiments.md).
         data_shift, data_scale: optional per-feature standardisation ``x = x_std·scale + shift``
             kept as a fixed last layer of h, so that the model is trained on standardised data
             while encode/decode/log_prob/sample work in the data's own units.
@@ -59,9 +84,10 @@ class RectangularFlow(nn.Module):
 
     def __init__(self, ambient_dim: int, latent_dim: int, *, ambient_layers: int = 10,
                  ambient_hidden: Sequence[int] = (128,) * 4, prior_layers: int = 5,
-                 prior_hidden: Sequence[int] = (32,) * 2, activation: str = "tanh",
+                 prior_hidden: Sequence[int] = (32,) * 2, prior_spline_bins: int = 0,
+                 activation: str = "tanh",
                  scale: str = "tanh", actnorm: bool = True, seed: int = 0,
-                 data_shift: Sequence[float] | None = None,
+                 permutation: str = "random", data_shift: Sequence[float] | None = None,
                  data_scale: Sequence[float] | None = None):
         super().__init__()
         for name, v in (("ambient_dim", ambient_dim), ("latent_dim", latent_dim)):
@@ -71,11 +97,16 @@ class RectangularFlow(nn.Module):
             raise ValueError(f"RectangularFlow: latent_dim must be smaller than ambient_dim "
                              f"(an injective flow maps R^d into R^D with d < D), got "
                              f"latent_dim={latent_dim}, ambient_dim={ambient_dim}")
+        if permutation not in ("random", "reverse"):
+            raise ValueError(f"RectangularFlow: permutation must be 'random' or 'reverse', got "
+                             f"{permutation!r}")
         self.ambient_dim, self.latent_dim = ambient_dim, latent_dim
         self.config = dict(ambient_dim=ambient_dim, latent_dim=latent_dim,
                            ambient_layers=ambient_layers, ambient_hidden=list(ambient_hidden),
                            prior_layers=prior_layers, prior_hidden=list(prior_hidden),
+                           prior_spline_bins=prior_spline_bins,
                            activation=activation, scale=scale, actnorm=actnorm, seed=seed,
+                           permutation=permutation,
                            data_shift=None if data_shift is None else [float(v) for v in data_shift],
                            data_scale=None if data_scale is None else [float(v) for v in data_scale])
         D, d = ambient_dim, latent_dim
@@ -84,12 +115,15 @@ class RectangularFlow(nn.Module):
             if actnorm:
                 ambient.append(ActNorm(D))
             ambient.append(AffineCoupling(D, ambient_hidden, activation, scale=scale))
-            ambient.append(Permutation(D, seed=seed + i))
+            ambient.append(Reverse(D) if permutation == "reverse"
+                           else Permutation(D, seed=seed + i))
         prior: list[Bijection] = []
         for _ in range(prior_layers):
             if actnorm:
                 prior.append(ActNorm(d))
             prior.append(AffineCoupling(d, prior_hidden, activation, scale=scale))
+            if prior_spline_bins:
+                prior.append(ElementwiseSpline(d, bins=prior_spline_bins))
             prior.append(Reverse(d))
         if (data_shift is None) != (data_scale is None):
             raise ValueError("RectangularFlow: give both data_shift and data_scale, or neither")

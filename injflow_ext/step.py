@@ -128,6 +128,8 @@ class TrainStep:
             DistributedDataParallel); gradients are then checked, not the local loss.
         precision: None (torch's setting), "float32" or "tf32": the float32 GEMMs of the step
             (see :func:`matmul_precision`); off by default.
+        grad_clip: None, or the largest global gradient norm of a phase's parameters: larger
+            gradients are scaled down to it (on the device, no synchronisation).
     Call: ``step(x, likelihood_weight=1.0, loss_scale=1.0, generator=None) -> dict`` of
     detached tensors (the loss summed over phases and its parts, CG diagnostics as
     ``diagnostics.*``, ``skipped``). Captured: the graph's static outputs, overwritten by the
@@ -139,14 +141,16 @@ class TrainStep:
                  example_x: torch.Tensor | None = None, lr: float = 1e-3, update: bool = True,
                  compile: bool | dict | None = None, warmup: int = 3,
                  skip_nonfinite: bool = True, wrap: Callable | None = None,
-                 precision: str | None = None):
+                 precision: str | None = None, grad_clip: float | None = None):
         if mode not in MODES:
             raise ValueError(f"TrainStep: mode must be one of {list(MODES)}, got {mode!r} "
                              "('auto' is resolved by injflow_ext.step.resolve_mode)")
         if precision not in PRECISIONS:
             raise ValueError(f"TrainStep: precision must be None, 'float32' or 'tf32', got "
                              f"{precision!r}")
-        self.precision = precision
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"TrainStep: grad_clip must be None or > 0, got {grad_clip!r}")
+        self.precision, self.grad_clip = precision, grad_clip
         self.model = model
         self.objective = make_objective(objective)
         self.phases = tuple(self.objective.phases)
@@ -266,6 +270,14 @@ class TrainStep:
             bad = bad | ~torch.isfinite(torch.stack(norms).sum())
         return bad.to(loss.dtype)
 
+    def _clip(self, params) -> None:
+        """Scale the gradients of ``params`` so that their global norm is at most
+        ``grad_clip`` (a non-finite norm leaves them non-finite: the step is skipped)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            torch._foreach_mul_(grads, (self.grad_clip / (total + 1e-6)).clamp(max=1.0))
+
     def _body(self, x, generator) -> dict[str, torch.Tensor]:
         forward = self.forward
         if self.compiled_forward is not None:
@@ -281,6 +293,8 @@ class TrainStep:
             loss.backward()
             if self.update:
                 opt = self.optimizers[phase]
+                if self.grad_clip is not None:
+                    self._clip(self.groups[phase])
                 if self.skip_nonfinite:
                     bad = self._nonfinite(loss, self.groups[phase])
                     skipped = bad if skipped is None else torch.maximum(skipped, bad)

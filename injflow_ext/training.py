@@ -29,10 +29,11 @@ from .objectives import Objective, make_objective
 from .runs import RunDir, load_checkpoint, numpy_rng_state, save_checkpoint, set_numpy_rng_state
 from .step import TrainStep, resolve_mode
 
-__all__ = ["TrainConfig", "Trainer", "validation_objective", "likelihood_weight"]
+__all__ = ["TrainConfig", "Trainer", "validation_objective", "likelihood_weight",
+           "warmup_steps", "learning_rate"]
 
 LOG_FIELDS = ["step", "epoch", "loss", "nll", "prior_nll", "reconstruction", "likelihood_weight",
-              "steps_per_s", "val_objective", "val_log_likelihood", "val_reconstruction"]
+              "lr", "steps_per_s", "val_objective", "val_log_likelihood", "val_reconstruction"]
 
 
 @dataclass
@@ -44,12 +45,19 @@ class TrainConfig:
     steps: int | None = None            # overrides epochs when set
     batch_size: int = 200
     lr: float = 1e-3
-    likelihood_warmup: tuple | None = None   # (start_epoch, end_epoch): weight 0 -> 1
+    # (START, END): the likelihood weight ramps 0 -> 1 from START to END; each a number of
+    # steps as a string ("500"), a percentage of the run ("25%"), or a number (epochs)
+    likelihood_warmup: tuple | None = None
     seed: int = 0
     device: str = "cpu"
     checkpoint_every: int = 500
     log_every: int = 10
     patience: int = 20                     # epochs without validation improvement
+    select: str = "final"                  # model.pt: final | best (see Trainer._end_epoch)
+    lr_schedule: str = "cosine"            # cosine (decay to lr_final · lr) | constant
+    lr_warmup: int = 0                     # steps of linear learning-rate warm-up from 0
+    lr_final: float = 0.0                  # cosine: the last step's fraction of lr
+    grad_clip: float | None = None         # largest gradient norm (TrainStep.grad_clip)
     cg_rtol: float = 1e-5
     max_nonfinite_steps: int = 20
     step_mode: str = "auto"                # auto | eager | compiled | captured (injflow_ext.step)
@@ -71,10 +79,16 @@ class TrainConfig:
         if self.steps is None and (self.epochs is None or self.epochs < 1):
             raise ValueError("give epochs >= 1 or steps >= 1")
         if self.likelihood_warmup is not None:
-            a, b = self.likelihood_warmup
-            if not 0 <= a <= b:
-                raise ValueError(f"likelihood_warmup must be START END with 0 <= START <= END, "
-                                 f"got {a} {b}")
+            warmup_steps(self.likelihood_warmup, 1000, 10)   # checks the spec
+        if self.select not in ("best", "final"):
+            raise ValueError(f"select must be best or final, got {self.select!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.lr_warmup < 0 or not 0 <= self.lr_final <= 1:
+            raise ValueError(f"lr_warmup must be >= 0 and lr_final in [0, 1], got "
+                             f"{self.lr_warmup}, {self.lr_final}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
 
 
 def objective_of(cfg: TrainConfig) -> Objective:
@@ -85,16 +99,64 @@ def objective_of(cfg: TrainConfig) -> Objective:
     return make_objective(cfg.method, beta=cfg.beta)
 
 
-def likelihood_weight(progress_epochs: float, warmup) -> float:
-    """The paper's likelihood warm-up: 0 before START, linear to 1 at END (epochs)."""
-    if warmup is None:
+def _warmup_point(value, total_steps: int, steps_per_epoch: int) -> float:
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if text.endswith("%"):
+                frac = float(text[:-1]) / 100
+                if not 0 <= frac <= 1:
+                    raise ValueError
+                return frac * total_steps
+            steps = int(text)
+            if steps < 0:
+                raise ValueError
+            return float(steps)
+        except ValueError:
+            raise ValueError(f"likelihood_warmup: expected a number of steps (e.g. 500) or a "
+                             f"percentage of the run from 0% to 100% (e.g. 25%), got {value!r}"
+                             ) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"likelihood_warmup: expected steps as a string, a percentage or a "
+                         f"number of epochs >= 0, got {value!r}")
+    return float(value) * steps_per_epoch     # a number: epochs
+
+
+def warmup_steps(spec, total_steps: int, steps_per_epoch: int) -> tuple[float, float]:
+    """``(start, end)`` in steps of a likelihood warm-up ``spec = (START, END)``: each a string
+    of steps ("500"), a percentage of the run ("25%"), or a number of epochs (5.0)."""
+    if spec is None:
+        return 0.0, 0.0
+    if not isinstance(spec, (tuple, list)) or len(spec) != 2:
+        raise ValueError(f"likelihood_warmup must be (START, END), got {spec!r}")
+    start, end = (_warmup_point(v, total_steps, steps_per_epoch) for v in spec)
+    if start > end:
+        raise ValueError(f"likelihood_warmup: START must not come after END, got {spec[0]} "
+                         f"({start:g} steps) and {spec[1]} ({end:g} steps)")
+    return start, end
+
+
+def likelihood_weight(step: float, window: tuple[float, float]) -> float:
+    """The paper's likelihood warm-up: 0 until step ``window[0]``, linear to 1 at
+    ``window[1]`` (steps; :func:`warmup_steps`)."""
+    start, end = window
+    if step >= end:
         return 1.0
-    start, end = warmup
-    if progress_epochs <= start:
+    if step <= start:
         return 0.0
-    if progress_epochs >= end:
-        return 1.0
-    return (progress_epochs - start) / (end - start)
+    return (step - start) / (end - start)
+
+
+def learning_rate(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """The learning rate of ``step`` (0-based): linear warm-up from 0 over ``cfg.lr_warmup``
+    steps, then constant, or cosine decay to ``cfg.lr_final · cfg.lr`` at the last step."""
+    if cfg.lr_warmup and step < cfg.lr_warmup:
+        return cfg.lr * (step + 1) / cfg.lr_warmup
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(total_steps - 1 - cfg.lr_warmup, 1)
+    t = min(max(step - cfg.lr_warmup, 0) / span, 1.0)
+    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def validation_objective(model: RectangularFlow, x: torch.Tensor, beta: float,
@@ -149,6 +211,8 @@ class Trainer:
             self.steps_per_epoch = max(1, math.ceil(len(self.train_x) / config.batch_size))
             self.dropped_per_epoch = 0
         self.total_steps = config.steps or config.epochs * self.steps_per_epoch
+        self.warmup = warmup_steps(config.likelihood_warmup, self.total_steps,
+                                   self.steps_per_epoch)
         self.step = 0
         self.best = {"val_objective": math.inf, "epoch": -1}
         self.bad_epochs = 0
@@ -167,9 +231,20 @@ class Trainer:
         """One fused Adam per phase of the objective (fused: it skips a non-finite step on the
         device; capturable when the step is captured)."""
         groups = self.objective.parameter_groups(self.model)
-        self.optimizers = {phase: torch.optim.Adam(groups[phase], lr=self.cfg.lr, fused=True,
+        # a captured step reads the learning rate from a tensor that the schedule updates
+        lr = (torch.tensor(self.cfg.lr, dtype=torch.float32, device=self.device)
+              if self.captured else self.cfg.lr)
+        self.optimizers = {phase: torch.optim.Adam(groups[phase], lr=lr, fused=True,
                                                    capturable=self.captured)
                            for phase in self.objective.phases}
+
+    def _set_learning_rate(self, value: float) -> None:
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(value)
+                else:
+                    group["lr"] = value
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "model_config": self.model.config,
@@ -230,7 +305,7 @@ class Trainer:
         example = self.train_x[:min(self.cfg.batch_size, len(self.train_x))]
         return TrainStep(self.model, self.objective, self.optimizers, mode=self.step_mode,
                          example_x=example if self.captured else None, wrap=wrap,
-                         precision=self.cfg.precision)
+                         precision=self.cfg.precision, grad_clip=self.cfg.grad_clip)
 
     def _seed_probes(self):
         """Hutchinson probes from (seed, step, rank): reproducible on resume with any world size,
@@ -308,7 +383,9 @@ class Trainer:
         try:
             while self.step < self.total_steps and not self.stopped_early:
                 epoch, i = divmod(self.step, self.steps_per_epoch)
-                w = likelihood_weight(epoch + i / self.steps_per_epoch, self.cfg.likelihood_warmup)
+                w = likelihood_weight(self.step, self.warmup)
+                lr = learning_rate(self.step, self.total_steps, self.cfg)
+                self._set_learning_rate(lr)
                 x, share = self._batch(self.step)
                 out = self._train_step(x, w, share)
                 self.step += 1
@@ -319,7 +396,7 @@ class Trainer:
                     sps = (self.step - s_last) / max(now - t_last, 1e-9)
                     t_last, s_last = now, self.step
                     self._check_divergence()
-                    row = {"step": self.step, "epoch": epoch, "likelihood_weight": w,
+                    row = {"step": self.step, "epoch": epoch, "likelihood_weight": w, "lr": lr,
                            "steps_per_s": round(sps, 3), **self._batch_metrics(out, share)}
                     if end_of_epoch:
                         row.update(self._end_epoch(epoch))
@@ -337,8 +414,8 @@ class Trainer:
         bar.close()
         self.elapsed = time.perf_counter() - t_start
         self.save_checkpoint()
-        if not os.path.exists(self.model_path):  # no validation improvement was ever recorded
-            self._save_model()
+        if self.cfg.select == "final" or not os.path.exists(self.model_path):
+            self._save_model()   # the final weights (or no validation improvement was recorded)
         self.dist.barrier()  # rank 0's files are complete before any rank returns
         return {"steps": self.step, "epochs": self.step / self.steps_per_epoch,
                 "wall_time_s": self.elapsed, "best_epoch": self.best["epoch"],
@@ -355,9 +432,16 @@ class Trainer:
                 for k in ("loss", "nll", "prior_nll", "reconstruction")}
 
     def _end_epoch(self, epoch: int) -> dict:
+        """Validation at the end of an epoch. Epochs that end before the likelihood warm-up
+        does are not compared (their objective lacks the likelihood it will have) and never
+        count towards early stopping; ``model.pt`` follows the training until then. After it,
+        ``select="best"`` keeps the best validation objective in ``model.pt`` and stops after
+        ``patience`` epochs without improvement; ``select="final"`` writes the final weights
+        (:meth:`run`)."""
         val = validation_objective(self.model, self.val_x, self.cfg.beta, dist=self.dist)
-        warm = self.cfg.likelihood_warmup
-        comparable = warm is None or epoch + 1 >= warm[1]  # only after the warm-up ends
+        comparable = self.step >= self.warmup[1]
+        if self.cfg.select == "final":
+            return val
         if comparable and np.isfinite(val["val_objective"]):
             if val["val_objective"] < self.best["val_objective"]:
                 self.best = {"val_objective": val["val_objective"], "epoch": epoch}

@@ -1,11 +1,14 @@
-"""Run the experiments of docs/experiments.md: RNF-ML exact, RNF-ML Hutchinson (K=1) and the
-two-step baseline on von-mises, sphere and digits over several seeds, then write the table.
+"""Run the experiments of docs/experiments.md: RNF-ML exact, RNF-ML Hutchinson (K = 1) and the
+two-step baseline at equal architecture (the `injflow train` defaults) on the von Mises circle,
+a two-bump circle mixture, the sphere and digits over several seeds, the plain RNF recipe
+(scripts/plain_rnf.py) beside them on the circles, then write the table and the figures.
 
-    .venv/bin/python scripts/run_experiments.py [--seeds 0 1 2] [--out runs/experiments]
-                                                [--table docs/experiments.md]
+    .venv/bin/python scripts/run_experiments.py [--seeds 0 1 2 3 4] [--jobs 2]
+        [--out runs/experiments] [--table docs/experiments.md] [--figures docs/figures]
 
-Each run is an ordinary `injflow train` run directory; finished runs are reused, so the script
-can be interrupted and started again.
+Each run is an ordinary `injflow train` run directory (OUT/DATA-METHOD-sSEED); finished runs
+are reused, so the script can be interrupted and started again. With --jobs 2 two runs train
+side by side, one thread each.
 """
 
 from __future__ import annotations
@@ -14,80 +17,172 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from injflow_ext.cli import main as injflow  # noqa: E402
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
 
-COMMON = ["--beta", "50", "--batch-size", "200", "--lr", "1e-3", "--quiet"]
+# the defaults of `injflow train` otherwise: the point is what a user gets
 DATASETS = {
-    "von-mises": ["--latent-dim", "1", "--epochs", "20", "--ambient-layers", "6",
-                  "--ambient-hidden", "64,64", "--prior-layers", "3", "--likelihood-warmup", "3", "10"],
-    "sphere": ["--latent-dim", "2", "--epochs", "20", "--ambient-layers", "6",
-               "--ambient-hidden", "64,64", "--prior-layers", "3", "--likelihood-warmup", "3", "10"],
-    "digits": ["--latent-dim", "10", "--epochs", "30", "--ambient-layers", "6",
-               "--ambient-hidden", "128,128", "--prior-layers", "3", "--likelihood-warmup", "5", "15"],
+    "von-mises": ["--steps", "4000", "--batch-size", "500"],
+    "circle-mixture": ["--steps", "4000", "--batch-size", "500"],
+    "sphere": ["--steps", "4000", "--batch-size", "500"],
+    "digits": ["--latent-dim", "10", "--epochs", "30"],
 }
 METHODS = {"exact": ["--method", "exact"],
            "hutchinson": ["--method", "hutchinson", "--hutchinson-samples", "1"],
            "two-step": ["--method", "two-step"]}
-COLUMNS = [("test_log_likelihood", "test log-lik ↑"), ("kl_divergence", "KL(true‖model) ↓"),
-           ("reconstruction", "reconstruction ↓"), ("frechet_distance", "Fréchet ↓"),
-           ("wall_time_s", "train time s")]
+COLUMNS = [("kl_divergence", "KL(true‖model) ↓", 3), ("tear_mass", "tear mass ↓", 4),
+           ("test_log_likelihood_median", "test log-lik median ↑", 3),
+           ("test_log_likelihood", "test log-lik mean ↑", 3),
+           ("reconstruction", "reconstruction ↓", 4), ("frechet_distance", "Fréchet ↓", 3),
+           ("wall_time_s", "train s", 0)]
 
 
-def run_all(seeds, out_root):
-    results = {}
-    for data, dargs in DATASETS.items():
-        for method, margs in METHODS.items():
-            for seed in seeds:
-                run = os.path.join(out_root, f"{data}-{method}-s{seed}")
-                mpath = os.path.join(run, "metrics.json")
-                if not os.path.exists(mpath):
-                    t0 = time.time()
-                    rc = injflow(["train", "--data", data, "--seed", str(seed), "--out", run,
-                                  "--overwrite", *COMMON, *dargs, *margs])
-                    print(f"{data} {method} seed {seed}: exit {rc} in {time.time() - t0:.0f} s",
-                          flush=True)
-                if os.path.exists(mpath):
-                    m = json.load(open(mpath))
-                    results.setdefault((data, method), []).append(
-                        {**m["test"], "wall_time_s": m["train"]["wall_time_s"]})
-    return results
+def run_one(data, method, seed, out_root, jobs):
+    run = os.path.join(out_root, f"{data}-{method}-s{seed}")
+    mpath = os.path.join(run, "metrics.json")
+    if not os.path.exists(mpath):
+        env = dict(os.environ)
+        if jobs > 1:
+            env["OMP_NUM_THREADS"] = "1"
+        t0 = time.time()
+        cmd = [sys.executable, "-m", "injflow_ext", "train", "--data", data, "--seed", str(seed),
+               "--out", run, "--overwrite", "--quiet", *DATASETS[data], *METHODS[method]]
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        print(f"{data} {method} seed {seed}: exit {res.returncode} in {time.time() - t0:.0f} s",
+              flush=True)
+        if res.returncode != 0:
+            print(res.stderr[-2000:], flush=True)
+            return None
+    m = json.load(open(mpath))
+    return {"data": data, "method": method, "seed": seed, "run": run,
+            **m["test"], "wall_time_s": m["train"]["wall_time_s"]}
 
 
-def fmt(values):
+def run_plain(data, seed):
+    from injflow_ext.data import load_dataset
+    from scripts.plain_rnf import train
+    t0 = time.time()
+    try:
+        kl, rec = train(load_dataset(data, seed=seed), seed)
+    except RuntimeError as exc:   # a diverged run (Cholesky of a non-finite JᵀJ)
+        print(f"{data} plain RNF seed {seed}: failed ({str(exc)[:100]})", flush=True)
+        return {"data": data, "method": "plain RNF recipe", "seed": seed,
+                "kl_divergence": None, "diverged": True, "wall_time_s": time.time() - t0}
+    print(f"{data} plain RNF seed {seed}: KL {kl['kl']:.4f}", flush=True)
+    return {"data": data, "method": "plain RNF recipe", "seed": seed, "kl_divergence": kl["kl"],
+            "tear_mass": kl["tear_mass"], "reconstruction": rec, "wall_time_s": time.time() - t0}
+
+
+def fmt(values, digits):
     values = [v for v in values if v is not None]
     if not values:
         return "–"
     mean = statistics.mean(values)
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {sd:.3f}"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
-def write_table(results, seeds, path):
-    lines = ["| data | method | " + " | ".join(h for _, h in COLUMNS) + " |",
-             "|---|---|" + "---|" * len(COLUMNS)]
-    for (data, method), rows in results.items():
-        cells = [fmt([r.get(k) for r in rows]) for k, _ in COLUMNS]
-        lines.append(f"| {data} | {method} (n={len(rows)}) | " + " | ".join(cells) + " |")
+def write_table(rows, path):
+    lines = ["| data | method | " + " | ".join(h for _, h, _ in COLUMNS) + " | KL per seed |",
+             "|---|---|" + "---|" * (len(COLUMNS) + 1)]
+    keys = []
+    for r in rows:
+        if (r["data"], r["method"]) not in keys:
+            keys.append((r["data"], r["method"]))
+    for data, method in keys:
+        rs = [r for r in rows if r["data"] == data and r["method"] == method]
+        cells = [fmt([r.get(k) for r in rs], n) for k, _, n in COLUMNS]
+        per_seed = " / ".join("div." if r.get("kl_divergence") is None else
+                              f"{r['kl_divergence']:.3f}" for r in rs) \
+            if any("kl_divergence" in r for r in rs) else "–"
+        lines.append(f"| {data} | {method} (n={len(rs)}) | " + " | ".join(cells)
+                     + f" | {per_seed} |")
     table = "\n".join(lines)
-    # the table goes between the markers of docs/experiments.md (the prose around it stays)
     doc = open(path).read() if os.path.exists(path) else "<!-- table -->\n<!-- /table -->\n"
-    if "<!-- table -->" in doc:
+    if "<!-- table -->" in doc:   # the table goes between the markers; the prose stays
         head, rest = doc.split("<!-- table -->", 1)
         tail = rest.split("<!-- /table -->", 1)[1]
         with open(path, "w") as f:
             f.write(f"{head}<!-- table -->\n{table}\n<!-- /table -->{tail}")
     print(table)
-    return table
+
+
+def density_figures(rows, out_dir):
+    """For each circle dataset: the learned density along the circle (1° bins) of every seed,
+    one panel per method, against the truth."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from injflow_ext import load_run
+    from injflow_ext.data import load_dataset
+    from injflow_ext.evaluation import model_chart_kl
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for data in ("von-mises", "circle-mixture"):
+        ds = load_dataset(data)
+        fig, axes = plt.subplots(1, len(METHODS), figsize=(5 * len(METHODS), 3.6), sharey=True)
+        for ax, method in zip(axes, METHODS):
+            rs = [r for r in rows if r["data"] == data and r["method"] == method]
+            truth = None
+            for r in rs:
+                kl = model_chart_kl(load_run(r["run"]), ds)
+                ax.stairs(kl["model_density"], kl["edges"][0], lw=0.8, alpha=0.8,
+                          label=f"seed {r['seed']}: KL {kl['kl']:.3f}")
+                truth = kl
+            if truth is not None:
+                ax.stairs(truth["true_density"], truth["edges"][0], color="k", lw=1.6,
+                          label="truth")
+            ax.set_title(f"{data}, {method}")
+            ax.set_xlabel("angle on the true circle")
+            ax.legend(fontsize=7)
+        axes[0].set_ylabel("density")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"density-{data}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--data", nargs="+", default=list(DATASETS))
+    p.add_argument("--no-plain", action="store_true", help="skip the plain RNF recipe")
+    p.add_argument("--out", default="runs/experiments")
+    p.add_argument("--table", default="docs/experiments.md")
+    p.add_argument("--figures", default="docs/figures")
+    a = p.parse_args()
+    tasks = [(d, m, s) for d in a.data for m in METHODS for s in a.seeds]
+    with ThreadPoolExecutor(a.jobs) as pool:
+        rows = [r for r in pool.map(lambda t: run_one(*t, a.out, a.jobs), tasks) if r]
+    plain_path = os.path.join(a.out, "plain_rnf.json")
+    plain = json.load(open(plain_path)) if os.path.exists(plain_path) else []
+    if not a.no_plain:
+        done = {(r["data"], r["seed"]) for r in plain}
+        todo = [(d, s) for d in ("von-mises", "circle-mixture") if d in a.data for s in a.seeds
+                if (d, s) not in done]
+        if a.jobs > 1:
+            import torch
+            torch.set_num_threads(1)
+        with ThreadPoolExecutor(a.jobs) as pool:
+            plain += list(pool.map(lambda t: run_plain(*t), todo))
+        json.dump(plain, open(plain_path, "w"), indent=1)
+    rows += [r for r in plain if r["data"] in a.data and r["seed"] in a.seeds]
+    rows.sort(key=lambda r: (list(DATASETS).index(r["data"]),
+                             [*METHODS, "plain RNF recipe"].index(r["method"]), r["seed"]))
+    json.dump(rows, open(os.path.join(a.out, "experiments.json"), "w"), indent=1)
+    write_table(rows, a.table)
+    for path in density_figures([r for r in rows if "run" in r], a.figures):
+        print(f"figure: {path}")
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out", default="runs/experiments")
-    p.add_argument("--table", default="docs/experiments.md")
-    a = p.parse_args()
-    write_table(run_all(a.seeds, a.out), a.seeds, a.table)
+    main()

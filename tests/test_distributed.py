@@ -16,8 +16,10 @@ from injflow_ext.cli import main
 from injflow_ext.distributed import init_from_env, shard
 
 # float64 so that the only differences are summation order; batch 63 does not split evenly over
-# 2 ranks (32 + 31) and the last batch of an epoch (320 - 5·63 = 5) neither (3 + 2).
+# 2 ranks (32 + 31) and the last batch of an epoch (320 - 5·63 = 5) neither (3 + 2). A constant
+# learning rate, so that a run lengthened on resume follows the same schedule as a long one.
 TINY = ["--data", "von-mises", "--latent-dim", "1", "--n-samples", "400", "--batch-size", "63",
+        "--lr-schedule", "constant",
         "--ambient-layers", "2", "--ambient-hidden", "16,16", "--prior-layers", "1",
         "--prior-hidden", "8", "--dtype", "float64", "--quiet", "--no-eval"]
 

@@ -5,7 +5,16 @@ import pytest
 import torch
 from reference import batched_jacobian
 
-from injflow_ext.nn import MLP, ActNorm, AffineCoupling, InvertibleLinear, Permutation, Reverse, Sequential
+from injflow_ext.nn import (
+    MLP,
+    ActNorm,
+    AffineCoupling,
+    ElementwiseSpline,
+    InvertibleLinear,
+    Permutation,
+    Reverse,
+    Sequential,
+)
 
 
 def perturb(layer):
@@ -27,6 +36,8 @@ def make_layers(n):
         "permutation": Permutation(n, seed=3),
         "reverse": Reverse(n),
         "invertible_linear": InvertibleLinear(n, seed=1),
+        # bound 1.5: standard-normal inputs land both inside the spline and in its linear tails
+        "spline": ElementwiseSpline(n, bins=6, bound=1.5),
         "sequential": Sequential(ActNorm(n), AffineCoupling(n, (8,)), Permutation(n),
                                  InvertibleLinear(n), AffineCoupling(n, (8,), "elu")),
     }
@@ -111,6 +122,19 @@ def test_coupling_on_one_feature_learns_constants():
     y, lad = c(x)
     torch.testing.assert_close(c.inverse(y), x)
     assert torch.allclose(lad, lad[0].expand(5))  # s does not depend on x
+
+
+def test_spline_starts_as_identity_and_is_monotone():
+    s = ElementwiseSpline(3, bins=5)
+    x = torch.linspace(-6, 6, 301).unsqueeze(1).expand(-1, 3).contiguous()
+    y, lad = s(x)
+    torch.testing.assert_close(y, x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lad, torch.zeros(301), atol=1e-5, rtol=0)
+    perturb(s)
+    y, _ = s(x)
+    assert (y.diff(dim=0) > 0).all()   # strictly increasing, also across the bound
+    with pytest.raises(ValueError, match="bins must be >= 2"):
+        ElementwiseSpline(2, bins=1)
 
 
 def test_invertible_linear_starts_orthogonal():

@@ -3,6 +3,8 @@
 from .base import Bijection
 from .layers import ActNorm, AffineCoupling, FixedAffine, InvertibleLinear, Permutation, Reverse, Sequential
 from .mlp import MLP, set_mlp_path
+from .spline import ElementwiseSpline
 
 __all__ = ["Bijection", "AffineCoupling", "ActNorm", "Permutation", "Reverse",
-           "InvertibleLinear", "FixedAffine", "Sequential", "MLP", "set_mlp_path"]
+           "InvertibleLinear", "FixedAffine", "ElementwiseSpline", "Sequential", "MLP",
+           "set_mlp_path"]
