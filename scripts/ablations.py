@@ -102,10 +102,12 @@ VARIANTS = {
 }
 
 
-def run_one(data, name, args, seed, out_root, jobs):
+def run_one(data, name, args, seed, out_root, jobs, train=True):
     run = os.path.join(out_root, data, f"{name.replace(' ', '_').replace('/', '-')}-s{seed}")
     mpath = os.path.join(run, "metrics.json")
     if not os.path.exists(mpath):
+        if not train:
+            return None
         env = dict(os.environ, OMP_NUM_THREADS="1" if jobs > 1 else os.environ.get(
             "OMP_NUM_THREADS", ""))
         cmd = [sys.executable, "-m", "injflow_ext", "train", "--data", data, "--seed", str(seed),
@@ -116,7 +118,7 @@ def run_one(data, name, args, seed, out_root, jobs):
             return None
     m = json.load(open(mpath))
     row = {"data": data, "variant": name, "seed": seed, "kl": m["test"].get("kl_divergence"),
-           "tear_mass": m["test"].get("tear_mass"),
+           "tear_mass": m["test"].get("tear_mass"), "kl_tear": m["test"].get("kl_tear"),
            "test_log_likelihood": m["test"]["test_log_likelihood"],
            "reconstruction": m["test"]["reconstruction"], "steps": m["train"]["steps"],
            "best_epoch": m["train"]["best_epoch"], "wall_time_s": m["train"]["wall_time_s"]}
@@ -125,9 +127,14 @@ def run_one(data, name, args, seed, out_root, jobs):
     return row
 
 
+def _mean_or_dash(values):
+    values = [v for v in values if v is not None]
+    return f"{statistics.mean(values):.3f}" if values else "–"
+
+
 def table(rows):
-    out = ["| data | option | KL mean ± sd | KL per seed | tear mass (max) | steps | train s |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| data | option | KL mean ± sd | KL per seed | of it, tears (mean) | tear mass (max) "
+           "| steps | train s |", "|---|---|---|---|---|---|---|---|"]
     keys = []
     for r in rows:
         if (r["data"], r["variant"]) not in keys:
@@ -138,6 +145,7 @@ def table(rows):
         sd = statistics.stdev(kls) if len(kls) > 1 else 0.0
         out.append(f"| {data} | {name} | {statistics.mean(kls):.3f} ± {sd:.3f} | "
                    f"{' / '.join(f'{k:.3f}' for k in kls)} | "
+                   f"{_mean_or_dash([r.get('kl_tear') for r in rs])} | "
                    f"{max(r['tear_mass'] for r in rs):.2%} | "
                    f"{' / '.join(str(r['steps']) for r in rs)} | "
                    f"{statistics.mean(r['wall_time_s'] for r in rs):.0f} |")
@@ -151,6 +159,8 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default="runs/ablations")
+    p.add_argument("--table-only", action="store_true",
+                   help="train nothing: the table of the finished runs")
     a = p.parse_args()
     names = a.only or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
@@ -158,7 +168,7 @@ def main():
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     tasks = [(d, n, VARIANTS[n], s) for d in a.data for n in names for s in a.seeds]
     with ThreadPoolExecutor(a.jobs) as pool:
-        rows = list(pool.map(lambda t: run_one(*t, a.out, a.jobs), tasks))
+        rows = list(pool.map(lambda t: run_one(*t, a.out, a.jobs, not a.table_only), tasks))
     rows = [r for r in rows if r]
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "ablations.json")

@@ -63,19 +63,25 @@ def run_one(data, method, seed, out_root, jobs):
             **m["test"], "wall_time_s": m["train"]["wall_time_s"]}
 
 
-def run_plain(data, seed):
-    from injflow_ext.data import load_dataset
-    from scripts.plain_rnf import train
-    t0 = time.time()
-    try:
-        kl, rec = train(load_dataset(data, seed=seed), seed)
-    except RuntimeError as exc:   # a diverged run (Cholesky of a non-finite JᵀJ)
-        print(f"{data} plain RNF seed {seed}: failed ({str(exc)[:100]})", flush=True)
-        return {"data": data, "method": "plain RNF recipe", "seed": seed,
-                "kl_divergence": None, "diverged": True, "wall_time_s": time.time() - t0}
-    print(f"{data} plain RNF seed {seed}: KL {kl['kl']:.4f}", flush=True)
-    return {"data": data, "method": "plain RNF recipe", "seed": seed, "kl_divergence": kl["kl"],
-            "tear_mass": kl["tear_mass"], "reconstruction": rec, "wall_time_s": time.time() - t0}
+def run_plain(data, seed, out_root, jobs):
+    """scripts/plain_rnf.py for one seed, in its own process (one thread with --jobs > 1)."""
+    path = os.path.join(out_root, f"plain-{data}-s{seed}.json")
+    if not os.path.exists(path):
+        env = dict(os.environ)
+        if jobs > 1:
+            env["OMP_NUM_THREADS"] = "1"
+        res = subprocess.run([sys.executable, os.path.join("scripts", "plain_rnf.py"), "--data",
+                              data, "--seeds", str(seed), "--json", path], cwd=ROOT, env=env,
+                             capture_output=True, text=True)
+        print(f"{data} plain RNF seed {seed}: exit {res.returncode}", flush=True)
+        if res.returncode != 0:
+            print(res.stderr[-2000:], flush=True)
+            return None
+    r = json.load(open(path))[0]
+    return {"data": data, "method": "plain RNF recipe", "seed": seed,
+            "kl_divergence": r.get("kl"), "tear_mass": r.get("tear_mass"),
+            "reconstruction": r.get("reconstruction"), "wall_time_s": r["wall_time_s"],
+            "diverged": r.get("kl") is None}
 
 
 def fmt(values, digits):
@@ -163,19 +169,10 @@ def main():
     tasks = [(d, m, s) for d in a.data for m in METHODS for s in a.seeds]
     with ThreadPoolExecutor(a.jobs) as pool:
         rows = [r for r in pool.map(lambda t: run_one(*t, a.out, a.jobs), tasks) if r]
-    plain_path = os.path.join(a.out, "plain_rnf.json")
-    plain = json.load(open(plain_path)) if os.path.exists(plain_path) else []
     if not a.no_plain:
-        done = {(r["data"], r["seed"]) for r in plain}
-        todo = [(d, s) for d in ("von-mises", "circle-mixture") if d in a.data for s in a.seeds
-                if (d, s) not in done]
-        if a.jobs > 1:
-            import torch
-            torch.set_num_threads(1)
+        todo = [(d, s) for d in ("von-mises", "circle-mixture") if d in a.data for s in a.seeds]
         with ThreadPoolExecutor(a.jobs) as pool:
-            plain += list(pool.map(lambda t: run_plain(*t), todo))
-        json.dump(plain, open(plain_path, "w"), indent=1)
-    rows += [r for r in plain if r["data"] in a.data and r["seed"] in a.seeds]
+            rows += [r for r in pool.map(lambda t: run_plain(*t, a.out, a.jobs), todo) if r]
     rows.sort(key=lambda r: (list(DATASETS).index(r["data"]),
                              [*METHODS, "plain RNF recipe"].index(r["method"]), r["seed"]))
     json.dump(rows, open(os.path.join(a.out, "experiments.json"), "w"), indent=1)

@@ -28,8 +28,17 @@ def test_train_eval_sample_ood_load_run(tmp_path):
               "loss.png", "manifold.png"):
         assert (out / f).exists(), f
     m = json.load(open(out / "metrics.json"))
-    for k in ("test_log_likelihood", "reconstruction", "frechet_distance", "kl_divergence"):
-        assert np.isfinite(m["test"][k]), k
+    t = m["test"]
+    for k in ("test_log_likelihood", "reconstruction", "frechet_distance", "kl_divergence",
+              "tear_mass", "kl_tear", "kl_discretisation", "test_log_likelihood_median"):
+        assert np.isfinite(t[k]), k
+    # the KL is a divergence on the circle's angle, and says so
+    assert t["kl_divergence"] >= 0 and 0 <= t["tear_mass"] <= 1
+    assert "chart" in t["kl_estimator"] and "angle" in t["kl_estimator"]
+    quantiles = [t[f"test_log_likelihood_{q}"] for q in ("min", "q01", "q05", "q25", "median",
+                                                          "q75", "max")]
+    assert quantiles == sorted(quantiles)
+    assert t["test_log_likelihood_below_floor"] == int(t["test_log_likelihood_min"] < -1000)
     model = load_run(str(out))
     # the standardisation is inside the model: log_prob and samples are in data units
     x = torch.tensor([[0.0, 1.0], [1.0, 0.0]])

@@ -141,3 +141,17 @@ def test_ood_metrics():
     assert 0.8 < metrics.auroc(a, b) < 0.95   # Φ(√2) ≈ 0.92
     assert metrics.decision_stump_accuracy(a + 100, b) == pytest.approx(1.0)
     assert 0.8 < metrics.decision_stump_accuracy(a, b) < 0.9  # Φ(1) ≈ 0.84
+
+
+def test_log_likelihood_summary_reports_outliers_beside_the_mean():
+    from injflow_ext.evaluation import log_likelihood_summary
+    ll = np.r_[np.full(179, 10.0), -457_000.0, np.nan, -np.inf]
+    s = log_likelihood_summary(ll)
+    assert s["test_log_likelihood_median"] == 10.0
+    assert s["test_log_likelihood"] == pytest.approx(
+        (179 * 10.0 - 457_000.0) / 180)
+    assert s["test_log_likelihood_below_floor"] == 1
+    assert s["test_log_likelihood_nonfinite"] == 2
+    assert s["test_log_likelihood_min"] == -457_000.0
+    empty = log_likelihood_summary(np.array([np.nan]))
+    assert empty["test_log_likelihood"] is None and empty["test_log_likelihood_median"] is None
