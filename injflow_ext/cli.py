@@ -176,9 +176,11 @@ def _report(args, summary, out, data, tcfg) -> int:
     """Rank 0 after training: evaluation, metrics.json, plots, and what it printed."""
     from .evaluation import evaluate
     from .plots import make_plots
+    chosen = (f"model.pt: the best validation objective {summary['best_val_objective']:.4g} "
+              f"at epoch {summary['best_epoch']}" if tcfg.select == "best"
+              else "model.pt: the final weights")
     print(f"trained {summary['steps']} steps ({summary['epochs']:.1f} epochs) in "
-          f"{summary['wall_time_s']:.1f} s; best validation objective "
-          f"{summary['best_val_objective']:.4g} at epoch {summary['best_epoch']}")
+          f"{summary['wall_time_s']:.1f} s; {chosen}")
     if args.no_eval:
         atomic_json({"train": summary}, os.path.join(out, "metrics.json"))
         return 0

@@ -42,10 +42,12 @@ COLUMNS = [("kl_divergence", "KL(true‖model) ↓", 3), ("tear_mass", "tear mas
            ("wall_time_s", "train s", 0)]
 
 
-def run_one(data, method, seed, out_root, jobs):
+def run_one(data, method, seed, out_root, jobs, train=True):
     run = os.path.join(out_root, f"{data}-{method}-s{seed}")
     mpath = os.path.join(run, "metrics.json")
     if not os.path.exists(mpath):
+        if not train:
+            return None
         env = dict(os.environ)
         if jobs > 1:
             env["OMP_NUM_THREADS"] = "1"
@@ -63,10 +65,12 @@ def run_one(data, method, seed, out_root, jobs):
             **m["test"], "wall_time_s": m["train"]["wall_time_s"]}
 
 
-def run_plain(data, seed, out_root, jobs):
+def run_plain(data, seed, out_root, jobs, train=True):
     """scripts/plain_rnf.py for one seed, in its own process (one thread with --jobs > 1)."""
     path = os.path.join(out_root, f"plain-{data}-s{seed}.json")
     if not os.path.exists(path):
+        if not train:
+            return None
         env = dict(os.environ)
         if jobs > 1:
             env["OMP_NUM_THREADS"] = "1"
@@ -132,7 +136,7 @@ def density_figures(rows, out_dir):
     paths = []
     for data in ("von-mises", "circle-mixture"):
         ds = load_dataset(data)
-        fig, axes = plt.subplots(1, len(METHODS), figsize=(5 * len(METHODS), 3.6), sharey=True)
+        fig, axes = plt.subplots(1, len(METHODS), figsize=(5 * len(METHODS), 3.6))
         for ax, method in zip(axes, METHODS):
             rs = [r for r in rows if r["data"] == data and r["method"] == method]
             truth = None
@@ -144,10 +148,13 @@ def density_figures(rows, out_dir):
             if truth is not None:
                 ax.stairs(truth["true_density"], truth["edges"][0], color="k", lw=1.6,
                           label="truth")
+                # the same scale in every panel: spikes of a failed run are cut at 2.5 × the
+                # truth's peak
+                ax.set_ylim(0, 2.5 * truth["true_density"].max())
             ax.set_title(f"{data}, {method}")
             ax.set_xlabel("angle on the true circle")
             ax.legend(fontsize=7)
-        axes[0].set_ylabel("density")
+        axes[0].set_ylabel("density (1° bins)")
         fig.tight_layout()
         path = os.path.join(out_dir, f"density-{data}.png")
         fig.savefig(path, dpi=100)
@@ -161,18 +168,26 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--data", nargs="+", default=list(DATASETS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--no-plain", action="store_true", help="skip the plain RNF recipe")
+    p.add_argument("--plain-seeds", type=int, nargs="+", default=None,
+                   help="seeds of the plain RNF recipe (default: --seeds)")
+    p.add_argument("--table-only", action="store_true",
+                   help="train nothing: the table and figures of the finished runs")
     p.add_argument("--out", default="runs/experiments")
     p.add_argument("--table", default="docs/experiments.md")
     p.add_argument("--figures", default="docs/figures")
     a = p.parse_args()
-    tasks = [(d, m, s) for d in a.data for m in METHODS for s in a.seeds]
+    tasks = [(d, m, s) for d in a.data for m in a.methods for s in a.seeds]
     with ThreadPoolExecutor(a.jobs) as pool:
-        rows = [r for r in pool.map(lambda t: run_one(*t, a.out, a.jobs), tasks) if r]
+        rows = [r for r in pool.map(lambda t: run_one(*t, a.out, a.jobs, not a.table_only),
+                                    tasks) if r]
     if not a.no_plain:
-        todo = [(d, s) for d in ("von-mises", "circle-mixture") if d in a.data for s in a.seeds]
+        todo = [(d, s) for d in ("von-mises", "circle-mixture") if d in a.data
+                for s in (a.plain_seeds or a.seeds)]
         with ThreadPoolExecutor(a.jobs) as pool:
-            rows += [r for r in pool.map(lambda t: run_plain(*t, a.out, a.jobs), todo) if r]
+            rows += [r for r in pool.map(lambda t: run_plain(*t, a.out, a.jobs, not a.table_only),
+                                         todo) if r]
     rows.sort(key=lambda r: (list(DATASETS).index(r["data"]),
                              [*METHODS, "plain RNF recipe"].index(r["method"]), r["seed"]))
     json.dump(rows, open(os.path.join(a.out, "experiments.json"), "w"), indent=1)
