@@ -47,8 +47,7 @@ def sampling_map(model: RectangularFlow, batch_size: int = 65536):
         out = []
         for i in range(0, len(z), batch_size):
             zb = torch.as_tensor(z[i:i + batch_size], dtype=p.dtype, device=p.device)
-            u, _ = model.prior(zb)
-            out.append(model.decode(u).double().cpu())
+            out.append(model.generate(zb).double().cpu())
         return torch.cat(out).numpy()
     return push
 

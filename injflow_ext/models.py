@@ -178,6 +178,10 @@ class RectangularFlow(nn.Module):
         """``n`` samples ``(n, D)`` from the model (on the learned manifold)."""
         p = next(self.parameters())
         z = torch.randn(n, self.latent_dim, dtype=p.dtype, device=p.device, generator=generator)
+        return self.generate(z)
+
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        """``z (B, d) -> x (B, D) = g(f(z))``: the sampling map (prior flow, then decoder)."""
         u, _ = self.prior(z)
         return self.decode(u)
 
