@@ -3,6 +3,7 @@
 
 from injflow_ext.benchmarks.plain_reference import *  # noqa: F401,F403
 from injflow_ext.benchmarks.plain_reference import (  # noqa: F401
+    encoder_surrogate,
     exact_batched,
     exact_jacfwd,
     exact_one_tangent,

@@ -1,20 +1,24 @@
 """Benchmark: one RectangularFlow training step (loss forward + backward) at the paper's sizes,
 ours against plain-PyTorch references on the same weights (docs/design.md §5, bench/RESULTS.md).
 
-Methods: ours_exact, ours_hutchinson (K=1 probe, CG capped at d iterations), and from
-bench/plain_reference.py: ref_one_tangent (d separate tangent passes, the paper's code style),
-ref_batched (primal once + d tangents, eager), ref_jacfwd (torch.func.jacfwd under vmap),
-ref_hutchinson_cg (torch-ops CG), and on CUDA ref_batched_graph (ref_batched replayed from a
-CUDA graph) and ours_exact_graph / ours_hutchinson_graph (injflow_ext.TrainStep, mode
-"captured" without compiling: loss and backward replayed from a CUDA graph). The compiled
+Methods: ours_exact, ours_hutchinson (K=1 probe, CG capped at d iterations), ours_surrogate
+(the encoder-Jacobian surrogate, K=1 orthonormal probe), and from bench/plain_reference.py:
+ref_one_tangent (d separate tangent passes, the paper's code style), ref_batched (primal once +
+d tangents, eager), ref_jacfwd (torch.func.jacfwd under vmap), ref_hutchinson_cg (torch-ops
+CG), ref_surrogate (the surrogate the way free-form injective flows write it: an autograd VJP
+through a plain encoder and a plain tangent pass), and on CUDA ref_batched_graph (ref_batched
+replayed from a CUDA graph) and ours_exact_graph / ours_hutchinson_graph /
+ours_surrogate_graph (injflow_ext.TrainStep, mode "captured" without compiling: loss and
+backward replayed from a CUDA graph). The compiled
 variants run the loss through torch.compile first (inductor fuses the elementwise work between
 the ops): ours_exact_compiled (TrainStep mode "compiled", CPU or CUDA),
 ours_exact_compiled_graph (mode "captured", compiled) and, for a like-for-like
 comparison, ref_batched_compiled and ref_batched_compiled_graph (the reference compiled the
 same way, launched eagerly and captured).
-Before timing, every exact method must give the same loss and gradients (checked in float64 on a
-slice of the batch); each compiled method's gradients must match ours_exact's at the timing
-dtype (relative error <= 1e-4 in float32, 2e-3 with --tf32).
+Before timing, every exact method must give the same loss and gradients (checked in float64 on
+a slice of the batch), and so must ours_surrogate and ref_surrogate on the same probes; each
+compiled method's gradients must match ours_exact's at the timing dtype (relative error
+<= 1e-4 in float32, 2e-3 with --tf32).
 
     python bench/step.py [--device cpu|cuda] [--configs MINIBOONE,HEPMASS] [--methods ...]
                          [--mlp-path auto|per_layer|fused] [--quick] [--json PATH]
@@ -34,7 +38,11 @@ from common import add_common_args, environment, median_time, print_table, write
 
 from injflow_ext import RectangularFlow, TrainStep  # noqa: E402
 from injflow_ext.nn import set_mlp_path  # noqa: E402
-from injflow_ext.objectives import ExactObjective, HutchinsonObjective  # noqa: E402
+from injflow_ext.objectives import (  # noqa: E402
+    ExactObjective,
+    HutchinsonObjective,
+    SurrogateObjective,
+)
 
 CONFIGS = {  # name: (D, d, batch, hidden)
     "POWER": (6, 2, 5000, (128,) * 4),
@@ -44,8 +52,10 @@ CONFIGS = {  # name: (D, d, batch, hidden)
     "IMAGE": (784, 20, 50, (512,) * 2),
 }
 QUICK_CONFIGS = {"TINY": (6, 2, 64, (16,) * 2)}
-METHODS = ["ours_exact", "ours_hutchinson", "ours_exact_graph", "ours_hutchinson_graph",
-           "ref_one_tangent", "ref_batched", "ref_jacfwd", "ref_hutchinson_cg", "ref_batched_graph",
+METHODS = ["ours_exact", "ours_hutchinson", "ours_surrogate", "ours_exact_graph",
+           "ours_hutchinson_graph", "ours_surrogate_graph",
+           "ref_one_tangent", "ref_batched", "ref_jacfwd", "ref_hutchinson_cg", "ref_surrogate",
+           "ref_batched_graph",
            "ours_exact_compiled", "ref_batched_compiled", "ours_exact_compiled_graph",
            "ref_batched_compiled_graph"]
 GRAPH_REFERENCES = ("ref_batched", "ref_batched_graph", "ref_batched_compiled_graph",
@@ -82,6 +92,8 @@ def loss_fn(method, model, x, gen):
         return model.loss(x, "exact", beta=BETA)["loss"]
     if method == "ours_hutchinson":
         return model.loss(x, "hutchinson", beta=BETA, generator=gen)["loss"]
+    if method == "ours_surrogate":
+        return model.loss(x, "surrogate", beta=BETA, generator=gen)["loss"]
     if method == "ref_one_tangent":
         return ref.exact_one_tangent(model, x, BETA)
     if method in ("ref_batched", "ref_batched_graph"):
@@ -90,7 +102,32 @@ def loss_fn(method, model, x, gen):
         return ref.exact_jacfwd(model, x, BETA)
     if method == "ref_hutchinson_cg":
         return ref.hutchinson_cg(model, x, BETA, generator=gen)
+    if method == "ref_surrogate":
+        return ref.encoder_surrogate(model, x, BETA, generator=gen)
     raise ValueError(method)
+
+
+def check_surrogates_agree(model, x, methods):
+    """ours_surrogate and ref_surrogate on the same probes (same generator seed), float64:
+    loss and gradients to rounding."""
+    if not {"ours_surrogate", "ref_surrogate"} <= set(methods):
+        return None
+    m64 = model.to(torch.float64)
+    x64 = x[:16].to(torch.float64)
+    params = list(m64.parameters())
+    out = {}
+    for method in ("ours_surrogate", "ref_surrogate"):
+        gen = torch.Generator(device=x.device).manual_seed(0)
+        loss = loss_fn(method, m64, x64, gen)
+        out[method] = (loss.detach(), torch.autograd.grad(loss, params, allow_unused=True))
+    model.to(x.dtype)
+    (la, ga), (lb, gb) = out["ours_surrogate"], out["ref_surrogate"]
+    ga = [torch.zeros_like(p) if g is None else g for g, p in zip(ga, params)]
+    gb = [torch.zeros_like(p) if g is None else g for g, p in zip(gb, params)]
+    err = max(float((la - lb).abs() / lb.abs().clamp(min=1e-12)), gradient_rel_err(ga, gb))
+    if err > 1e-7:
+        raise AssertionError(f"ours_surrogate disagrees with ref_surrogate: rel err {err:.2e}")
+    return err
 
 
 def check_exact_methods_agree(model, x, methods):
@@ -200,9 +237,10 @@ def make_step(method, model, x, device, checks=None):
         if checks is not None:
             checks[method] = err
         return step
-    if method in ("ours_exact_graph", "ours_hutchinson_graph"):
-        objective = (ExactObjective(beta=BETA) if method == "ours_exact_graph" else
-                     HutchinsonObjective(beta=BETA))
+    if method in ("ours_exact_graph", "ours_hutchinson_graph", "ours_surrogate_graph"):
+        objective = {"ours_exact_graph": ExactObjective, "ours_hutchinson_graph":
+                     HutchinsonObjective, "ours_surrogate_graph": SurrogateObjective}[method](
+                         beta=BETA)
         train_step = TrainStep(model, objective, update=False, mode="captured", compile=False,
                                example_x=x)
         return lambda: train_step(x)
@@ -261,8 +299,10 @@ def main(argv=None):
         set_mlp_path(model, args.mlp_path)
         x = make_batch(B, D, device, dtype)
         worst = check_exact_methods_agree(model, x, methods)
+        surrogate_agreement = check_surrogates_agree(model, x, methods)
         checks = {}
         row = {"config": name, "D": D, "d": d, "batch": B, "exact_agreement": worst,
+               "surrogate_agreement": surrogate_agreement,
                "compiled_gradient_rel_err": checks}
         for method in methods:
             try:
@@ -288,10 +328,15 @@ def main(argv=None):
         _, it = ref.hutchinson_cg(model, x, BETA, return_iterations=True)
         row["ref_cg_iterations"] = it
         for method in methods:
-            if method != "ours_exact" and row.get(f"{method}_ms") and row.get("ours_exact_ms"):
+            if method != "ours_exact" and "surrogate" not in method and \
+                    row.get(f"{method}_ms") and row.get("ours_exact_ms"):
                 row[f"exact_speedup_vs_{method}"] = row[f"{method}_ms"] / row["ours_exact_ms"]
         if row.get("ref_hutchinson_cg_ms") and row.get("ours_hutchinson_ms"):
             row["hutchinson_speedup_vs_ref"] = row["ref_hutchinson_cg_ms"] / row["ours_hutchinson_ms"]
+        if row.get("ours_surrogate_ms"):
+            for m in ("ours_exact", "ours_hutchinson", "ref_surrogate", "ref_batched"):
+                if row.get(f"{m}_ms"):
+                    row[f"surrogate_speedup_vs_{m}"] = row[f"{m}_ms"] / row["ours_surrogate_ms"]
         if row.get("ours_exact_graph_ms"):   # the GPU targets compare the captured steps too
             for m in GRAPH_REFERENCES:
                 if row.get(f"{m}_ms"):
@@ -320,11 +365,14 @@ def main(argv=None):
           "Hutchinson against ours_hutchinson)")
     rcols = [("config", "config", "s")]
     rcols += [(f"exact_speedup_vs_{m}", f"vs {m}", ".2f") for m in methods
-              if m.startswith("ref_") and m != "ref_hutchinson_cg"]
+              if m.startswith("ref_") and m not in ("ref_hutchinson_cg", "ref_surrogate")]
     if "ours_exact_compiled" in methods:
         rcols += [("compiled_speedup_vs_ref_batched", "compiled vs ref_batched", ".2f"),
                   ("compiled_speedup_vs_ref_batched_compiled", "compiled vs ref_batched_compiled",
                    ".2f")]
+    rcols += [(f"surrogate_speedup_vs_{m}", f"surrogate vs {m}", ".2f")
+              for m in ("ours_exact", "ours_hutchinson", "ref_surrogate", "ref_batched")
+              if m in methods and "ours_surrogate" in methods]
     rcols += [("hutchinson_speedup_vs_ref", "hutch vs ref", ".2f"),
               ("ours_cg_iterations_mean", "CG it ours", ".1f"), ("ref_cg_iterations", "CG it ref", "d")]
     print_table(rows, rcols)

@@ -8,7 +8,7 @@ Ops (CPU and CUDA, float32/float64, autograd, ``torch.compile``):
     cg_solve(A, b)                      batched conjugate gradients, fused iterations
 
 Models: injflow_ext.nn (bijections with batched tangents), injflow_ext.estimators.logdet_jtj
-(exact / Hutchinson volume term), RectangularFlow.
+(exact / Hutchinson / encoder-surrogate volume term), RectangularFlow.
 """
 
 # Order matters: the compiled extension loads first, so that an unbuilt checkout fails with the
@@ -20,7 +20,7 @@ from .ops import (CGResult, GramLogdetInfo, cg_solve, gram_logdet, tangent_affin
 from . import estimators, nn  # noqa: E402  (after the ops they build on)
 from .models import RectangularFlow  # noqa: E402
 from .objectives import (ExactObjective, HutchinsonObjective, Objective,  # noqa: E402
-                         TwoStepObjective, make_objective)
+                         SurrogateObjective, TwoStepObjective, make_objective)
 from .step import TrainStep  # noqa: E402
 from .capture import CapturedStep  # noqa: E402
 from .runs import load_run  # noqa: E402
@@ -30,7 +30,7 @@ __version__ = build_info()["version"]
 __all__ = ["build_info", "gram_logdet", "GramLogdetInfo", "tangent_linear",
            "tangent_linear_packed", "tangent_mlp", "tangent_affine_coupling", "tangent_coupling_packed",
            "cg_solve", "CGResult", "RectangularFlow", "TrainStep", "CapturedStep", "Objective",
-           "ExactObjective", "HutchinsonObjective", "TwoStepObjective", "make_objective",
-           "load_run", "estimators",
+           "ExactObjective", "HutchinsonObjective", "SurrogateObjective", "TwoStepObjective",
+           "make_objective", "load_run", "estimators",
            "nn",
            "__version__"]

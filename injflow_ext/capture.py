@@ -43,7 +43,7 @@ class CapturedStep(TrainStep):
     CUDA graph on a GPU and run eagerly on the CPU (see :class:`TrainStep`).
 
     Args: model; optimizer (None: loss and backward only, gradients left in ``p.grad``);
-    example_x; method ("exact" or "hutchinson"), beta, hutchinson_samples, cg_rtol as in
+    example_x; method ("exact", "hutchinson" or "surrogate"), beta, hutchinson_samples, cg_rtol as in
     ``RectangularFlow.loss``; or loss_fn; capture (False: eager also on a GPU); warmup;
     compile (True or a dict of ``torch.compile`` options).
     """
@@ -61,8 +61,9 @@ class CapturedStep(TrainStep):
         if loss_fn is not None:
             objective = _FunctionObjective(loss_fn)
         else:
-            if method not in ("exact", "hutchinson"):
-                raise ValueError(f"CapturedStep: method must be 'exact' or 'hutchinson', got "
+            if method not in ("exact", "hutchinson", "surrogate"):
+                raise ValueError(f"CapturedStep: method must be 'exact', 'hutchinson' or "
+                                 f"'surrogate', got "
                                  f"{method!r} (two-step alternates two optimisers: use "
                                  "TrainStep(model, 'two-step', ...))")
             if not isinstance(model, RectangularFlow):
@@ -71,6 +72,8 @@ class CapturedStep(TrainStep):
             kwargs = {"beta": beta}
             if method == "hutchinson":
                 kwargs.update(samples=hutchinson_samples, cg_rtol=cg_rtol)
+            if method == "surrogate":
+                kwargs.update(samples=hutchinson_samples)
             objective = make_objective(method, **kwargs)
         if not (compile is None or isinstance(compile, (bool, dict))):
             raise TypeError(f"CapturedStep: compile must be a bool or a dict of torch.compile "

@@ -124,7 +124,20 @@ def _train(args, dist) -> int:
                                 scale=args.coupling_scale, actnorm=args.actnorm,
                                 permutation=args.permutation, seed=args.seed, data_shift=shift,
                                 data_scale=scale)
+        if args.surrogate_noise and args.method != "surrogate":
+            raise SystemExit("injflow train: --surrogate-noise is for --method surrogate")
+        if not args.surrogate_noise >= 0:
+            raise SystemExit(f"injflow train: --surrogate-noise must be >= 0, got "
+                             f"{args.surrogate_noise}")
+        if args.probe == "orthonormal" and args.method != "surrogate":
+            raise SystemExit("injflow train: --probe orthonormal is for --method surrogate; "
+                             "hutchinson takes normal or rademacher")
+        if args.method == "surrogate" and (args.probe or "orthonormal") == "orthonormal" \
+                and args.hutchinson_samples > d:
+            raise SystemExit(f"injflow train: --probe orthonormal needs --probes K <= d = {d}, "
+                             f"got {args.hutchinson_samples}")
         tcfg = TrainConfig(method=args.method, hutchinson_samples=args.hutchinson_samples,
+                           probe=args.probe, surrogate_noise=args.surrogate_noise,
                            beta=args.beta, epochs=args.epochs, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr,
                            likelihood_warmup=tuple(args.likelihood_warmup)
@@ -292,8 +305,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use at most this many points")
     t.add_argument("--latent-dim", type=_positive_int, default=None,
                    help="manifold dimension d (default: known for synthetic data)")
-    t.add_argument("--method", default="exact", choices=["exact", "hutchinson", "two-step"])
-    t.add_argument("--hutchinson-samples", type=int, default=1)
+    t.add_argument("--method", default="exact",
+                   choices=["exact", "hutchinson", "surrogate", "two-step"],
+                   help="exact: RNF-ML, exact volume-term gradient (1 + d rows per sample); "
+                        "hutchinson: Hutchinson probes + CG; surrogate: the encoder-Jacobian "
+                        "surrogate (1 + K rows and K encoder backward passes, no CG; biased "
+                        "where the encoder is not the pseudo-inverse); two-step: RNF-TS")
+    t.add_argument("--probes", "--hutchinson-samples", dest="hutchinson_samples",
+                   type=_positive_int, default=1,
+                   help="probes K per sample of hutchinson and surrogate (default 1)")
+    t.add_argument("--probe", default=None, choices=["normal", "rademacher", "orthonormal"],
+                   help="kind of probe: hutchinson normal (default) or rademacher; surrogate "
+                        "orthonormal (default; K <= d), normal or rademacher")
+    t.add_argument("--surrogate-noise", type=float, default=0.0, metavar="SIGMA",
+                   help="surrogate: the encoder sees x + SIGMA·N(0, I) and reconstructs x (a "
+                        "denoising reconstruction that makes the encoder's Jacobian the "
+                        "pseudo-inverse, where the surrogate is exact); data units, default 0")
     t.add_argument("--beta", type=float, default=50.0, help="weight of the reconstruction term")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=_positive_int, default=None)

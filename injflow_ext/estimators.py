@@ -8,6 +8,12 @@ place of that math; models and training call it.
   CG with the matrix-free product ``G v = Jᵀ(J v)`` (a JVP then a VJP), then the surrogate
   ``s = mean_k <J sg(ξ_k), J ε_k>``: its value is not ``log det G``, its gradient is an unbiased
   estimate (up to CG error) of ``∇ log det G``.
+- ``method="surrogate"`` (the encoder-Jacobian estimator of free-form injective flows,
+  docs/design.md §1): probes ``v (B, K, d)``, ``w_k = sg(v_kᵀ f′(x))`` from one backward pass
+  through the encoder f (no graph kept), and ``s = 2 mean_k <w_k, J v_k>`` with ``J v_k`` from one
+  tangent pass through the decoder (1 + K rows). ``f′ g′ = I`` on the manifold, so
+  ``E ∇s = 2 tr(f′ ∇J)``, which is ``∇ log det G = 2 tr(J⁺ ∇J)`` where ``f′ = J⁺`` and biased
+  elsewhere (docs/experiments.md measures how much). No CG, no Gram matrix.
 
 Decoders: anything with ``jvp_packed(UV (B, 1+K, d)) -> (B, 1+K, D)`` (the library's flows;
 fast path), or any callable ``u (B, d) -> x (B, D)`` acting on each sample independently, e.g. a
@@ -16,6 +22,7 @@ user's ``nn.Module`` (generic path through ``torch.func``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,18 +30,21 @@ import torch
 
 from .ops import cg_solve, gram_logdet
 
-__all__ = ["logdet_jtj", "LogdetResult", "decoder_jacobian"]
+__all__ = ["logdet_jtj", "LogdetResult", "decoder_jacobian", "orthonormal_probes",
+           "encoder_vjp"]
 
 
 @dataclass
 class LogdetResult:
     """What :func:`logdet_jtj` returns.
 
-    value: ``(B,)``; exact: ``log det(JᵀJ)``; hutchinson: the surrogate whose gradient
-        estimates ``∇ log det(JᵀJ)`` (its value is not the log-determinant).
+    value: ``(B,)``; exact: ``log det(JᵀJ)``; hutchinson and surrogate: a surrogate whose
+        gradient estimates ``∇ log det(JᵀJ)`` (its value is not the log-determinant; the
+        encoder surrogate's value estimates ``2 tr(f′J)``, which is 2d on the manifold).
     decoded: ``g(u)`` ``(B, D)``, computed on the way (differentiable).
     diagnostics: exact: ``jitter`` and ``status`` per sample (see ``gram_logdet``);
-        hutchinson: ``cg_iterations``, ``cg_residual_norm``, ``cg_converged`` per sample and probe.
+        hutchinson: ``cg_iterations``, ``cg_residual_norm``, ``cg_converged`` per sample and probe;
+        surrogate: none.
     """
 
     value: torch.Tensor
@@ -115,6 +125,78 @@ def _probes(B: int, K: int, d: int, kind: str, like: torch.Tensor,
     raise ValueError(f"logdet_jtj: probe must be 'normal' or 'rademacher', got {kind!r}")
 
 
+def orthonormal_probes(B: int, K: int, d: int, like: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(B, K, d)``: per sample K orthonormal directions, uniformly random (Gram–Schmidt of
+    Gaussian vectors, i.e. Haar-distributed), scaled by ``√d`` so that ``E[v vᵀ] = I``; with
+    ``K = d`` the probes span the space and ``mean_k v_kᵀ A v_k = tr A`` exactly. Torch ops
+    only (no LAPACK QR), so it can be captured in a CUDA graph."""
+    if K > d:
+        raise ValueError(f"logdet_jtj: orthonormal probes need K <= d, got K={K} probes for "
+                         f"d={d}; use probe='normal' for more probes than dimensions")
+    G = torch.randn(B, K, d, dtype=like.dtype, device=like.device, generator=generator)
+    rows = []
+    for k in range(K):
+        g = G[:, k]
+        for q in rows:
+            g = g - (g * q).sum(-1, keepdim=True) * q
+        rows.append(g / g.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny))
+    return torch.stack(rows, dim=1) * math.sqrt(d)
+
+
+def surrogate_probes(B: int, K: int, d: int, kind: str, like: torch.Tensor,
+                     generator: torch.Generator | None) -> torch.Tensor:
+    """Probes ``(B, K, d)`` of the encoder surrogate: "orthonormal" (default),
+    "normal" or "rademacher"."""
+    if kind == "orthonormal":
+        return orthonormal_probes(B, K, d, like, generator)
+    if kind not in ("normal", "rademacher"):
+        raise ValueError(f"logdet_jtj: probe must be 'orthonormal', 'normal' or 'rademacher' "
+                         f"for method='surrogate', got {kind!r}")
+    return _probes(B, K, d, kind, like, generator)
+
+
+def model_encoder(decoder):
+    """The encoder paired with a decoder: ``model.encode`` for ``model.decoder`` or
+    ``model.decode`` of a RectangularFlow; None for anything else."""
+    model = getattr(decoder, "model", None)          # RectangularFlow.decoder
+    if model is None:
+        model = getattr(decoder, "__self__", None)   # RectangularFlow.decode
+    encode = getattr(model, "encode", None)
+    return encode if callable(encode) else None
+
+
+def encoder_vjp(encoder, x: torch.Tensor, u: torch.Tensor | None, probes: torch.Tensor
+                ) -> torch.Tensor:
+    """``W (B, K, D)``, ``W_k = probes_kᵀ f′(x)`` for an encoder ``f: (B, D) -> (B, d)`` and
+    ``probes (B, K, d)``: K backward passes, no graph kept (the result is a constant).
+
+    When ``u = f(x)`` was computed from an ``x`` that requires grad, its graph is reused (no
+    second encoder pass); otherwise the encoder runs again on a detached copy of ``x``."""
+    K = probes.shape[1]
+    with torch.autocast(x.device.type, enabled=False):
+        if u is not None and x.requires_grad and u.requires_grad:
+            cols = []
+            for k in range(K):
+                w, = torch.autograd.grad(u, x, probes[:, k], retain_graph=True, allow_unused=True)
+                if w is None:      # u does not depend on x: run the encoder below
+                    break
+                cols.append(w)
+            if len(cols) == K:
+                return torch.stack(cols, dim=1)
+        x0 = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            u0 = encoder(x0)
+        expected = (probes.shape[0], probes.shape[2])                # (B, d)
+        if not isinstance(u0, torch.Tensor) or tuple(u0.shape) != expected:
+            raise ValueError(f"logdet_jtj: the encoder must map x {tuple(x.shape)} to u of shape "
+                             f"{expected}, got "
+                             f"{tuple(u0.shape) if isinstance(u0, torch.Tensor) else type(u0).__name__}")
+        cols = [torch.autograd.grad(u0, x0, probes[:, k], retain_graph=k < K - 1)[0]
+                for k in range(K)]
+    return torch.stack(cols, dim=1)
+
+
 def _tracing_or_capturing(t: torch.Tensor) -> bool:
     """True under torch.compile tracing or while a CUDA graph captures on the current stream:
     then no host synchronisation is allowed."""
@@ -146,9 +228,9 @@ def _gram_matvec(decoder, u: torch.Tensor) -> Callable[[torch.Tensor], torch.Ten
 
 
 def logdet_jtj(decoder, u: torch.Tensor, method: str = "exact", *, hutchinson_samples: int = 1,
-               probe: str = "normal", cg_rtol: float = 1e-5, cg_max_iter: int | None = None,
+               probe: str | None = None, cg_rtol: float = 1e-5, cg_max_iter: int | None = None,
                cg_check_every="auto", generator: torch.Generator | None = None,
-               **gram_kwargs) -> LogdetResult:
+               encoder=None, x: torch.Tensor | None = None, **gram_kwargs) -> LogdetResult:
     """Volume term of the decoder at ``u (B, d)``; see the module docstring.
 
     Args:
@@ -156,9 +238,10 @@ def logdet_jtj(decoder, u: torch.Tensor, method: str = "exact", *, hutchinson_sa
             RectangularFlow takes the same fast path) or a callable ``(B, d) -> (B, D)`` of
             plain PyTorch ops (through ``torch.func``).
         u: ``(B, d)`` latent points (may carry gradient, e.g. from an encoder).
-        method: "exact" or "hutchinson".
-        hutchinson_samples: probes K per sample.
-        probe: "normal" or "rademacher".
+        method: "exact", "hutchinson" or "surrogate".
+        hutchinson_samples: probes K per sample (hutchinson and surrogate).
+        probe: hutchinson: "normal" (default) or "rademacher"; surrogate: "orthonormal"
+            (default; K ≤ d), "normal" or "rademacher".
         cg_rtol, cg_max_iter: CG tolerance and cap (default d iterations).
         cg_check_every: stop CG once every system converged, testing every this many
             iterations (a host synchronisation each); None: never test, run the cap.
@@ -167,6 +250,12 @@ def logdet_jtj(decoder, u: torch.Tensor, method: str = "exact", *, hutchinson_sa
             while a CUDA graph is being captured or ``torch.compile`` traces (no host syncs
             there; the cap with device-side masking of converged systems).
         generator: random generator for the probes.
+        encoder: surrogate: the encoder f ``(B, D) -> (B, d)``, a left inverse of the decoder
+            on its manifold; default ``model.encode`` when the decoder is a RectangularFlow's.
+        x: surrogate: ``(B, D)``, where f′ is taken; default ``g(u)`` (detached), the point of
+            the manifold where ``f′ g′ = I`` holds exactly. Training passes the data: when
+            ``u = f(x)`` was computed from this ``x`` with ``x.requires_grad``, the encoder's
+            backward reuses that graph.
         gram_kwargs: passed to ``gram_logdet`` (e.g. ``max_relative_jitter``).
     """
     if not isinstance(u, torch.Tensor) or u.dim() != 2:
@@ -186,7 +275,7 @@ def logdet_jtj(decoder, u: torch.Tensor, method: str = "exact", *, hutchinson_sa
                              f"{hutchinson_samples!r}")
         B, d = u.shape
         K = hutchinson_samples
-        eps = _probes(B, K, d, probe, u, generator)                  # (B, K, d)
+        eps = _probes(B, K, d, probe or "normal", u, generator)      # (B, K, d)
         if cg_check_every == "auto":
             cg_check_every = None if _tracing_or_capturing(u) else 1
         res = cg_solve(_gram_matvec(decoder, u), eps.mT.contiguous(), rtol=cg_rtol,
@@ -198,4 +287,35 @@ def logdet_jtj(decoder, u: torch.Tensor, method: str = "exact", *, hutchinson_sa
         return LogdetResult(value, x, method, {"cg_iterations": res.iterations,
                                                "cg_residual_norm": res.residual_norm,
                                                "cg_converged": res.converged})
-    raise ValueError(f"logdet_jtj: method must be 'exact' or 'hutchinson', got {method!r}")
+    if method == "surrogate":
+        return _surrogate(decoder, u, hutchinson_samples, probe or "orthonormal", generator,
+                          encoder, x)
+    raise ValueError(f"logdet_jtj: method must be 'exact', 'hutchinson' or 'surrogate', got "
+                     f"{method!r}")
+
+
+def _surrogate(decoder, u, K, probe, generator, encoder, x) -> LogdetResult:
+    """The encoder-Jacobian surrogate; see the module docstring and :func:`logdet_jtj`."""
+    if not isinstance(K, int) or K < 1:
+        raise ValueError(f"logdet_jtj: hutchinson_samples (the probes K) must be a positive "
+                         f"int, got {K!r}")
+    encoder = encoder if encoder is not None else model_encoder(decoder)
+    if encoder is None or not callable(encoder):
+        raise TypeError("logdet_jtj: method='surrogate' needs the encoder: pass encoder=f, a "
+                        "callable (B, D) -> (B, d) that is a left inverse of the decoder on its "
+                        "manifold, or use a RectangularFlow's decoder (model.decoder or "
+                        "model.decode), whose encoder is model.encode")
+    B, d = u.shape
+    v = surrogate_probes(B, K, d, probe, u, generator)               # (B, K, d)
+    decoded, Jv = _push_tangents(decoder, u, v)                      # (B, D), (B, K, D)
+    if x is None:
+        x, u_of_x = decoded.detach(), None
+    else:
+        if not isinstance(x, torch.Tensor) or x.shape != decoded.shape:
+            raise ValueError(f"logdet_jtj: x must be a tensor of shape {tuple(decoded.shape)} "
+                             f"(B, D), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        u_of_x = u
+    w = encoder_vjp(encoder, x, u_of_x, v.detach())                  # (B, K, D), constant
+    value = 2 * (w * Jv).sum(-1).mean(-1)
+    return LogdetResult(value, decoded, "surrogate", {})

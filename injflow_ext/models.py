@@ -192,7 +192,7 @@ class RectangularFlow(nn.Module):
 
     def loss(self, x: torch.Tensor, method: str = "exact", beta: float = 50.0,
              likelihood_weight: float = 1.0, *, phase: str | None = None,
-             hutchinson_samples: int = 1, probe: str = "normal", cg_rtol: float = 1e-5,
+             hutchinson_samples: int = 1, probe: str | None = None, cg_rtol: float = 1e-5,
              cg_max_iter: int | None = None, generator: torch.Generator | None = None) -> dict:
         """Training objective on a batch ``x (B, D)`` (a convenience over
         :mod:`injflow_ext.objectives`, which the training step uses); returns a dict of scalars:
@@ -201,8 +201,11 @@ class RectangularFlow(nn.Module):
         is known, else None), ``prior_nll`` (mean ``−log p_U(u)``), ``reconstruction`` (mean
         ``‖x − g(u)‖²``) and ``logdet`` (mean ``log det JᵀJ``, None when not computed).
 
-        method "exact" / "hutchinson" (RNF-ML): ``w·(−log p_U(u) + ½ log det JᵀJ) + β·‖x − g(u)‖²``
-        with the volume term's gradient exact or estimated. method "two-step" (RNF-TS baseline):
+        method "exact" / "hutchinson" / "surrogate" (RNF-ML):
+        ``w·(−log p_U(u) + ½ log det JᵀJ) + β·‖x − g(u)‖²`` with the volume term's gradient
+        exact or estimated (Hutchinson + CG, or the encoder-Jacobian surrogate;
+        ``hutchinson_samples`` probes per sample for both, ``probe`` their kind).
+        method "two-step" (RNF-TS baseline):
         ``phase="reconstruction"`` gives ``β·‖x − g(u)‖²`` (train the ambient flow),
         ``phase="likelihood"`` gives ``−w·log p_U(sg(u))`` (train the prior flow).
         """
@@ -210,8 +213,8 @@ class RectangularFlow(nn.Module):
 
         check_width("RectangularFlow.loss", x, self.ambient_dim)
         if method not in OBJECTIVES:
-            raise ValueError(f"RectangularFlow.loss: method must be 'exact', 'hutchinson' or "
-                             f"'two-step', got {method!r}")
+            raise ValueError(f"RectangularFlow.loss: method must be one of {list(OBJECTIVES)}, "
+                             f"got {method!r}")
         if method == "two-step" and phase not in ("reconstruction", "likelihood"):
             raise ValueError(f"RectangularFlow.loss: method='two-step' needs "
                              f"phase='reconstruction' or 'likelihood', got {phase!r}")
@@ -220,8 +223,10 @@ class RectangularFlow(nn.Module):
                              f"phase={phase!r} with method={method!r}")
         kwargs = {"beta": beta}
         if method == "hutchinson":
-            kwargs.update(samples=hutchinson_samples, probe=probe, cg_rtol=cg_rtol,
+            kwargs.update(samples=hutchinson_samples, probe=probe or "normal", cg_rtol=cg_rtol,
                           cg_max_iter=cg_max_iter)
+        if method == "surrogate":
+            kwargs.update(samples=hutchinson_samples, probe=probe or "orthonormal")
         return make_objective(method, **kwargs).loss(self, x, phase or "all", likelihood_weight,
                                                      generator)
 

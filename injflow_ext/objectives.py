@@ -8,6 +8,8 @@ its own optimiser over that phase's parameters:
   ``w·(−log p_U(u) + ½ log det JᵀJ) + β‖x − g(u)‖²``;
 - :class:`HutchinsonObjective` (RNF-ML, Hutchinson + CG estimate of the volume term's
   gradient), the same loss with a surrogate in place of ``log det JᵀJ``;
+- :class:`SurrogateObjective` (the encoder-Jacobian surrogate of free-form injective flows:
+  no CG, two rows per sample), the same loss with that surrogate;
 - :class:`TwoStepObjective` (RNF-TS baseline): phase ``"reconstruction"`` trains the ambient
   flow on ``β‖x − g(u)‖²``, phase ``"likelihood"`` trains the prior flow on
   ``−w·log p_U(sg(u))``.
@@ -25,8 +27,8 @@ import torch
 
 from .estimators import logdet_jtj
 
-__all__ = ["Objective", "ExactObjective", "HutchinsonObjective", "TwoStepObjective",
-           "OBJECTIVES", "make_objective"]
+__all__ = ["Objective", "ExactObjective", "HutchinsonObjective", "SurrogateObjective",
+           "TwoStepObjective", "OBJECTIVES", "make_objective"]
 
 
 class Objective:
@@ -70,11 +72,15 @@ class _VolumeObjective(Objective):
     def _estimator_kwargs(self) -> dict:
         return {}
 
+    def _encode_and_volume(self, model, x, generator):
+        """``(u (B, d), LogdetResult)`` of the batch."""
+        u = model.encode(x)
+        return u, logdet_jtj(model.decoder, u, self.method, generator=generator,
+                             **self._estimator_kwargs())
+
     def loss(self, model, x, phase="all", likelihood_weight=1.0, generator=None):
         self._check_phase(phase)
-        u = model.encode(x)
-        res = logdet_jtj(model.decoder, u, self.method, generator=generator,
-                         **self._estimator_kwargs())
+        u, res = self._encode_and_volume(model, x, generator)
         rec = ((x - res.decoded) ** 2).sum(-1)
         prior_nll = -model.prior_log_prob(u)
         loss = (likelihood_weight * (prior_nll + 0.5 * res.value) + self.beta * rec).mean()
@@ -117,6 +123,56 @@ class HutchinsonObjective(_VolumeObjective):
                     cg_max_iter=self.cg_max_iter)
 
 
+class SurrogateObjective(_VolumeObjective):
+    """RNF-ML with the encoder-Jacobian surrogate of the volume term's gradient (free-form
+    injective flows; docs/design.md §1): ``2 mean_k <sg(v_kᵀ f′(x)), J v_k>``, f the model's
+    encoder (h⁻¹, first d coordinates). One tangent pass of 1 + K rows through the decoder and
+    K backward passes through the encoder, no CG; biased where f′ is not the pseudo-inverse
+    of J (docs/experiments.md measures it).
+
+    Args: beta; samples (probes K per sample); probe ("orthonormal", the default, K ≤ d;
+    "normal"; "rademacher"); encoder_at: "data" (f′ at the data x, reusing the encoder pass
+    that gives u: the default) or "manifold" (f′ at g(u), where ``f′J = I`` holds exactly; one
+    more encoder pass); noise: σ ≥ 0 in the data's units: the encoder sees ``x + σ·ε``,
+    ``ε ~ N(0, I)``, and the reconstruction target stays x (a denoising reconstruction, which
+    pulls the encoder towards the orthogonal projection onto the manifold, where ``f′ = J⁺``
+    and the surrogate is exact; the likelihood is then that of the encodings of the noisy
+    points, blurred along the manifold by about σ). 0 (the default) disables it."""
+
+    name = "surrogate"
+    method = "surrogate"
+
+    def __init__(self, beta: float = 50.0, samples: int = 1, probe: str = "orthonormal",
+                 encoder_at: str = "data", noise: float = 0.0):
+        super().__init__(beta)
+        if not noise >= 0:
+            raise ValueError(f"SurrogateObjective: noise must be >= 0, got {noise!r}")
+        if not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"SurrogateObjective: samples must be a positive int, got "
+                             f"{samples!r}")
+        if probe not in ("orthonormal", "normal", "rademacher"):
+            raise ValueError(f"SurrogateObjective: probe must be 'orthonormal', 'normal' or "
+                             f"'rademacher', got {probe!r}")
+        if encoder_at not in ("data", "manifold"):
+            raise ValueError(f"SurrogateObjective: encoder_at must be 'data' or 'manifold', "
+                             f"got {encoder_at!r}")
+        self.samples, self.probe, self.encoder_at = samples, probe, encoder_at
+        self.noise = float(noise)
+
+    def _encode_and_volume(self, model, x, generator):
+        if self.noise > 0:
+            x = x + self.noise * torch.randn(x.shape, dtype=x.dtype, device=x.device,
+                                             generator=generator)
+        if self.encoder_at == "manifold":
+            u = model.encode(x)
+            x_at = None
+        else:   # the encoder's graph from x gives v_kᵀ f′(x) by a backward pass
+            x_at = x.detach().requires_grad_(True)
+            u = model.encode(x_at)
+        return u, logdet_jtj(model.decoder, u, "surrogate", hutchinson_samples=self.samples,
+                             probe=self.probe, generator=generator, encoder=model.encode, x=x_at)
+
+
 class TwoStepObjective(Objective):
     """RNF-TS / M-flow baseline: no volume term; reconstruction trains the ambient flow, then
     the likelihood of the (detached) encodings trains the prior flow."""
@@ -153,12 +209,12 @@ class TwoStepObjective(Objective):
 
 
 OBJECTIVES = {"exact": ExactObjective, "hutchinson": HutchinsonObjective,
-              "two-step": TwoStepObjective}
+              "surrogate": SurrogateObjective, "two-step": TwoStepObjective}
 
 
 def make_objective(objective: str | Objective, **kwargs) -> Objective:
-    """An :class:`Objective` from a name ("exact", "hutchinson", "two-step") and its keyword
-    arguments, or the objective itself (then no keyword arguments)."""
+    """An :class:`Objective` from a name ("exact", "hutchinson", "surrogate", "two-step") and its
+    keyword arguments, or the objective itself (then no keyword arguments)."""
     if isinstance(objective, Objective):
         if kwargs:
             raise TypeError(f"make_objective: keyword arguments {sorted(kwargs)} are for a "

@@ -38,8 +38,10 @@ LOG_FIELDS = ["step", "epoch", "loss", "nll", "prior_nll", "reconstruction", "li
 
 @dataclass
 class TrainConfig:
-    method: str = "exact"                  # exact | hutchinson | two-step
-    hutchinson_samples: int = 1
+    method: str = "exact"                  # exact | hutchinson | surrogate | two-step
+    hutchinson_samples: int = 1            # probes K per sample (hutchinson, surrogate)
+    probe: str | None = None               # their kind (None: the method's default)
+    surrogate_noise: float = 0.0           # surrogate: σ of the denoising reconstruction
     beta: float = 50.0
     epochs: int | None = 50
     steps: int | None = None            # overrides epochs when set
@@ -65,8 +67,12 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def validate(self):
-        if self.method not in ("exact", "hutchinson", "two-step"):
-            raise ValueError(f"method must be exact, hutchinson or two-step, got {self.method!r}")
+        if self.method not in ("exact", "hutchinson", "surrogate", "two-step"):
+            raise ValueError(f"method must be exact, hutchinson, surrogate or two-step, got "
+                             f"{self.method!r}")
+        if not isinstance(self.hutchinson_samples, int) or self.hutchinson_samples < 1:
+            raise ValueError(f"hutchinson_samples (probes per sample) must be a positive int, "
+                             f"got {self.hutchinson_samples!r}")
         if self.step_mode not in ("auto", "eager", "compiled", "captured"):
             raise ValueError(f"step_mode must be auto, eager, compiled or captured, got "
                              f"{self.step_mode!r}")
@@ -95,7 +101,10 @@ def objective_of(cfg: TrainConfig) -> Objective:
     """The training objective a config names (its method and options)."""
     if cfg.method == "hutchinson":
         return make_objective("hutchinson", beta=cfg.beta, samples=cfg.hutchinson_samples,
-                              cg_rtol=cfg.cg_rtol)
+                              probe=cfg.probe or "normal", cg_rtol=cfg.cg_rtol)
+    if cfg.method == "surrogate":
+        return make_objective("surrogate", beta=cfg.beta, samples=cfg.hutchinson_samples,
+                              probe=cfg.probe or "orthonormal", noise=cfg.surrogate_noise)
     return make_objective(cfg.method, beta=cfg.beta)
 
 

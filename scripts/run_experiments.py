@@ -1,7 +1,8 @@
-"""Run the experiments of docs/experiments.md: RNF-ML exact, RNF-ML Hutchinson (K = 1) and the
-two-step baseline at equal architecture (the `injflow train` defaults) on the von Mises circle,
-a two-bump circle mixture, the sphere and digits over several seeds, the plain RNF recipe
-(scripts/plain_rnf.py) beside them on the circles, then write the table and the figures.
+"""Run the experiments of docs/experiments.md: RNF-ML exact, RNF-ML Hutchinson (K = 1), RNF-ML
+with the encoder-Jacobian surrogate (K = 1 orthonormal probe) and the two-step baseline at
+equal architecture (the `injflow train` defaults) on the von Mises circle, a two-bump circle
+mixture, the sphere and digits over several seeds, the plain RNF recipe (scripts/plain_rnf.py)
+beside them on the circles, then write the table and the figures.
 
     .venv/bin/python scripts/run_experiments.py [--seeds 0 1 2 3 4] [--jobs 2]
         [--out runs/experiments] [--table docs/experiments.md] [--figures docs/figures]
@@ -33,7 +34,10 @@ DATASETS = {
     "digits": ["--latent-dim", "10", "--epochs", "30"],
 }
 METHODS = {"exact": ["--method", "exact"],
-           "hutchinson": ["--method", "hutchinson", "--hutchinson-samples", "1"],
+           "hutchinson": ["--method", "hutchinson", "--probes", "1"],
+           "surrogate": ["--method", "surrogate", "--probes", "1"],
+           "surrogate-noise": ["--method", "surrogate", "--probes", "1", "--surrogate-noise",
+                               "0.05"],
            "two-step": ["--method", "two-step"]}
 COLUMNS = [("kl_divergence", "KL(true‖model) ↓", 3), ("tear_mass", "tear mass ↓", 4),
            ("test_log_likelihood_median", "test log-lik median ↑", 3),

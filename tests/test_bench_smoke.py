@@ -22,8 +22,9 @@ def test_step_benchmark_smoke(tmp_path):
     res = run("step.py", tmp_path, "--budget", "0.05")
     row = res["rows"][0]
     assert row["exact_agreement"] < 1e-7
-    for m in ("ours_exact", "ours_hutchinson", "ref_one_tangent", "ref_batched", "ref_jacfwd",
-              "ref_hutchinson_cg"):
+    assert row["surrogate_agreement"] < 1e-7      # ours_surrogate = ref_surrogate, same probes
+    for m in ("ours_exact", "ours_hutchinson", "ours_surrogate", "ref_one_tangent", "ref_batched",
+              "ref_jacfwd", "ref_hutchinson_cg", "ref_surrogate"):
         assert row[f"{m}_ms"] > 0
 
 

@@ -54,7 +54,7 @@ def test_train_eval_sample_ood_load_run(tmp_path):
     assert rep["reconstruction"]["auroc"] > 0.9   # far-away points reconstruct badly
 
 
-@pytest.mark.parametrize("method", ["hutchinson", "two-step"])
+@pytest.mark.parametrize("method", ["hutchinson", "surrogate", "two-step"])
 def test_other_methods_train(tmp_path, method):
     assert train(tmp_path / method, "--steps", "6", "--method", method, "--no-eval") == 0
     rows = list(csv.DictReader(open(tmp_path / method / "train_log.csv")))
@@ -106,6 +106,12 @@ def test_bad_input_is_clear_and_keeps_checkpoints(tmp_path, capsys):
     with pytest.raises(SystemExit, match="latent-dim must be smaller"):
         main(["train", "--data", "von-mises", "--latent-dim", "2", "--out", str(tmp_path / "z"),
               *TINY])
+    with pytest.raises(SystemExit, match="--surrogate-noise is for --method surrogate"):
+        train(tmp_path / "n", "--surrogate-noise", "0.1")
+    with pytest.raises(SystemExit, match="needs --probes K <= d = 1, got 2"):
+        train(tmp_path / "n", "--method", "surrogate", "--probes", "2")
+    with pytest.raises(SystemExit, match="--probe orthonormal is for --method surrogate"):
+        train(tmp_path / "n", "--method", "hutchinson", "--probe", "orthonormal")
     assert (out / "checkpoint.pt").read_bytes() == before
     assert main(["train", "--out", str(tmp_path / "none"), "--resume", *TINY]) == 2
     assert "has no config.json" in capsys.readouterr().err

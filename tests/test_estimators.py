@@ -150,7 +150,7 @@ def test_hutchinson_many_probes_close_to_exact():
 
 def test_errors():
     m = small_model()
-    with pytest.raises(ValueError, match="method must be 'exact' or 'hutchinson'"):
+    with pytest.raises(ValueError, match="method must be 'exact', 'hutchinson' or 'surrogate'"):
         logdet_jtj(m.decoder, torch.randn(2, 2, dtype=torch.float64), "sketch")
     with pytest.raises(ValueError, match="probe must be 'normal' or 'rademacher'"):
         logdet_jtj(m.decoder, torch.randn(2, 2, dtype=torch.float64), "hutchinson", probe="x")

@@ -7,7 +7,9 @@ They are what a user would write without this library (docs/design.md §5, bench
   elementwise ops per layer (the strongest plain eager reference);
 - ``exact_jacfwd``: ``torch.func.jacfwd`` under ``vmap``;
 - ``hutchinson_cg``: Hutchinson probes, CG written with torch ops (convergence test with a host
-  sync per iteration), matrix-free ``Jᵀ(J v)`` by a tangent pass and autograd VJPs.
+  sync per iteration), matrix-free ``Jᵀ(J v)`` by a tangent pass and autograd VJPs;
+- ``encoder_surrogate``: the encoder-Jacobian surrogate of free-form injective flows, the way
+  their code writes it: ``vᵀ f′(x)`` by autograd through the encoder, ``J v`` by a tangent pass.
 Each returns the loss (a scalar to backpropagate).
 """
 
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 
 from ..nn import ActNorm, AffineCoupling, InvertibleLinear, Permutation
 
-__all__ = ["exact_batched", "exact_one_tangent", "exact_jacfwd", "hutchinson_cg",
+__all__ = ["exact_batched", "exact_one_tangent", "exact_jacfwd", "hutchinson_cg", "encoder_surrogate",
            "reference_cg", "mlp_tangents", "ambient_tangents", "plain_tangent_mlp"]
 
 _ACT = {"tanh": torch.tanh, "relu": F.relu, "silu": F.silu, "sigmoid": torch.sigmoid,
@@ -219,3 +221,24 @@ def hutchinson_cg(model, x, beta=50.0, K=1, rtol=1e-5, generator=None, return_it
     surrogate = (JV[:, K:] * JV[:, :K]).sum(-1).mean(-1)
     loss = _loss(model, x, u, x_rec, surrogate, beta)
     return (loss, iterations) if return_iterations else loss
+
+
+def encoder_surrogate(model, x, beta=50.0, K=1, generator=None):
+    """RNF-ML with ``2 mean_k <sg(v_kᵀ f′(x)), J v_k>`` in place of ``log det JᵀJ``; probes
+    orthonormal (Gram–Schmidt of ``randn(B, K, d)``) scaled to norm ``√d``."""
+    x0 = x.detach().requires_grad_(True)
+    u = encode(model, x0)
+    B, d = u.shape
+    G = torch.randn(B, K, d, dtype=x.dtype, device=x.device, generator=generator)
+    rows = []
+    for k in range(K):
+        g = G[:, k]
+        for q in rows:
+            g = g - (g * q).sum(-1, keepdim=True) * q
+        rows.append(g / g.norm(dim=-1, keepdim=True))
+    v = torch.stack(rows, 1) * math.sqrt(d)
+    w = torch.stack([torch.autograd.grad(u, x0, v[:, k], retain_graph=True)[0]
+                     for k in range(K)], 1)
+    x_rec, Jv = ambient_tangents(model, _pad(model, u), _pad(model, v))
+    surrogate = 2 * (w * Jv).sum(-1).mean(-1)
+    return _loss(model, x, u, x_rec, surrogate, beta)
