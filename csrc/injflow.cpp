@@ -37,9 +37,12 @@ TORCH_LIBRARY(injflow, m) {
   //   slope or elu alpha.
   m.def("tangent_linear(Tensor XV, Tensor W, Tensor? b, int activation, float slope) -> "
         "(Tensor Y, Tensor Z, Tensor dA)");
+  // input_only: only grad_XV is wanted (autograd.grad with respect to the input, e.g. the
+  //   VJPs of the Hutchinson matvec and of the encoder surrogate): grad_W and grad_b are
+  //   returned as zeros without their GEMM and sum.
   m.def("tangent_linear_backward(Tensor grad_Y, Tensor XV, Tensor W, Tensor Z, Tensor Y, "
-        "Tensor dA, int activation, float slope) -> (Tensor grad_XV, Tensor grad_W, "
-        "Tensor grad_b)");
+        "Tensor dA, int activation, float slope, bool input_only=False) -> (Tensor grad_XV, "
+        "Tensor grad_W, Tensor grad_b)");
   // Affine coupling (transformed half) on a primal row and K tangent rows:
   //   XV (B, 1+K, m) = [x; V], ST (B, 1+K, 2m) = [[s, t]; [Ṡ, Ṫ]],
   //   y = x ⊙ exp(s̃) + t, ẏ = v ⊙ exp(s̃) + x ⊙ exp(s̃) ⊙ s̃'(s) ⊙ ṡ + ṫ, s̃ = scale(s),
@@ -58,8 +61,9 @@ TORCH_LIBRARY(injflow, m) {
   m.def("tangent_mlp(Tensor XV, Tensor[] weights, Tensor[] biases, int activation, float slope, "
         "int last_activation, int path) -> (Tensor Y, Tensor[] Z, Tensor[] A, Tensor[] dA)");
   m.def("tangent_mlp_backward(Tensor grad_Y, Tensor XV, Tensor[] weights, Tensor Y, Tensor[] Z, "
-        "Tensor[] A, Tensor[] dA, int activation, float slope, int last_activation, int path) -> "
-        "(Tensor grad_XV, Tensor[] grad_weights, Tensor[] grad_biases)");
+        "Tensor[] A, Tensor[] dA, int activation, float slope, int last_activation, int path, "
+        "bool input_only=False) -> (Tensor grad_XV, Tensor[] grad_weights, "
+        "Tensor[] grad_biases)");
 
   // Batched conjugate gradients on systems stacked as (N, d, K) (K right-hand sides each).
   // cg_init: from the initial residual r and right-hand side b, p = r, rs = Σ_d r², the squared

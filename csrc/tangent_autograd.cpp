@@ -35,13 +35,13 @@ std::tuple<Tensor, Tensor, Tensor> call_tangent_linear(const Tensor& XV, const T
 
 std::tuple<Tensor, Tensor, Tensor> call_tangent_linear_backward(
     const Tensor& gY, const Tensor& XV, const Tensor& W, const Tensor& Z, const Tensor& Y,
-    const Tensor& dA, int64_t act, double slope) {
+    const Tensor& dA, int64_t act, double slope, bool input_only) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("injflow::tangent_linear_backward", "")
                        .typed<std::tuple<Tensor, Tensor, Tensor>(
                            const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                           const Tensor&, const Tensor&, int64_t, double)>();
-  return op.call(gY, XV, W, Z, Y, dA, act, slope);
+                           const Tensor&, const Tensor&, int64_t, double, bool)>();
+  return op.call(gY, XV, W, Z, Y, dA, act, slope, input_only);
 }
 
 std::tuple<Tensor, Tensor> call_tangent_coupling(const Tensor& XV, const Tensor& ST,
@@ -79,14 +79,14 @@ MlpBackwardOut call_tangent_mlp_backward(const Tensor& gY, const Tensor& XV,
                                          at::TensorList weights, const Tensor& Y,
                                          at::TensorList Z, at::TensorList A, at::TensorList dA,
                                          int64_t act, double slope, int64_t last_act,
-                                         int64_t path) {
+                                         int64_t path, bool input_only) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("injflow::tangent_mlp_backward", "")
                        .typed<MlpBackwardOut(const Tensor&, const Tensor&, at::TensorList,
                                              const Tensor&, at::TensorList, at::TensorList,
                                              at::TensorList, int64_t, double, int64_t,
-                                             int64_t)>();
-  return op.call(gY, XV, weights, Y, Z, A, dA, act, slope, last_act, path);
+                                             int64_t, bool)>();
+  return op.call(gY, XV, weights, Y, Z, A, dA, act, slope, last_act, path, input_only);
 }
 
 class TangentLinearFunction : public torch::autograd::Function<TangentLinearFunction> {
@@ -110,11 +110,15 @@ class TangentLinearFunction : public torch::autograd::Function<TangentLinearFunc
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     auto s = ctx->get_saved_variables();
+    // a gradient with respect to the input alone (autograd.grad(y, x)) skips the weight GEMM
+    const bool want_W = ctx->needs_input_grad(1);
+    const bool want_b = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
     auto g = call_tangent_linear_backward(grads[0], s[0], s[1], s[2], s[3], s[4],
                                           ctx->saved_data["act"].toInt(),
-                                          ctx->saved_data["slope"].toDouble());
-    Tensor gb = ctx->saved_data["has_bias"].toBool() ? std::get<2>(g) : Tensor();
-    return {std::get<0>(g), std::get<1>(g), gb, Tensor(), Tensor()};
+                                          ctx->saved_data["slope"].toDouble(),
+                                          !want_W && !want_b);
+    return {std::get<0>(g), want_W ? std::get<1>(g) : Tensor(),
+            want_b ? std::get<2>(g) : Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -184,15 +188,19 @@ class TangentMlpFunction : public torch::autograd::Function<TangentMlpFunction> 
     const Tensor& Y = s[1 + L];
     const at::TensorList Z = all.slice(2 + L, L), A = all.slice(2 + 2 * L, L - 1),
                          dA = all.slice(1 + 3 * L, L);
+    // a gradient with respect to the input alone (autograd.grad(y, x): the Hutchinson matvec,
+    // the encoder surrogate) skips every layer's weight GEMM and bias sum
+    bool want_params = false;
+    for (int64_t i = 1; i <= 2 * L; ++i) want_params = want_params || ctx->needs_input_grad(i);
     auto g = call_tangent_mlp_backward(grads[0], s[0], weights, Y, Z, A, dA,
                                        ctx->saved_data["act"].toInt(),
                                        ctx->saved_data["slope"].toDouble(),
                                        ctx->saved_data["last_act"].toInt(),
-                                       ctx->saved_data["path"].toInt());
+                                       ctx->saved_data["path"].toInt(), !want_params);
     result[0] = std::get<0>(g);
-    for (int64_t l = 0; l < L; ++l) {
-      result[1 + l] = std::get<1>(g)[l];
-      result[1 + L + l] = std::get<2>(g)[l];
+    for (int64_t l = 0; l < L && want_params; ++l) {
+      if (ctx->needs_input_grad(1 + l)) result[1 + l] = std::get<1>(g)[l];
+      if (ctx->needs_input_grad(1 + L + l)) result[1 + L + l] = std::get<2>(g)[l];
     }
     return result;
   }
@@ -203,9 +211,10 @@ class TangentMlpBackwardFunction : public torch::autograd::Function<TangentMlpBa
   static variable_list forward(AutogradContext* /*ctx*/, const Tensor& gY, const Tensor& XV,
                                at::TensorList weights, const Tensor& Y, at::TensorList Z,
                                at::TensorList A, at::TensorList dA, int64_t act, double slope,
-                               int64_t last_act, int64_t path) {
+                               int64_t last_act, int64_t path, bool input_only) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto g = call_tangent_mlp_backward(gY, XV, weights, Y, Z, A, dA, act, slope, last_act, path);
+    auto g = call_tangent_mlp_backward(gY, XV, weights, Y, Z, A, dA, act, slope, last_act, path,
+                                       input_only);
     variable_list out{std::get<0>(g)};
     out.insert(out.end(), std::get<1>(g).begin(), std::get<1>(g).end());
     out.insert(out.end(), std::get<2>(g).begin(), std::get<2>(g).end());
@@ -227,9 +236,9 @@ class TangentLinearBackwardFunction
  public:
   static variable_list forward(AutogradContext* /*ctx*/, const Tensor& gY, const Tensor& XV,
                                const Tensor& W, const Tensor& Z, const Tensor& Y,
-                               const Tensor& dA, int64_t act, double slope) {
+                               const Tensor& dA, int64_t act, double slope, bool input_only) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto g = call_tangent_linear_backward(gY, XV, W, Z, Y, dA, act, slope);
+    auto g = call_tangent_linear_backward(gY, XV, W, Z, Y, dA, act, slope, input_only);
     return {std::get<0>(g), std::get<1>(g), std::get<2>(g)};
   }
   static variable_list backward(AutogradContext*, variable_list) {
@@ -262,8 +271,8 @@ std::tuple<Tensor, Tensor, Tensor> tangent_linear_autograd(const Tensor& XV, con
 
 std::tuple<Tensor, Tensor, Tensor> tangent_linear_backward_autograd(
     const Tensor& gY, const Tensor& XV, const Tensor& W, const Tensor& Z, const Tensor& Y,
-    const Tensor& dA, int64_t act, double slope) {
-  auto out = TangentLinearBackwardFunction::apply(gY, XV, W, Z, Y, dA, act, slope);
+    const Tensor& dA, int64_t act, double slope, bool input_only) {
+  auto out = TangentLinearBackwardFunction::apply(gY, XV, W, Z, Y, dA, act, slope, input_only);
   return {out[0], out[1], out[2]};
 }
 
@@ -282,9 +291,9 @@ MlpBackwardOut tangent_mlp_backward_autograd(const Tensor& gY, const Tensor& XV,
                                              at::TensorList weights, const Tensor& Y,
                                              at::TensorList Z, at::TensorList A,
                                              at::TensorList dA, int64_t act, double slope,
-                                             int64_t last_act, int64_t path) {
+                                             int64_t last_act, int64_t path, bool input_only) {
   auto out = TangentMlpBackwardFunction::apply(gY, XV, weights, Y, Z, A, dA, act, slope,
-                                               last_act, path);
+                                               last_act, path, input_only);
   const int64_t L = static_cast<int64_t>(weights.size());
   return {out[0], std::vector<Tensor>(out.begin() + 1, out.begin() + 1 + L),
           std::vector<Tensor>(out.begin() + 1 + L, out.begin() + 1 + 2 * L)};

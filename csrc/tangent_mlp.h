@@ -33,7 +33,7 @@ using TangentLinearFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(
     double slope);
 using TangentLinearBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(
     const at::Tensor& gY, const at::Tensor& XV, const at::Tensor& W, const at::Tensor& Z,
-    const at::Tensor& Y, const at::Tensor& dA, int64_t act, double slope);
+    const at::Tensor& Y, const at::Tensor& dA, int64_t act, double slope, bool input_only);
 
 inline int64_t mlp_layer_activation(size_t l, size_t L, int64_t act, int64_t last_act) {
   return l + 1 < L ? act : last_act;
@@ -134,7 +134,7 @@ inline MlpForwardResult tangent_mlp_per_layer(const at::Tensor& XV, at::TensorLi
 inline MlpBackwardResult tangent_mlp_backward_per_layer(
     const at::Tensor& gY, const at::Tensor& XV, at::TensorList weights, const at::Tensor& Y,
     at::TensorList Z, at::TensorList A, at::TensorList dA, int64_t act, double slope,
-    int64_t last_act, TangentLinearBackwardFn linear_backward) {
+    int64_t last_act, bool input_only, TangentLinearBackwardFn linear_backward) {
   const size_t L = weights.size();
   std::vector<at::Tensor> gW(L), gb(L);
   at::Tensor g = gY;
@@ -142,7 +142,7 @@ inline MlpBackwardResult tangent_mlp_backward_per_layer(
     const at::Tensor& in = i == 0 ? XV : A[i - 1];
     const at::Tensor& out = i + 1 == L ? Y : A[i];
     auto r = linear_backward(g, in, weights[i], Z[i], out, dA[i],
-                             mlp_layer_activation(i, L, act, last_act), slope);
+                             mlp_layer_activation(i, L, act, last_act), slope, input_only);
     g = std::get<0>(r);
     gW[i] = std::get<1>(r);
     gb[i] = std::get<2>(r);

@@ -96,7 +96,7 @@ inline void check_tangent_linear_backward_args(const at::Tensor& gY_in, const at
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_composite(
     const at::Tensor& gY_in, const at::Tensor& XV, const at::Tensor& W, const at::Tensor& Z,
-    const at::Tensor& Y, const at::Tensor& dA, int64_t act, double slope,
+    const at::Tensor& Y, const at::Tensor& dA, int64_t act, double slope, bool input_only,
     LinearGradPreactFn grad_preact) {
   check_tangent_linear_backward_args(gY_in, XV, W, Z, Y, dA, act);
   const NoAutocast guard(c10::autocast_dispatch_keyset);
@@ -111,6 +111,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_co
   }
   const at::Tensor GZ2 = GZ.view({B * R, n_out});
   at::Tensor gXV = at::mm(GZ2, W).view({B, R, n_in});
+  if (input_only)  // grad_W and grad_b not wanted: zeros, no GEMM (see csrc/injflow.cpp)
+    return {gXV, at::zeros({n_out, n_in}, XV.options()), at::zeros({n_out}, XV.options())};
   at::Tensor gW = at::mm(GZ2.t(), XV.reshape({B * R, n_in}));
   if (!gb.defined()) gb = GZ.select(1, 0).sum(0);
   return {gXV, gW, gb};

@@ -86,7 +86,7 @@ def test_bad_arguments_say_what_to_change():
         step(x[:31])
     with pytest.raises(ValueError, match="torch.float64 on cpu, got torch.float32"):
         step(x.float())
-    with pytest.raises(ValueError, match="method must be 'exact' or 'hutchinson'"):
+    with pytest.raises(ValueError, match="method must be 'exact', 'hutchinson' or 'surrogate'"):
         CapturedStep(m, None, x, method="two-step")
     with pytest.raises(ValueError, match="example_x must be a tensor of shape"):
         CapturedStep(m, None, x[0])

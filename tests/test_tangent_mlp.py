@@ -12,6 +12,7 @@ from conftest import DEVICES, _cuda_usable
 from reference import PLAIN_ACTIVATIONS
 
 from injflow_ext import tangent_linear_packed, tangent_mlp
+from injflow_ext.ops.tangent import MLP_PATHS
 
 PLAIN = PLAIN_ACTIVATIONS
 needs_cuda = pytest.mark.skipif(not _cuda_usable(),
@@ -139,6 +140,31 @@ def test_opcheck(device, dtype, requires_grad):
         torch.library.opcheck(torch.ops.injflow.tangent_mlp_backward.default,
                               (gY, XV.detach(), [W.detach() for W in Ws], Y, Z, A, dA, 1, 0.0,
                                1, path))
+        torch.library.opcheck(torch.ops.injflow.tangent_mlp_backward.default,
+                              (gY, XV.detach(), [W.detach() for W in Ws], Y, Z, A, dA, 1, 0.0,
+                               1, path, True))
+
+
+def test_input_gradient_alone_equals_the_full_backward(device):
+    """autograd.grad(Y, XV) runs the backward with input_only (no weight GEMMs): the same input
+    gradient as the full backward, on every path of the device."""
+    XV = torch.randn(6, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    Ws, bs = make_mlp([4, 8, 8, 3], device=device, requires_grad=True)
+    paths = ["per_layer"] + (["fused"] if torch.device(device).type == "cuda" else [])
+    for path in paths:
+        Y = tangent_mlp(XV, Ws, bs, "tanh", path=path)
+        gY = torch.randn_like(Y)
+        full = torch.autograd.grad(Y, [XV, *Ws, *bs], gY, retain_graph=True)
+        only_x, = torch.autograd.grad(Y, XV, gY)
+        torch.testing.assert_close(only_x, full[0], rtol=0, atol=0)
+        with torch.no_grad():
+            Yp, Z, A, dA = torch.ops.injflow.tangent_mlp.default(
+                XV, Ws, bs, 1, 0.0, 0, MLP_PATHS[path])
+            g = torch.ops.injflow.tangent_mlp_backward.default(
+                gY, XV.detach(), [W.detach() for W in Ws], Yp, Z, A, dA, 1, 0.0, 0,
+                MLP_PATHS[path], True)
+        torch.testing.assert_close(g[0], full[0], rtol=0, atol=0)
+        assert not any(t.any() for t in [*g[1], *g[2]])
 
 
 def test_torch_compile_fullgraph(device):

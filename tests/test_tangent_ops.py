@@ -163,9 +163,32 @@ def test_opcheck(device, dtype, requires_grad):
     gY = torch.randn(3, 3, 5, dtype=dtype, device=device)
     torch.library.opcheck(torch.ops.injflow.tangent_linear_backward.default,
                           (gY, XV.detach(), W.detach(), Z, Y, dA, 1, 0.0))
+    torch.library.opcheck(torch.ops.injflow.tangent_linear_backward.default,
+                          (gY, XV.detach(), W.detach(), Z, Y, dA, 1, 0.0, True))
     torch.library.opcheck(torch.ops.injflow.tangent_coupling_backward.default,
                           (torch.randn(3, 3, 4, dtype=dtype, device=device),
                            torch.randn(3, dtype=dtype, device=device), XV.detach(), ST.detach(), 0))
+
+
+def test_input_only_backward_skips_the_parameters_and_keeps_the_input_gradient(device):
+    """autograd.grad with respect to the input alone runs the backward with input_only (no
+    weight GEMM): the input gradient is the full backward's, the parameter gradients of the op
+    come back as zeros, and gradients asked of the parameters are unchanged."""
+    kw = dict(dtype=torch.float64, device=device)
+    XV = torch.randn(4, 3, 5, **kw, requires_grad=True)
+    W, b = torch.randn(6, 5, **kw, requires_grad=True), torch.randn(6, **kw, requires_grad=True)
+    Y = tangent_linear_packed(XV, W, b, "tanh")
+    gY = torch.randn_like(Y)
+    full = torch.autograd.grad(Y, (XV, W, b), gY, retain_graph=True)
+    only_x, = torch.autograd.grad(Y, XV, gY)
+    torch.testing.assert_close(only_x, full[0], rtol=0, atol=0)
+    with torch.no_grad():
+        _, Z, dA = torch.ops.injflow.tangent_linear.default(XV, W, b, 1, 0.0)
+        Yp = Y.detach()
+        gX, gW, gb = torch.ops.injflow.tangent_linear_backward.default(
+            gY, XV.detach(), W.detach(), Z, Yp, dA, 1, 0.0, True)
+    torch.testing.assert_close(gX, full[0], rtol=0, atol=0)
+    assert not gW.any() and not gb.any()
 
 
 def test_torch_compile_fullgraph(device):

@@ -23,10 +23,10 @@ MlpBackwardResult tangent_mlp_backward_cpu(const at::Tensor& gY, const at::Tenso
                                            at::TensorList weights, const at::Tensor& Y,
                                            at::TensorList Z, at::TensorList A,
                                            at::TensorList dA, int64_t act, double slope,
-                                           int64_t last_act, int64_t path) {
+                                           int64_t last_act, int64_t path, bool input_only) {
   check_tangent_mlp_backward_args(gY, XV, weights, Y, Z, A, dA, act, last_act, path);
   return tangent_mlp_backward_per_layer(gY, XV, weights, Y, Z, A, dA, act, slope, last_act,
-                                        &tangent_linear_backward_cpu);
+                                        input_only, &tangent_linear_backward_cpu);
 }
 
 }  // namespace

@@ -243,7 +243,8 @@ static int64_t backward_block(int64_t R, int64_t n_in, int64_t n_out, int64_t el
 // GEMMs read the block's GZ back while it is still in cache. Same GEMM flops either way.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_cpu(
     const at::Tensor& gY_in, const at::Tensor& XV_in, const at::Tensor& W, const at::Tensor& Z_in,
-    const at::Tensor& Y_in, const at::Tensor& dA_in, int64_t act, double slope) {
+    const at::Tensor& Y_in, const at::Tensor& dA_in, int64_t act, double slope,
+    bool input_only) {
   check_tangent_linear_backward_args(gY_in, XV_in, W, Z_in, Y_in, dA_in, act);
   const NoAutocast no_autocast(c10::autocast_dispatch_keyset);  // see tangent_ops.h
   const int64_t B = XV_in.size(0), R = XV_in.size(1), n_in = XV_in.size(2), n_out = W.size(0);
@@ -272,6 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_cpu(
     const at::Tensor GZ2 = GZ.view({nb * R, n_out});
     at::Tensor gXV2 = gXV.narrow(0, b0, nb).view({nb * R, n_in});
     at::mm_out(gXV2, GZ2, W);
+    if (input_only) continue;  // grad_W and grad_b stay zero (see csrc/injflow.cpp)
     gW.addmm_(GZ2.t(), XV.narrow(0, b0, nb).view({nb * R, n_in}));
     gb.add_(GZ.select(1, 0).sum(0));
   }

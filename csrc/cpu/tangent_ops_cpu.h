@@ -14,6 +14,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_cpu(
     const at::Tensor& gY, const at::Tensor& XV, const at::Tensor& W, const at::Tensor& Z,
-    const at::Tensor& Y, const at::Tensor& dA, int64_t act, double slope);
+    const at::Tensor& Y, const at::Tensor& dA, int64_t act, double slope, bool input_only);
 
 }  // namespace injflow

@@ -579,7 +579,7 @@ MlpBackwardResult tangent_mlp_backward_cuda(const at::Tensor& gY_in, const at::T
                                             at::TensorList weights, const at::Tensor& Y,
                                             at::TensorList Z_in, at::TensorList A_in,
                                             at::TensorList dA, int64_t act, double slope,
-                                            int64_t last_act, int64_t path) {
+                                            int64_t last_act, int64_t path, bool input_only) {
   check_tangent_mlp_backward_args(gY_in, XV_in, weights, Y, Z_in, A_in, dA, act, last_act, path);
   const c10::cuda::CUDAGuard guard(XV_in.device());
   const NoAutocast no_autocast(c10::autocast_dispatch_keyset);  // see tangent_ops.h
@@ -588,7 +588,7 @@ MlpBackwardResult tangent_mlp_backward_cuda(const at::Tensor& gY_in, const at::T
   const int device = XV_in.get_device();
   if (path != kMlpFused)
     return tangent_mlp_backward_per_layer(gY_in, XV_in, weights, Y, Z_in, A_in, dA, act, slope,
-                                          last_act, &tangent_linear_backward_cuda);
+                                          last_act, input_only, &tangent_linear_backward_cuda);
   const auto widths = buffer_widths(weights, true);
   const MlpPlan plan = L <= (size_t)kMaxLayers
                            ? plan_mlp(B, R, widths.first, widths.second, XV_in.element_size(),
@@ -644,6 +644,13 @@ MlpBackwardResult tangent_mlp_backward_cuda(const at::Tensor& gY_in, const at::T
     }
     launch<scalar_t, BackwardKernel>(plan, args, device, at::cuda::getCurrentCUDAStream());
   });
+  if (input_only) {  // grad_W and grad_b not wanted: zeros (see csrc/injflow.cpp)
+    for (size_t l = 0; l < L; ++l) {
+      gW[l] = at::zeros_like(W[l]);
+      gb[l] = at::zeros({W[l].size(0)}, XV.options());
+    }
+    return {gXV, gW, gb};
+  }
   const at::Tensor bias_sums = partial.sum(0);  // one reduction for every layer's bias
   for (size_t l = 0; l < L; ++l) {
     const int64_t n_out = W[l].size(0), n_in = W[l].size(1);

@@ -150,9 +150,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_cuda(
     const at::Tensor& gY, const at::Tensor& XV, const at::Tensor& W, const at::Tensor& Z,
-    const at::Tensor& Y, const at::Tensor& dA, int64_t act, double slope) {
+    const at::Tensor& Y, const at::Tensor& dA, int64_t act, double slope, bool input_only) {
   const c10::cuda::CUDAGuard guard(XV.device());
-  return tangent_linear_backward_composite(gY, XV, W, Z, Y, dA, act, slope,
+  return tangent_linear_backward_composite(gY, XV, W, Z, Y, dA, act, slope, input_only,
                                            &linear_grad_preact_cuda);
 }
 

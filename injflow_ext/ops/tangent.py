@@ -203,7 +203,7 @@ def _tangent_linear_fake(XV, W, b, activation, slope):
 
 
 @torch.library.register_fake("injflow::tangent_linear_backward")
-def _tangent_linear_backward_fake(grad_Y, XV, W, Z, Y, dA, activation, slope):
+def _tangent_linear_backward_fake(grad_Y, XV, W, Z, Y, dA, activation, slope, input_only=False):
     return XV.new_empty(XV.shape), W.new_empty(W.shape), W.new_empty(W.shape[0])
 
 
@@ -242,7 +242,7 @@ def _tangent_mlp_fake(XV, weights, biases, activation, slope, last_activation, p
 
 @torch.library.register_fake("injflow::tangent_mlp_backward")
 def _tangent_mlp_backward_fake(grad_Y, XV, weights, Y, Z, A, dA, activation, slope,
-                               last_activation, path):
+                               last_activation, path, input_only=False):
     return (XV.new_empty(XV.shape), [W.new_empty(W.shape) for W in weights],
             [W.new_empty(W.shape[0]) for W in weights])
 
