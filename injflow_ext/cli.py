@@ -122,7 +122,8 @@ def _train(args, dist) -> int:
                                 prior_spline_bins=args.prior_spline_bins,
                                 activation=args.activation,
                                 scale=args.coupling_scale, actnorm=args.actnorm,
-                                permutation=args.permutation, seed=args.seed, data_shift=shift,
+                                permutation=args.permutation, base=args.base,
+                                base_dof=args.base_dof, seed=args.seed, data_shift=shift,
                                 data_scale=scale)
         if args.surrogate_noise and args.method != "surrogate":
             raise SystemExit("injflow train: --surrogate-noise is for --method surrogate")
@@ -371,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "128,128,128,128)")
     t.add_argument("--prior-layers", type=int, default=5)
     t.add_argument("--prior-hidden", type=_hidden, default=(32, 32))
+    t.add_argument("--base", default="normal", choices=["normal", "student-t"],
+                   help="distribution of the latent z: normal (the paper's, default) or "
+                        "student-t (heavier tails; --base-dof degrees of freedom)")
+    t.add_argument("--base-dof", type=_positive_int, default=3,
+                   help="degrees of freedom of --base student-t (default 3)")
     t.add_argument("--prior-spline-bins", type=int, default=0,
                    help="an elementwise spline with this many bins in each prior block (0: none)")
     t.add_argument("--activation", default="tanh")

@@ -37,13 +37,28 @@ def per_sample_scores(model: RectangularFlow, x, batch_size: int = 1000) -> dict
     return {"log_likelihood": torch.cat(ll).numpy(), "reconstruction": torch.cat(rec).numpy()}
 
 
+def base_from_normal(model: RectangularFlow, w: np.ndarray) -> np.ndarray:
+    """The base variates ``z (N, d)`` with the same quantiles as standard normal ``w (N, d)``
+    (identity for a normal base; ``F_t⁻¹(Φ(w))`` for a Student-t base, through the upper tail
+    for w > 0 so that far quantiles keep their precision): the normal quadrature of the chart
+    KL then holds for any base."""
+    if getattr(model, "base", "normal") == "normal":
+        return w
+    from scipy.stats import norm, t
+    nu = model.base_dof
+    return np.where(w < 0, t.ppf(norm.cdf(w), nu), t.isf(norm.sf(w), nu))
+
+
 def sampling_map(model: RectangularFlow, batch_size: int = 65536):
-    """``push(z (N, d) numpy) -> x (N, D) float64 numpy``: the model's sampling map
-    ``g(f(z))`` (prior flow, then decoder), in batches, in the model's dtype and device."""
+    """``push(w (N, d) numpy) -> x (N, D) float64 numpy``: the model's sampling map
+    ``g(f(z))`` (prior flow, then decoder) at the base variates ``z`` with the quantiles of
+    standard normal ``w`` (:func:`base_from_normal`), in batches, in the model's dtype and
+    device."""
     p = next(model.parameters())
 
     @torch.no_grad()
     def push(z):
+        z = base_from_normal(model, np.asarray(z))
         out = []
         for i in range(0, len(z), batch_size):
             zb = torch.as_tensor(z[i:i + batch_size], dtype=p.dtype, device=p.device)

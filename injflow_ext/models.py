@@ -1,7 +1,8 @@
 """RectangularFlow: an injective flow ``x = h(pad(f(z)))`` (docs/design.md §1).
 
-``z ~ N(0, I_d)``, ``u = f(z)`` a d-dimensional prior flow, ``pad`` appends ``D − d`` zeros, ``h``
-a D-dimensional ambient flow. The density of ``x`` on the manifold ``g(R^d)``, ``g = h ∘ pad``, is
+``z ~ N(0, I_d)`` (or independent Student-t coordinates, ``base="student-t"``), ``u = f(z)`` a
+d-dimensional prior flow, ``pad`` appends ``D − d`` zeros, ``h`` a D-dimensional ambient flow.
+The density of ``x`` on the manifold ``g(R^d)``, ``g = h ∘ pad``, is
 ``log p(x) = log p_U(u) − ½ log det(JᵀJ)`` at ``u = enc(x)`` (the first d coordinates of
 ``h⁻¹(x)``), ``J = ∂g/∂u`` (D × d).
 """
@@ -77,6 +78,12 @@ class RectangularFlow(nn.Module):
             the default) or "reverse". In D = 2 a random permutation is the identity half the
             time, so some couplings in a row transform the same coordinate; alternating them
             ("reverse") nevertheless learned worse densities (docs/experiments.md).
+        base: the distribution of z: "normal" (the paper's N(0, I), the default) or
+            "student-t" (independent Student-t coordinates with ``base_dof`` degrees of
+            freedom: heavier tails, so that the flows need not compress exponentially to put
+            density into the far ends of the latent space, e.g. the tear of a closed manifold).
+        base_dof: the Student-t's degrees of freedom, a positive int (sampling sums that many
+            squared normals).
         data_shift, data_scale: optional per-feature standardisation ``x = x_std·scale + shift``
             kept as a fixed last layer of h, so that the model is trained on standardised data
             while encode/decode/log_prob/sample work in the data's own units.
@@ -87,7 +94,8 @@ class RectangularFlow(nn.Module):
                  prior_hidden: Sequence[int] = (32,) * 2, prior_spline_bins: int = 0,
                  activation: str = "tanh",
                  scale: str = "tanh", actnorm: bool = True, seed: int = 0,
-                 permutation: str = "random", data_shift: Sequence[float] | None = None,
+                 permutation: str = "random", base: str = "normal", base_dof: int = 3,
+                 data_shift: Sequence[float] | None = None,
                  data_scale: Sequence[float] | None = None):
         super().__init__()
         for name, v in (("ambient_dim", ambient_dim), ("latent_dim", latent_dim)):
@@ -100,13 +108,20 @@ class RectangularFlow(nn.Module):
         if permutation not in ("random", "reverse"):
             raise ValueError(f"RectangularFlow: permutation must be 'random' or 'reverse', got "
                              f"{permutation!r}")
+        if base not in ("normal", "student-t"):
+            raise ValueError(f"RectangularFlow: base must be 'normal' or 'student-t', got "
+                             f"{base!r}")
+        if isinstance(base_dof, bool) or not isinstance(base_dof, int) or base_dof < 1:
+            raise ValueError(f"RectangularFlow: base_dof must be a positive int, got "
+                             f"{base_dof!r}")
         self.ambient_dim, self.latent_dim = ambient_dim, latent_dim
+        self.base, self.base_dof = base, base_dof
         self.config = dict(ambient_dim=ambient_dim, latent_dim=latent_dim,
                            ambient_layers=ambient_layers, ambient_hidden=list(ambient_hidden),
                            prior_layers=prior_layers, prior_hidden=list(prior_hidden),
                            prior_spline_bins=prior_spline_bins,
                            activation=activation, scale=scale, actnorm=actnorm, seed=seed,
-                           permutation=permutation,
+                           permutation=permutation, base=base, base_dof=base_dof,
                            data_shift=None if data_shift is None else [float(v) for v in data_shift],
                            data_scale=None if data_scale is None else [float(v) for v in data_scale])
         D, d = ambient_dim, latent_dim
@@ -153,10 +168,29 @@ class RectangularFlow(nn.Module):
         return self.decode(self.encode(x))
 
     def prior_log_prob(self, u: torch.Tensor) -> torch.Tensor:
-        """``log p_U(u) (B,)`` of the prior flow: ``log N(f⁻¹(u)) + log|det ∂f⁻¹/∂u|``."""
+        """``log p_U(u) (B,)`` of the prior flow: ``log p_Z(f⁻¹(u)) + log|det ∂f⁻¹/∂u|``."""
         check_width("RectangularFlow.prior_log_prob", u, self.latent_dim, "u")
         z, lad = self.prior.inverse_with_logabsdet(u)
-        return -0.5 * (z * z).sum(-1) - 0.5 * self.latent_dim * _LOG_2PI + lad
+        return self.base_log_prob(z) + lad
+
+    def base_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """``log p_Z(z) (B,)`` of the base distribution at ``z (B, d)``."""
+        if self.base == "normal":
+            return -0.5 * (z * z).sum(-1) - 0.5 * self.latent_dim * _LOG_2PI
+        nu = float(self.base_dof)
+        const = math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2) - 0.5 * math.log(nu * math.pi)
+        return self.latent_dim * const - 0.5 * (nu + 1) * torch.log1p(z * z / nu).sum(-1)
+
+    def sample_base(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws ``(n, d)`` of the base distribution (Student-t as ``N / √(χ²_ν / ν)``,
+        χ²_ν a sum of ν squared normals: only ``randn``, so a generator makes it repeatable)."""
+        p = next(self.parameters())
+        kw = dict(dtype=p.dtype, device=p.device, generator=generator)
+        z = torch.randn(n, self.latent_dim, **kw)
+        if self.base == "student-t":
+            chi2 = torch.randn(self.base_dof, n, self.latent_dim, **kw).square().sum(0)
+            z = z / torch.sqrt(chi2 / self.base_dof)
+        return z
 
     def log_prob_and_projection(self, x: torch.Tensor, **gram_kwargs):
         """``(log p (B,), proj(x) (B, D))``: the exact on-manifold log-density of the projection
@@ -176,9 +210,7 @@ class RectangularFlow(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` samples ``(n, D)`` from the model (on the learned manifold)."""
-        p = next(self.parameters())
-        z = torch.randn(n, self.latent_dim, dtype=p.dtype, device=p.device, generator=generator)
-        return self.generate(z)
+        return self.generate(self.sample_base(n, generator))
 
     def generate(self, z: torch.Tensor) -> torch.Tensor:
         """``z (B, d) -> x (B, D) = g(f(z))``: the sampling map (prior flow, then decoder)."""

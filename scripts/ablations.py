@@ -61,6 +61,8 @@ COS = _with(FULL, lr_schedule="cosine")
 
 VARIANTS = {
     "defaults": [],   # what `injflow train` does now (the choices below)
+    "defaults + student-t base (ν = 3)": ["--base", "student-t", "--base-dof", "3"],
+    "defaults + student-t base (ν = 8)": ["--base", "student-t", "--base-dof", "8"],
     "old defaults": OLD,
     "base (h 8 × 64-64)": BASE,
     "base + no early stop (patience 1000)": _with(BASE, patience="1000"),

@@ -5,6 +5,7 @@ its measured bias on a trained model, errors."""
 
 import pytest
 import torch
+from conftest import _cuda_usable
 from reference import batched_jacobian, plain_decoder
 
 from injflow_ext import RectangularFlow
@@ -239,6 +240,23 @@ def test_noise_is_a_denoising_reconstruction():
     torch.testing.assert_close(out["reconstruction"],
                                ((x - m.project(x_noisy)) ** 2).sum(-1).mean())
     torch.testing.assert_close(out["prior_nll"], -m.prior_log_prob(m.encode(x_noisy)).mean())
+
+
+@pytest.mark.skipif(not _cuda_usable(), reason="needs a GPU and an extension built with CUDA "
+                                              "kernels")
+def test_cuda_float32_matches_the_cpu_in_float64():
+    """The surrogate objective on CUDA in float32 (input_only backward of the encoder's VJP,
+    per-layer tangent ops) against the CPU in float64, same weights and probes (K = d)."""
+    m = small_model()
+    x = torch.randn(64, 5, dtype=torch.float64)
+    params = list(m.parameters())
+    ref = SurrogateObjective(samples=2).loss(m, x)["loss"]
+    g_ref = flat_grad(ref, params)
+    mc = small_model().to("cuda", torch.float32)
+    out = SurrogateObjective(samples=2).loss(mc, x.to("cuda", torch.float32))["loss"]
+    g = flat_grad(out, list(mc.parameters())).double().cpu()
+    assert abs(float(out) - float(ref)) <= 1e-4 * abs(float(ref))
+    assert float((g - g_ref).norm() / g_ref.norm()) < 1e-4
 
 
 def test_errors():
