@@ -43,6 +43,14 @@ TORCH_LIBRARY(injflow, m) {
   m.def("tangent_linear_backward(Tensor grad_Y, Tensor XV, Tensor W, Tensor Z, Tensor Y, "
         "Tensor dA, int activation, float slope, bool input_only=False) -> (Tensor grad_XV, "
         "Tensor grad_W, Tensor grad_b)");
+  // The activation rule of tangent_linear on pre-activations computed elsewhere (e.g. one
+  //   convolution of the stacked primal and tangent rows, tangent_conv2d):
+  //   Z (B, 1+K, n), b (n,) added to row 0; Y[:,0] = σ(Z[:,0] + b), Y[:,k] = σ'(·)·Z[:,k].
+  //   Returns Y, Z_biased (Z with b on row 0, for the backward) and dA = σ'(Z[:,0] + b).
+  m.def("tangent_epilogue(Tensor Z, Tensor? b, int activation, float slope) -> "
+        "(Tensor Y, Tensor Z_biased, Tensor dA)");
+  m.def("tangent_epilogue_backward(Tensor grad_Y, Tensor Z_biased, Tensor Y, Tensor dA, "
+        "int activation, float slope) -> (Tensor grad_Z, Tensor grad_b)");
   // Affine coupling (transformed half) on a primal row and K tangent rows:
   //   XV (B, 1+K, m) = [x; V], ST (B, 1+K, 2m) = [[s, t]; [Ṡ, Ṫ]],
   //   y = x ⊙ exp(s̃) + t, ẏ = v ⊙ exp(s̃) + x ⊙ exp(s̃) ⊙ s̃'(s) ⊙ ṡ + ṫ, s̃ = scale(s),

@@ -44,6 +44,27 @@ std::tuple<Tensor, Tensor, Tensor> call_tangent_linear_backward(
   return op.call(gY, XV, W, Z, Y, dA, act, slope, input_only);
 }
 
+std::tuple<Tensor, Tensor, Tensor> call_tangent_epilogue(const Tensor& Z,
+                                                         const c10::optional<Tensor>& b,
+                                                         int64_t act, double slope) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("injflow::tangent_epilogue", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor>(
+                           const Tensor&, const c10::optional<Tensor>&, int64_t, double)>();
+  return op.call(Z, b, act, slope);
+}
+
+std::tuple<Tensor, Tensor> call_tangent_epilogue_backward(const Tensor& gY, const Tensor& Z,
+                                                          const Tensor& Y, const Tensor& dA,
+                                                          int64_t act, double slope) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("injflow::tangent_epilogue_backward", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                         const Tensor&, const Tensor&, int64_t,
+                                                         double)>();
+  return op.call(gY, Z, Y, dA, act, slope);
+}
+
 std::tuple<Tensor, Tensor> call_tangent_coupling(const Tensor& XV, const Tensor& ST,
                                                  int64_t scale) {
   static auto op = c10::Dispatcher::singleton()
@@ -119,6 +140,51 @@ class TangentLinearFunction : public torch::autograd::Function<TangentLinearFunc
                                           !want_W && !want_b);
     return {std::get<0>(g), want_W ? std::get<1>(g) : Tensor(),
             want_b ? std::get<2>(g) : Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// tangent_epilogue: outputs Y (differentiable), Z_biased and dA (internals for the backward).
+class TangentEpilogueFunction : public torch::autograd::Function<TangentEpilogueFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& Z, const c10::optional<Tensor>& b,
+                               int64_t act, double slope) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto out = call_tangent_epilogue(Z, b, act, slope);
+    const Tensor& Y = std::get<0>(out);
+    const Tensor& Zb = std::get<1>(out);
+    const Tensor& dA = std::get<2>(out);
+    ctx->save_for_backward({Zb, Y, dA});
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["slope"] = slope;
+    ctx->saved_data["has_bias"] = b.has_value() && b->defined();
+    ctx->mark_non_differentiable({Zb, dA});
+    ctx->set_materialize_grads(false);
+    return {Y, Zb, dA};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+    auto s = ctx->get_saved_variables();
+    auto g = call_tangent_epilogue_backward(grads[0], s[0], s[1], s[2],
+                                            ctx->saved_data["act"].toInt(),
+                                            ctx->saved_data["slope"].toDouble());
+    const bool want_b = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(1);
+    return {std::get<0>(g), want_b ? std::get<1>(g) : Tensor(), Tensor(), Tensor()};
+  }
+};
+
+class TangentEpilogueBackwardFunction
+    : public torch::autograd::Function<TangentEpilogueBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* /*ctx*/, const Tensor& gY, const Tensor& Z,
+                               const Tensor& Y, const Tensor& dA, int64_t act, double slope) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto g = call_tangent_epilogue_backward(gY, Z, Y, dA, act, slope);
+    return {std::get<0>(g), std::get<1>(g)};
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK_NOT_IMPLEMENTED(false, "tangent_epilogue_backward", kNoDoubleBackward);
+    return {};
   }
 };
 
@@ -262,6 +328,20 @@ class TangentCouplingBackwardFunction
   }
 };
 
+std::tuple<Tensor, Tensor, Tensor> tangent_epilogue_autograd(const Tensor& Z,
+                                                             const c10::optional<Tensor>& b,
+                                                             int64_t act, double slope) {
+  auto out = TangentEpilogueFunction::apply(Z, b, act, slope);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<Tensor, Tensor> tangent_epilogue_backward_autograd(const Tensor& gY, const Tensor& Z,
+                                                              const Tensor& Y, const Tensor& dA,
+                                                              int64_t act, double slope) {
+  auto out = TangentEpilogueBackwardFunction::apply(gY, Z, Y, dA, act, slope);
+  return {out[0], out[1]};
+}
+
 std::tuple<Tensor, Tensor, Tensor> tangent_linear_autograd(const Tensor& XV, const Tensor& W,
                                                            const c10::optional<Tensor>& b,
                                                            int64_t act, double slope) {
@@ -316,6 +396,8 @@ std::tuple<Tensor, Tensor> tangent_coupling_backward_autograd(const Tensor& gY,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(injflow, Autograd, m) {
+  m.impl("tangent_epilogue", &tangent_epilogue_autograd);
+  m.impl("tangent_epilogue_backward", &tangent_epilogue_backward_autograd);
   m.impl("tangent_linear", &tangent_linear_autograd);
   m.impl("tangent_linear_backward", &tangent_linear_backward_autograd);
   m.impl("tangent_coupling", &tangent_coupling_autograd);

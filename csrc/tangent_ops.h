@@ -38,6 +38,21 @@ inline void check_tangent_linear_args(const at::Tensor& XV, const at::Tensor& W,
   TORCH_CHECK(act >= 0 && act < kActCount, "tangent_linear: unknown activation code ", act);
 }
 
+inline void check_tangent_epilogue_args(const at::Tensor& Z, const c10::optional<at::Tensor>& b,
+                                        int64_t act) {
+  TORCH_CHECK(Z.dim() == 3 && Z.size(1) >= 1,
+              "tangent_epilogue: Z must be (B, 1+K, n), got ", Z.sizes());
+  TORCH_CHECK(Z.scalar_type() == at::kFloat || Z.scalar_type() == at::kDouble,
+              "tangent_epilogue: Z must be float32 or float64, got ", Z.scalar_type());
+  if (b.has_value()) {
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == Z.size(2),
+                "tangent_epilogue: b must be (n,) = (", Z.size(2), ",), got ", b->sizes());
+    TORCH_CHECK(b->scalar_type() == Z.scalar_type() && b->device() == Z.device(),
+                "tangent_epilogue: b must match Z's dtype and device");
+  }
+  TORCH_CHECK(act >= 0 && act < kActCount, "tangent_epilogue: unknown activation code ", act);
+}
+
 inline void check_tangent_coupling_args(const at::Tensor& XV, const at::Tensor& ST,
                                         int64_t scale) {
   TORCH_CHECK(XV.dim() == 3, "tangent_coupling: XV must be (B, 1+K, m), got ", XV.sizes());
@@ -77,6 +92,45 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_composite(
   at::Tensor Y = at::empty_like(Z);
   at::Tensor dA = epilogue(Z, b, act, slope, Y);
   return {Y, Z, dA};
+}
+
+// tangent_epilogue: the activation rule of tangent_linear on pre-activations Z (B, 1+K, n) of all
+// rows computed elsewhere (a convolution of the stacked rows): Y[:,0] = σ(Z[:,0] + b),
+// Y[:,k] = σ'(Z[:,0] + b)·Z[:,k]. Returns Y, Z with b added to row 0 (a copy; for the
+// backward) and dA = σ'(Z[:,0] + b).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_epilogue_composite(
+    const at::Tensor& Z_in, const c10::optional<at::Tensor>& b, int64_t act, double slope,
+    LinearEpilogueFn epilogue) {
+  check_tangent_epilogue_args(Z_in, b, act);
+  const NoAutocast guard(c10::autocast_dispatch_keyset);
+  at::Tensor Z = Z_in.clone(at::MemoryFormat::Contiguous);
+  at::Tensor Y = at::empty_like(Z);
+  if (Z.numel() == 0) return {Y, Z, at::empty({Z.size(0), Z.size(2)}, Z.options())};
+  at::Tensor dA = epilogue(Z, b, act, slope, Y);
+  return {Y, Z, dA};
+}
+
+// Its backward: grad_Z (the pre-activation gradient of every row) and grad_b = Σ_b grad_Z[b, 0].
+inline std::tuple<at::Tensor, at::Tensor> tangent_epilogue_backward_composite(
+    const at::Tensor& gY_in, const at::Tensor& Z, const at::Tensor& Y, const at::Tensor& dA,
+    int64_t act, double slope, LinearGradPreactFn grad_preact) {
+  check_tangent_epilogue_args(Z, c10::nullopt, act);
+  TORCH_CHECK(gY_in.sizes() == Z.sizes() && Y.sizes() == Z.sizes() && dA.dim() == 2 &&
+                  dA.size(0) == Z.size(0) && dA.size(1) == Z.size(2),
+              "tangent_epilogue_backward: grad_Y and Y must be ", Z.sizes(),
+              " and dA (B, n), got ", gY_in.sizes(), ", ", Y.sizes(), " and ", dA.sizes());
+  const NoAutocast guard(c10::autocast_dispatch_keyset);
+  const at::Tensor gY = gY_in.contiguous();
+  at::Tensor GZ, gb;
+  if (Z.numel() == 0) return {at::zeros_like(Z), at::zeros({Z.size(2)}, Z.options())};
+  if (act == kActNone) {
+    GZ = gY.clone();
+  } else {
+    GZ = at::empty_like(gY);
+    grad_preact(gY, Z.contiguous(), Y.contiguous(), dA.contiguous(), act, slope, GZ, gb);
+  }
+  if (!gb.defined()) gb = GZ.select(1, 0).sum(0);
+  return {GZ, gb};
 }
 
 inline void check_tangent_linear_backward_args(const at::Tensor& gY_in, const at::Tensor& XV,

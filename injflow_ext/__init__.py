@@ -5,6 +5,7 @@ Ops (CPU and CUDA, float32/float64, autograd, ``torch.compile``):
     tangent_linear(x, V, W, b, act)     linear + activation on a primal and K tangents
     tangent_mlp(XV, weights, biases)    a whole MLP on a primal and K tangents
     tangent_affine_coupling(...)        affine coupling on a primal and K tangents
+    tangent_conv2d(x, V, weight, b, act) 2-D convolution + activation on a primal and K tangents
     cg_solve(A, b)                      batched conjugate gradients, fused iterations
 
 Models: injflow_ext.nn (bijections with batched tangents), injflow_ext.estimators.logdet_jtj
@@ -15,7 +16,8 @@ Models: injflow_ext.nn (bijections with batched tangents), injflow_ext.estimator
 # message that says how to build it; then the ops, then what builds on them.
 from ._extension import build_info
 from .ops import (CGResult, GramLogdetInfo, cg_solve, gram_logdet, tangent_affine_coupling,
-                  tangent_coupling_packed, tangent_linear, tangent_linear_packed, tangent_mlp)
+                  tangent_conv2d, tangent_conv2d_packed, tangent_coupling_packed,
+                  tangent_epilogue_packed, tangent_linear, tangent_linear_packed, tangent_mlp)
 
 from . import estimators, nn  # noqa: E402  (after the ops they build on)
 from .models import RectangularFlow  # noqa: E402
@@ -29,6 +31,7 @@ __version__ = build_info()["version"]
 
 __all__ = ["build_info", "gram_logdet", "GramLogdetInfo", "tangent_linear",
            "tangent_linear_packed", "tangent_mlp", "tangent_affine_coupling", "tangent_coupling_packed",
+           "tangent_conv2d", "tangent_conv2d_packed", "tangent_epilogue_packed",
            "cg_solve", "CGResult", "RectangularFlow", "TrainStep", "CapturedStep", "Objective",
            "ExactObjective", "HutchinsonObjective", "SurrogateObjective", "TwoStepObjective",
            "make_objective", "load_run", "estimators",

@@ -416,7 +416,31 @@ std::tuple<at::Tensor, at::Tensor> tangent_coupling_backward_cpu(
 
 }  // namespace
 
+namespace {
+
+void linear_grad_preact_cpu_gb(const at::Tensor& gY, const at::Tensor& Z, const at::Tensor& Y,
+                               const at::Tensor& dA, int64_t act, double slope, at::Tensor& GZ,
+                               at::Tensor& /*gb: summed by the composite*/) {
+  linear_grad_preact_cpu(gY, Z, Y, dA, act, slope, GZ);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_epilogue_cpu(
+    const at::Tensor& Z, const c10::optional<at::Tensor>& b, int64_t act, double slope) {
+  return tangent_epilogue_composite(Z, b, act, slope, &linear_epilogue_cpu);
+}
+
+std::tuple<at::Tensor, at::Tensor> tangent_epilogue_backward_cpu(
+    const at::Tensor& gY, const at::Tensor& Z, const at::Tensor& Y, const at::Tensor& dA,
+    int64_t act, double slope) {
+  return tangent_epilogue_backward_composite(gY, Z, Y, dA, act, slope,
+                                             &linear_grad_preact_cpu_gb);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(injflow, CPU, m) {
+  m.impl("tangent_epilogue", &tangent_epilogue_cpu);
+  m.impl("tangent_epilogue_backward", &tangent_epilogue_backward_cpu);
   m.impl("tangent_linear", &tangent_linear_cpu);
   m.impl("tangent_linear_backward", &tangent_linear_backward_cpu);
   m.impl("tangent_coupling", &tangent_coupling_cpu);

@@ -266,9 +266,24 @@ std::tuple<at::Tensor, at::Tensor> tangent_coupling_backward_cuda(
   return {gXV, gST};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_epilogue_cuda(
+    const at::Tensor& Z, const c10::optional<at::Tensor>& b, int64_t act, double slope) {
+  const c10::cuda::CUDAGuard guard(Z.device());
+  return tangent_epilogue_composite(Z, b, act, slope, &linear_epilogue_cuda);
+}
+
+std::tuple<at::Tensor, at::Tensor> tangent_epilogue_backward_cuda(
+    const at::Tensor& gY, const at::Tensor& Z, const at::Tensor& Y, const at::Tensor& dA,
+    int64_t act, double slope) {
+  const c10::cuda::CUDAGuard guard(Z.device());
+  return tangent_epilogue_backward_composite(gY, Z, Y, dA, act, slope, &linear_grad_preact_cuda);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(injflow, CUDA, m) {
+  m.impl("tangent_epilogue", &tangent_epilogue_cuda);
+  m.impl("tangent_epilogue_backward", &tangent_epilogue_backward_cuda);
   m.impl("tangent_linear", &tangent_linear_cuda);
   m.impl("tangent_linear_backward", &tangent_linear_backward_cuda);
   m.impl("tangent_coupling", &tangent_coupling_cuda);

@@ -12,6 +12,9 @@ Math (docs/design.md §1):
   ``log|det ∂y/∂x| = Σ s̃``.
 - MLP (``tangent_mlp``): linear layers with an activation after every hidden layer, the
   rule above layer after layer; on CUDA optionally one kernel for the whole forward.
+- convolution (``tangent_conv2d``): ``y = σ(conv(x, W) + b)``, ``ẏ = σ'(conv(x, W) + b) ⊙
+  conv(v, W)``: one convolution of the stacked primal and tangent images (ATen/cuDNN), then
+  the same fused epilogue as the linear layer (``tangent_epilogue``).
 All are differentiable (first order) with respect to every input.
 """
 
@@ -22,7 +25,8 @@ import torch
 from .._extension import _C
 from ._checks import autocast_float32, check_tensor
 
-__all__ = ["ACTIVATIONS", "COUPLING_SCALES", "MLP_PATHS", "tangent_linear",
+__all__ = ["ACTIVATIONS", "COUPLING_SCALES", "MLP_PATHS", "tangent_linear", "tangent_epilogue_packed",
+           "tangent_conv2d", "tangent_conv2d_packed",
            "tangent_linear_packed", "tangent_mlp", "tangent_affine_coupling",
            "tangent_coupling_packed", "activation_code"]
 
@@ -137,6 +141,78 @@ def tangent_mlp(XV: torch.Tensor, weights, biases=None, activation: str | None =
     return Y
 
 
+def tangent_epilogue_packed(Z: torch.Tensor, b: torch.Tensor | None = None,
+                            activation: str | None = None,
+                            activation_param: float | None = None) -> torch.Tensor:
+    """The activation rule of the tangent ops on pre-activations computed elsewhere.
+
+    Args:
+        Z: ``(B, 1+K, n)``: row 0 the primal pre-activation, rows k its tangents.
+        b: ``(n,)`` added to row 0, or None.
+        activation, activation_param: as :func:`tangent_linear_packed`.
+    Returns:
+        ``(B, 1+K, n)``: row 0 ``σ(Z[:, 0] + b)``, rows k ``σ'(Z[:, 0] + b) ⊙ Z[:, k]``.
+    """
+    op = "tangent_epilogue"
+    Z, b = autocast_float32(Z, b)
+    check_tensor(op, "Z", Z, ndim=3)
+    if b is not None:
+        check_tensor(op, "b", b, shape=(Z.shape[-1],), like=Z)
+    code, param = activation_code(activation, activation_param)
+    Y, _, _ = torch.ops.injflow.tangent_epilogue.default(Z, b, code, param)
+    return Y
+
+
+def tangent_conv2d_packed(XV: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                          activation: str | None = None, stride=1, padding=0, dilation=1,
+                          groups: int = 1, activation_param: float | None = None
+                          ) -> torch.Tensor:
+    """A 2-D convolution + activation on a primal image and K tangent images, stacked.
+
+    Args:
+        XV: ``(B, 1+K, C, H, W)``, row 0 the primal ``x``, rows 1.. the tangents ``V``.
+        weight: ``(C', C / groups, kH, kW)``; bias: ``(C',)`` or None.
+        activation, activation_param: as :func:`tangent_linear_packed`.
+        stride, padding, dilation, groups: as ``torch.nn.functional.conv2d``.
+    Returns:
+        ``(B, 1+K, C', H', W')``: row 0 ``σ(conv(x) + b)``, rows k ``σ'(conv(x) + b) ⊙
+        conv(V_k)``. One convolution of all ``B·(1+K)`` images (ATen, cuDNN on a GPU; its own
+        autograd), then the fused epilogue (``tangent_epilogue``).
+    """
+    op = "tangent_conv2d"
+    XV, weight, bias = autocast_float32(XV, weight, bias)
+    check_tensor(op, "XV", XV, ndim=5)
+    check_tensor(op, "weight", weight, ndim=4, like=XV)
+    B, R, C = XV.shape[:3]
+    if weight.shape[1] * groups != C:
+        raise ValueError(f"{op}: weight must be (C', C / groups, kH, kW) with C = {C} and "
+                         f"groups = {groups}, got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor(op, "bias", bias, shape=(weight.shape[0],), like=XV)
+    Z = torch.nn.functional.conv2d(XV.reshape(B * R, *XV.shape[2:]), weight, None, stride,
+                                   padding, dilation, groups)
+    Cout, Ho, Wo = Z.shape[1:]
+    b = None if bias is None else bias[:, None].expand(Cout, Ho * Wo).reshape(-1)
+    Y = tangent_epilogue_packed(Z.reshape(B, R, Cout * Ho * Wo), b, activation, activation_param)
+    return Y.view(B, R, Cout, Ho, Wo)
+
+
+def tangent_conv2d(x: torch.Tensor, V: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None = None, activation: str | None = None, stride=1,
+                   padding=0, dilation=1, groups: int = 1,
+                   activation_param: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, Ẏ)`` of ``y = σ(conv2d(x, weight) + bias)`` with tangents: x ``(B, C, H, W)``,
+    V ``(B, K, C, H, W)`` → y ``(B, C', H', W')``, Ẏ ``(B, K, C', H', W')``. See
+    :func:`tangent_conv2d_packed`."""
+    op = "tangent_conv2d"
+    x, V = autocast_float32(x, V)
+    check_tensor(op, "x", x, ndim=4)
+    check_tensor(op, "V", V, shape=(x.shape[0], None, *x.shape[1:]), like=x)
+    YV = tangent_conv2d_packed(torch.cat([x.unsqueeze(1), V], dim=1), weight, bias, activation,
+                               stride, padding, dilation, groups, activation_param)
+    return YV[:, 0], YV[:, 1:]
+
+
 def tangent_coupling_packed(XV: torch.Tensor, ST: torch.Tensor, scale: str = "tanh"
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Affine coupling of the transformed half on stacked primal and tangent rows.
@@ -207,6 +283,20 @@ def _tangent_linear_backward_fake(grad_Y, XV, W, Z, Y, dA, activation, slope, in
     return XV.new_empty(XV.shape), W.new_empty(W.shape), W.new_empty(W.shape[0])
 
 
+@torch.library.register_fake("injflow::tangent_epilogue")
+def _tangent_epilogue_fake(Z, b, activation, slope):
+    torch._check(Z.dim() == 3, lambda: f"tangent_epilogue: Z must be (B, 1+K, n), got "
+                                       f"{tuple(Z.shape)}")
+    torch._check(b is None or tuple(b.shape) == (Z.shape[2],),
+                 lambda: f"tangent_epilogue: b must be ({Z.shape[2]},)")
+    return Z.new_empty(Z.shape), Z.new_empty(Z.shape), Z.new_empty(Z.shape[0], Z.shape[2])
+
+
+@torch.library.register_fake("injflow::tangent_epilogue_backward")
+def _tangent_epilogue_backward_fake(grad_Y, Z, Y, dA, activation, slope):
+    return Z.new_empty(Z.shape), Z.new_empty(Z.shape[2])
+
+
 @torch.library.register_fake("injflow::tangent_coupling")
 def _tangent_coupling_fake(XV, ST, scale):
     torch._check(XV.dim() == 3, lambda: f"tangent_coupling: XV must be (B, 1+K, m), got "
@@ -250,11 +340,11 @@ def _tangent_mlp_backward_fake(grad_Y, XV, weights, Y, Z, A, dA, activation, slo
 # Under torch.autocast every forward op runs in float32 (the wrappers above cast first; these
 # rules do the same for direct torch.ops calls): low-precision GEMMs would lose the tangents'
 # accuracy that the volume term's log-determinant needs.
-for _name in ("tangent_linear", "tangent_coupling", "tangent_mlp"):
+for _name in ("tangent_linear", "tangent_coupling", "tangent_mlp", "tangent_epilogue"):
     for _device_type in ("cpu", "cuda"):
         torch.library.register_autocast(f"injflow::{_name}", _device_type, torch.float32)
 
 
-# Autograd of all six ops is registered in C++ (csrc/tangent_autograd.cpp, the Autograd key):
+# Autograd of all eight ops is registered in C++ (csrc/tangent_autograd.cpp, the Autograd key):
 # a Python-registered autograd cost ~0.25 ms of interpreter time per call. The backward ops
 # are first order only and say so if a second derivative is requested.
