@@ -3,8 +3,11 @@
 Plain PyTorch writes the same math with separate ops: for the linear layer
 ``z = x Wᵀ + b; y = σ(z); Ẏ = σ'(z) ⊙ (V Wᵀ)`` (two GEMMs, several elementwise kernels),
 for the coupling ``e = exp(tanh(s)); y = x e + t; Ẏ = V e + x e (1 − tanh²s) Ṡ + Ṫ``.
-Ours: ``tangent_linear_packed`` (one GEMM over the stacked rows + fused epilogue) and
-``tangent_coupling_packed`` (one fused kernel), on the stacked (B, 1+K, n) layout. Both are
+for the convolution ``z = conv(x) + b; y = σ(z); Ẏ = σ'(z) ⊙ conv(V)`` (the tangents' images
+stacked into one convolution, elementwise math separate). Ours: ``tangent_linear_packed`` (one
+GEMM over the stacked rows + fused epilogue), ``tangent_coupling_packed`` (one fused kernel) and
+``tangent_conv2d_packed`` (one convolution of primal and tangent images + fused epilogue), on
+the stacked (B, 1+K, ...) layout. Both are
 timed with the same dense random upstream gradient (``(out * G).sum()``), as inside a network;
 a bare ``.sum()`` would hand both an expanded all-ones gradient, which ours copies to a dense
 tensor and elementwise autograd does not.
@@ -24,6 +27,7 @@ import sys
 import tempfile
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
@@ -35,7 +39,11 @@ from common import (  # noqa: E402
     write_results,
 )
 
-from injflow_ext import tangent_coupling_packed, tangent_linear_packed  # noqa: E402
+from injflow_ext import (  # noqa: E402
+    tangent_conv2d_packed,
+    tangent_coupling_packed,
+    tangent_linear_packed,
+)
 
 
 def plain_linear(x, V, W, b):
@@ -51,6 +59,14 @@ def plain_coupling(x, V, s, Sd, t, Td):
     y = x * e + t
     Yd = V * e.unsqueeze(1) + (x * e * (1 - st * st)).unsqueeze(1) * Sd + Td
     return y, Yd, st.sum(-1)
+
+
+def plain_conv(x, V, W, b):
+    B, K = V.shape[:2]
+    y = torch.tanh(F.conv2d(x, W, b, padding=1))
+    Vc = F.conv2d(V.reshape(B * K, *V.shape[2:]), W, None, padding=1)
+    Yd = (1 - y * y).unsqueeze(1) * Vc.view(B, K, *Vc.shape[1:])
+    return y, Yd
 
 
 def compare(plain, ours, device, budget) -> dict:
@@ -117,6 +133,31 @@ def bench_coupling(B, K, m, device, dtype, budget):
     return compare(plain, ours, device, budget), err
 
 
+def bench_conv(B, K, C, device, dtype, budget, H=28):
+    """C channels in and out, H × H images, 3 × 3 kernel, padding 1, tanh."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    XV = torch.randn(B, 1 + K, C, H, H, generator=g).to(device, dtype)
+    W = (torch.randn(C, C, 3, 3, generator=g) / (9 * C) ** 0.5).to(device, dtype).requires_grad_()
+    b = torch.randn(C, generator=g).to(device, dtype).requires_grad_()
+    x, V = XV[:, 0].contiguous().requires_grad_(), XV[:, 1:].contiguous().requires_grad_()
+    XV.requires_grad_()
+    y, Yd = plain_conv(x, V, W, b)
+    YV = tangent_conv2d_packed(XV, W, b, "tanh", padding=1)
+    err = max((YV[:, 0] - y).abs().max().item(), (YV[:, 1:] - Yd).abs().max().item())
+    G = torch.randn(B, 1 + K, C, H, H, generator=g).to(device, dtype)
+    G0, G1 = G[:, 0].contiguous(), G[:, 1:].contiguous()
+
+    def ours():
+        YV = tangent_conv2d_packed(XV, W, b, "tanh", padding=1)
+        (YV * G).sum().backward()
+
+    def plain():
+        y, Yd = plain_conv(x, V, W, b)
+        ((y * G0).sum() + (Yd * G1).sum()).backward()
+
+    return compare(plain, ours, device, budget), err
+
+
 def run_cases(args, device, dtype) -> list[dict]:
     """Every case once, in this process; rows in the canonical order."""
     budget = 0.3 if args.quick else 1.5
@@ -128,12 +169,16 @@ def run_cases(args, device, dtype) -> list[dict]:
     if args.ops in ("all", "coupling"):
         cases += [("tangent_coupling(tanh)", B, m, K) for B in batches for m in (3, 21, 392)
                   for K in (1, 21)]
+    if args.ops in ("all", "conv"):   # MNIST-sized: batch 64, 28 × 28, d = 20 tangents
+        cases += [("tangent_conv2d(tanh, 3x3, 28x28)", 16 if args.quick else 64, C, K)
+                  for C in (8, 32) for K in (1, 20) if not (args.quick and C == 32)]
     # smallest first: a case measured right after a multi-GB one ran measurably slower (the
     # allocator's state), so no case follows a much larger one
     results = {}
     for case in sorted(cases, key=lambda c: c[1] * (1 + c[3]) * c[2]):
         op, B, width, K = case
-        bench = bench_linear if op.startswith("tangent_linear") else bench_coupling
+        bench = (bench_linear if op.startswith("tangent_linear") else
+                 bench_conv if op.startswith("tangent_conv2d") else bench_coupling)
         timing, err = bench(B, K, width, device, dtype, budget)
         results[case] = dict(op=op, batch=B, width=width, K=K, **timing, max_abs_err=err)
         print(f"  {op} B={B} width={width} K={K}: {timing['plain_ms']:.3f} / "
@@ -192,7 +237,7 @@ def main(argv=None):
     p.add_argument("--processes", type=int, default=1,
                    help="run the whole benchmark this many times, each in a fresh process, "
                         "and combine (see run_in_processes)")
-    p.add_argument("--ops", choices=("all", "linear", "coupling"), default="all",
+    p.add_argument("--ops", choices=("all", "linear", "coupling", "conv"), default="all",
                    help="which op's cases to run")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="run the processes with glibc malloc set to keep freed memory "
