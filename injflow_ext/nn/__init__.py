@@ -1,10 +1,19 @@
 """Bijections (``nn.Module``s) with forward, inverse, log|det| and batched tangents."""
 
 from .base import Bijection
+from .image import (
+    ChannelActNorm,
+    ConvAffineCoupling,
+    ConvNet,
+    InvertibleConv1x1,
+    Squeeze,
+    image_flow,
+)
 from .layers import ActNorm, AffineCoupling, FixedAffine, InvertibleLinear, Permutation, Reverse, Sequential
 from .mlp import MLP, set_mlp_path
 from .spline import ElementwiseSpline
 
 __all__ = ["Bijection", "AffineCoupling", "ActNorm", "Permutation", "Reverse",
            "InvertibleLinear", "FixedAffine", "ElementwiseSpline", "Sequential", "MLP",
-           "set_mlp_path"]
+           "set_mlp_path", "Squeeze", "ChannelActNorm", "InvertibleConv1x1", "ConvNet",
+           "ConvAffineCoupling", "image_flow"]
