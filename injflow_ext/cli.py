@@ -278,7 +278,7 @@ def cmd_sample(args) -> int:
     x = model.sample(args.n, generator=g).cpu().numpy()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     np.save(args.out, x)
-    print(f"wrote {args.n} samples of dimension {x.shape[1]} to {args.out}")
+    print(f"wrote {args.n} samples of shape {tuple(x.shape[1:])} to {args.out}")
     return 0
 
 

@@ -62,7 +62,7 @@ def sampling_map(model: RectangularFlow, batch_size: int = 65536):
         out = []
         for i in range(0, len(z), batch_size):
             zb = torch.as_tensor(z[i:i + batch_size], dtype=p.dtype, device=p.device)
-            out.append(model.generate(zb).double().cpu())
+            out.append(model.generate(zb).reshape(len(zb), -1).double().cpu())
         return torch.cat(out).numpy()
     return push
 
@@ -110,6 +110,7 @@ def evaluate(model: RectangularFlow, data: Dataset, *, seed: int = 0) -> dict:
            "n_test": int(len(data.test))}
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     samples = model.sample(len(data.test), generator=g).double().cpu().numpy()
+    samples = samples.reshape(len(samples), -1)      # an image model's samples are images
     out["frechet_distance"] = metrics.frechet_distance(samples, data.test)
     if data.chart is not None:
         kl = model_chart_kl(model, data, seed=seed)

@@ -28,6 +28,7 @@ from .nn import (
     Sequential,
 )
 from .nn.base import check_width
+from .nn.image import image_flow
 
 __all__ = ["RectangularFlow", "default_ambient_size"]
 
@@ -84,6 +85,13 @@ class RectangularFlow(nn.Module):
             density into the far ends of the latent space, e.g. the tear of a closed manifold).
         base_dof: the Student-t's degrees of freedom, a positive int (sampling sums that many
             squared normals).
+        image_shape: ``(C, H, W)`` with ``C·H·W = ambient_dim``: an image model. h is then
+            :func:`~injflow_ext.nn.image_flow` (``image_levels`` scales of ``ambient_layers``
+            blocks of ChannelActNorm, 1 × 1 convolution and checkerboard couplings with CNN
+            conditioners of widths ``image_hidden`` and ``image_activation``) instead of MLP
+            couplings; encode, log_prob and loss take images ``(B, C, H, W)`` or flat
+            ``(B, D)``, and decode, project, generate and sample return images.
+            :meth:`for_images` builds one.
         data_shift, data_scale: optional per-feature standardisation ``x = x_std·scale + shift``
             kept as a fixed last layer of h, so that the model is trained on standardised data
             while encode/decode/log_prob/sample work in the data's own units.
@@ -95,6 +103,8 @@ class RectangularFlow(nn.Module):
                  activation: str = "tanh",
                  scale: str = "tanh", actnorm: bool = True, seed: int = 0,
                  permutation: str = "random", base: str = "normal", base_dof: int = 3,
+                 image_shape: Sequence[int] | None = None, image_levels: int = 2,
+                 image_hidden: Sequence[int] = (32, 32), image_activation: str = "relu",
                  data_shift: Sequence[float] | None = None,
                  data_scale: Sequence[float] | None = None):
         super().__init__()
@@ -114,19 +124,32 @@ class RectangularFlow(nn.Module):
         if isinstance(base_dof, bool) or not isinstance(base_dof, int) or base_dof < 1:
             raise ValueError(f"RectangularFlow: base_dof must be a positive int, got "
                              f"{base_dof!r}")
+        if image_shape is not None:
+            image_shape = tuple(int(v) for v in image_shape)
+            if len(image_shape) != 3 or math.prod(image_shape) != ambient_dim:
+                raise ValueError(f"RectangularFlow: image_shape must be (C, H, W) with C·H·W = "
+                                 f"ambient_dim = {ambient_dim}, got {image_shape}")
         self.ambient_dim, self.latent_dim = ambient_dim, latent_dim
         self.base, self.base_dof = base, base_dof
+        self.image_shape = image_shape
         self.config = dict(ambient_dim=ambient_dim, latent_dim=latent_dim,
                            ambient_layers=ambient_layers, ambient_hidden=list(ambient_hidden),
                            prior_layers=prior_layers, prior_hidden=list(prior_hidden),
                            prior_spline_bins=prior_spline_bins,
                            activation=activation, scale=scale, actnorm=actnorm, seed=seed,
                            permutation=permutation, base=base, base_dof=base_dof,
+                           image_shape=None if image_shape is None else list(image_shape),
+                           image_levels=image_levels, image_hidden=list(image_hidden),
+                           image_activation=image_activation,
                            data_shift=None if data_shift is None else [float(v) for v in data_shift],
                            data_scale=None if data_scale is None else [float(v) for v in data_scale])
         D, d = ambient_dim, latent_dim
         ambient: list[Bijection] = []
-        for i in range(ambient_layers):
+        if image_shape is not None:
+            ambient += list(image_flow(image_shape, levels=image_levels, couplings=ambient_layers,
+                                       hidden=image_hidden, activation=image_activation,
+                                       seed=seed, actnorm=actnorm).layers)
+        for i in range(ambient_layers if image_shape is None else 0):
             if actnorm:
                 ambient.append(ActNorm(D))
             ambient.append(AffineCoupling(D, ambient_hidden, activation, scale=scale))
@@ -147,21 +170,50 @@ class RectangularFlow(nn.Module):
         self.ambient = Sequential(*ambient)
         self.prior = Sequential(*prior)
 
+    @classmethod
+    def for_images(cls, shape: Sequence[int], latent_dim: int, *, levels: int = 2,
+                   couplings: int = 4, hidden: Sequence[int] = (32, 32),
+                   activation: str = "relu", prior_layers: int = 5,
+                   prior_hidden: Sequence[int] = (64, 64), **kwargs) -> RectangularFlow:
+        """An image model: images ``shape = (C, H, W)`` on a ``latent_dim``-dimensional
+        manifold, h a multiscale image flow (``levels`` scales of ``couplings`` blocks with CNN
+        conditioners of widths ``hidden``), f an MLP flow on the latent. Other keyword
+        arguments as the constructor (e.g. ``data_shift``, ``data_scale``, ``seed``)."""
+        shape = tuple(int(v) for v in shape)
+        return cls(math.prod(shape), latent_dim, ambient_layers=couplings, image_shape=shape,
+                   image_levels=levels, image_hidden=hidden, image_activation=activation,
+                   prior_layers=prior_layers, prior_hidden=prior_hidden, **kwargs)
+
     # ------------------------------------------------------------------ maps
+    def _flat(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        """``x (B, D)``, or an image model's ``(B, C, H, W)`` flattened to it."""
+        if self.image_shape is not None and isinstance(x, torch.Tensor) and x.dim() == 4:
+            if tuple(x.shape[1:]) != self.image_shape:
+                raise ValueError(f"{op}: images must be (B, {', '.join(map(str, self.image_shape))})"
+                                 f" or flat (B, {self.ambient_dim}), got {tuple(x.shape)}")
+            x = x.reshape(x.shape[0], -1)
+        check_width(op, x, self.ambient_dim)
+        return x
+
+    def _shaped(self, x: torch.Tensor) -> torch.Tensor:
+        """An image model's ``(B, D)`` outputs as images ``(B, C, H, W)``."""
+        return x if self.image_shape is None else x.reshape(x.shape[0], *self.image_shape)
+
     @property
     def decoder(self) -> _Decoder:
         """``g = h ∘ pad`` for :func:`injflow_ext.estimators.logdet_jtj`."""
         return _Decoder(self)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """``x (B, D) -> u (B, d)``: the first d coordinates of ``h⁻¹(x)``."""
-        check_width("RectangularFlow.encode", x, self.ambient_dim)
+        """``x (B, D) -> u (B, d)``: the first d coordinates of ``h⁻¹(x)`` (image models also
+        take ``(B, C, H, W)``)."""
+        x = self._flat(x, "RectangularFlow.encode")
         return self.ambient.inverse(x)[:, :self.latent_dim]
 
     def decode(self, u: torch.Tensor) -> torch.Tensor:
-        """``u (B, d) -> x (B, D)``: ``h(pad(u))``."""
+        """``u (B, d) -> x (B, D)``: ``h(pad(u))`` (image models: ``(B, C, H, W)``)."""
         check_width("RectangularFlow.decode", u, self.latent_dim, "u")
-        return self.decoder(u)
+        return self._shaped(self.decoder(u))
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, D) -> g(enc(x)) (B, D)``: the point of the learned manifold that x maps to."""
@@ -194,10 +246,12 @@ class RectangularFlow(nn.Module):
 
     def log_prob_and_projection(self, x: torch.Tensor, **gram_kwargs):
         """``(log p (B,), proj(x) (B, D))``: the exact on-manifold log-density of the projection
-        of ``x (B, D)`` and the projection itself, from one encode and one tangent pass."""
+        of ``x (B, D)`` and the projection itself, from one encode and one tangent pass (image
+        models: x and the projection may be ``(B, C, H, W)``, shaped like x)."""
         u = self.encode(x)
         res = logdet_jtj(self.decoder, u, "exact", **gram_kwargs)
-        return self.prior_log_prob(u) - 0.5 * res.value, res.decoded
+        proj = res.decoded if x.dim() == 2 else self._shaped(res.decoded)
+        return self.prior_log_prob(u) - 0.5 * res.value, proj
 
     def log_prob(self, x: torch.Tensor, **gram_kwargs) -> torch.Tensor:
         """Exact on-manifold log-density ``(B,)`` of the projection of ``x (B, D)``."""
@@ -243,7 +297,7 @@ class RectangularFlow(nn.Module):
         """
         from .objectives import OBJECTIVES, make_objective  # objectives build on this module
 
-        check_width("RectangularFlow.loss", x, self.ambient_dim)
+        x = self._flat(x, "RectangularFlow.loss")
         if method not in OBJECTIVES:
             raise ValueError(f"RectangularFlow.loss: method must be one of {list(OBJECTIVES)}, "
                              f"got {method!r}")

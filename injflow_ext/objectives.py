@@ -31,6 +31,11 @@ __all__ = ["Objective", "ExactObjective", "HutchinsonObjective", "SurrogateObjec
            "TwoStepObjective", "OBJECTIVES", "make_objective"]
 
 
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """A batch of images ``(B, C, H, W)`` as ``(B, C·H·W)``; flat batches unchanged."""
+    return x.reshape(x.shape[0], -1) if x.dim() > 2 else x
+
+
 class Objective:
     """Base class. ``phases``: names of the optimisation phases, in the order a step runs
     them; ``capturable``: whether a step of it can be recorded in a CUDA graph."""
@@ -80,6 +85,7 @@ class _VolumeObjective(Objective):
 
     def loss(self, model, x, phase="all", likelihood_weight=1.0, generator=None):
         self._check_phase(phase)
+        x = _flat(x)
         u, res = self._encode_and_volume(model, x, generator)
         rec = ((x - res.decoded) ** 2).sum(-1)
         prior_nll = -model.prior_log_prob(u)
@@ -186,9 +192,10 @@ class TwoStepObjective(Objective):
 
     def loss(self, model, x, phase="reconstruction", likelihood_weight=1.0, generator=None):
         self._check_phase(phase)
+        x = _flat(x)
         if phase == "reconstruction":
             u = model.encode(x)
-            rec = ((x - model.decode(u)) ** 2).sum(-1)
+            rec = ((x - model.decoder(u)) ** 2).sum(-1)
             with torch.no_grad():
                 prior_nll = -model.prior_log_prob(u)
             return {"loss": self.beta * rec.mean(), "nll": None,
@@ -196,7 +203,7 @@ class TwoStepObjective(Objective):
                     "logdet": None, "diagnostics": {}}
         with torch.no_grad():
             u = model.encode(x)
-            rec = ((x - model.decode(u)) ** 2).sum(-1)
+            rec = ((x - model.decoder(u)) ** 2).sum(-1)
         prior_nll = -model.prior_log_prob(u)
         # the likelihood alone trains the prior flow, so a warm-up weight only scales its loss
         # (Adam undoes the scale); a weight of exactly 0 would freeze the prior instead, hence

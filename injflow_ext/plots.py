@@ -122,9 +122,9 @@ def plot_images(model: RectangularFlow, data: Dataset, run_dir: str) -> list:
     plt = _plt()
     p = next(model.parameters())
     h, w = data.image_shape
-    samples = model.sample(64).double().cpu().numpy()
+    samples = model.sample(64).double().cpu().numpy().reshape(64, -1)
     x = torch.as_tensor(data.test[:32], dtype=p.dtype, device=p.device)
-    rec = model.project(x).double().cpu().numpy()
+    rec = model.project(x).double().cpu().numpy().reshape(len(x), -1)
     outs = []
     for name, imgs in (("samples.png", samples),
                        ("reconstructions.png", np.stack([data.test[:32], rec], 1).reshape(64, -1))):
