@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ._io import atomic_json
-from .data import DATASET_NAMES, Dataset, load_dataset
+from .data import DATASET_NAMES, IMAGE_MODEL_DATASETS, Dataset, load_dataset
 from .models import RectangularFlow, default_ambient_size
 from .runs import load_run, read_config, write_config
 
@@ -116,15 +116,24 @@ def _train(args, dist) -> int:
             scale = data.train.std(0) + 1e-6 * (np.abs(data.train).max() + 1e-12)
         torch.manual_seed(args.seed)
         layers, hidden = default_ambient_size(data.dim)
-        model = RectangularFlow(data.dim, d, ambient_layers=args.ambient_layers or layers,
-                                ambient_hidden=args.ambient_hidden or hidden, prior_layers=args.prior_layers,
-                                prior_hidden=args.prior_hidden,
-                                prior_spline_bins=args.prior_spline_bins,
-                                activation=args.activation,
-                                scale=args.coupling_scale, actnorm=args.actnorm,
-                                permutation=args.permutation, base=args.base,
-                                base_dof=args.base_dof, seed=args.seed, data_shift=shift,
-                                data_scale=scale)
+        if os.path.basename(data.name) in IMAGE_MODEL_DATASETS:
+            model = RectangularFlow.for_images(
+                (1, *data.image_shape), d, levels=args.image_levels,
+                couplings=args.image_couplings, hidden=args.image_hidden,
+                prior_layers=args.prior_layers, prior_hidden=args.prior_hidden,
+                base=args.base, base_dof=args.base_dof, seed=args.seed, data_shift=shift,
+                data_scale=scale)
+        else:
+            model = RectangularFlow(data.dim, d, ambient_layers=args.ambient_layers or layers,
+                                    ambient_hidden=args.ambient_hidden or hidden,
+                                    prior_layers=args.prior_layers,
+                                    prior_hidden=args.prior_hidden,
+                                    prior_spline_bins=args.prior_spline_bins,
+                                    activation=args.activation,
+                                    scale=args.coupling_scale, actnorm=args.actnorm,
+                                    permutation=args.permutation, base=args.base,
+                                    base_dof=args.base_dof, seed=args.seed, data_shift=shift,
+                                    data_scale=scale)
         if args.surrogate_noise and args.method != "surrogate":
             raise SystemExit("injflow train: --surrogate-noise is for --method surrogate")
         if not args.surrogate_noise >= 0:
@@ -372,6 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "128,128,128,128)")
     t.add_argument("--prior-layers", type=int, default=5)
     t.add_argument("--prior-hidden", type=_hidden, default=(32, 32))
+    t.add_argument("--image-levels", type=_positive_int, default=2,
+                   help=f"image model ({', '.join(IMAGE_MODEL_DATASETS)}): scales of h (a "
+                        "squeeze between them; default 2)")
+    t.add_argument("--image-couplings", type=_positive_int, default=4,
+                   help="image model: blocks per scale (ActNorm, 1x1 convolution, checkerboard "
+                        "coupling; default 4)")
+    t.add_argument("--image-hidden", type=_hidden, default=[32, 32],
+                   help="image model: channels of the couplings' 3x3 CNN conditioners "
+                        "(default 32,32)")
     t.add_argument("--base", default="normal", choices=["normal", "student-t"],
                    help="distribution of the latent z: normal (the paper's, default) or "
                         "student-t (heavier tails; --base-dof degrees of freedom)")

@@ -134,7 +134,11 @@ TABULAR_SOURCE = ("the preprocessed UCI files of Papamakarios et al. (MAF, 2017)
                   "'data.tar.gz' on Zenodo (record 1161203); unpack it and pass its folder as "
                   "--data-dir")
 
-DATASET_NAMES = list(SYNTHETIC) + ["digits", "mnist", "fashion-mnist"] + list(TABULAR)
+DATASET_NAMES = (list(SYNTHETIC) + ["digits", "digits-images", "mnist", "fashion-mnist"]
+                 + list(TABULAR))
+# image sets on which `injflow train` builds an image model (RectangularFlow.for_images);
+# "digits" is the same data as "digits-images" for the fully connected model
+IMAGE_MODEL_DATASETS = ("digits-images", "mnist", "fashion-mnist")
 
 
 def _digits(seed, rng):
@@ -225,7 +229,7 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
         tr, va, te = _split(x, seed)
         return Dataset(name, tr, va, te, latent_dim=d, log_density=logpdf, sampler=sample,
                        chart=chart)
-    if name == "digits":
+    if name in ("digits", "digits-images"):
         x = _digits(seed, rng)
         tr, va, te = _split(x, seed)
         return Dataset(name, tr, va, te, image_shape=(8, 8))
