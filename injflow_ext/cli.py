@@ -111,9 +111,20 @@ def _train(args, dist) -> int:
             raise SystemExit(f"injflow train: {out} already holds a run; use --resume to continue "
                              "it, --overwrite to start again, or another --out")
         shift = scale = None
+        train_x = data.train
+        if args.logit is not None:     # standardise in logit space, where h's output lives
+            if not 0 <= args.logit < 0.5:
+                raise SystemExit(f"injflow train: --logit ALPHA must be in [0, 0.5), got "
+                                 f"{args.logit}")
+            if data.train.min() <= 0 or data.train.max() >= 1:
+                raise SystemExit(f"injflow train: --logit needs data in (0, 1) (dequantised "
+                                 f"pixels); {data.name} spans [{data.train.min():.3g}, "
+                                 f"{data.train.max():.3g}]")
+            p = args.logit + (1 - 2 * args.logit) * data.train
+            train_x = np.log(p) - np.log1p(-p)
         if args.standardize:
-            shift = data.train.mean(0)
-            scale = data.train.std(0) + 1e-6 * (np.abs(data.train).max() + 1e-12)
+            shift = train_x.mean(0)
+            scale = train_x.std(0) + 1e-6 * (np.abs(train_x).max() + 1e-12)
         torch.manual_seed(args.seed)
         layers, hidden = default_ambient_size(data.dim)
         if os.path.basename(data.name) in IMAGE_MODEL_DATASETS:
@@ -122,7 +133,7 @@ def _train(args, dist) -> int:
                 couplings=args.image_couplings, hidden=args.image_hidden,
                 prior_layers=args.prior_layers, prior_hidden=args.prior_hidden,
                 base=args.base, base_dof=args.base_dof, seed=args.seed, data_shift=shift,
-                data_scale=scale)
+                data_scale=scale, logit_alpha=args.logit)
         else:
             model = RectangularFlow(data.dim, d, ambient_layers=args.ambient_layers or layers,
                                     ambient_hidden=args.ambient_hidden or hidden,
@@ -133,7 +144,7 @@ def _train(args, dist) -> int:
                                     scale=args.coupling_scale, actnorm=args.actnorm,
                                     permutation=args.permutation, base=args.base,
                                     base_dof=args.base_dof, seed=args.seed, data_shift=shift,
-                                    data_scale=scale)
+                                    data_scale=scale, logit_alpha=args.logit)
         if args.surrogate_noise and args.method != "surrogate":
             raise SystemExit("injflow train: --surrogate-noise is for --method surrogate")
         if not args.surrogate_noise >= 0:
@@ -381,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "128,128,128,128)")
     t.add_argument("--prior-layers", type=int, default=5)
     t.add_argument("--prior-hidden", type=_hidden, default=(32, 32))
+    t.add_argument("--logit", type=float, default=None, metavar="ALPHA",
+                   help="pixel data in (0, 1): the model's last layer is x = (σ(y) − ALPHA) / "
+                        "(1 − 2 ALPHA), the standardisation acts in logit space, densities stay "
+                        "in pixel units (e.g. 0.05; default: none)")
     t.add_argument("--image-levels", type=_positive_int, default=2,
                    help=f"image model ({', '.join(IMAGE_MODEL_DATASETS)}): scales of h (a "
                         "squeeze between them; default 2)")

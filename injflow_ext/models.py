@@ -28,7 +28,7 @@ from .nn import (
     Sequential,
 )
 from .nn.base import check_width
-from .nn.image import image_flow
+from .nn.image import LogitPixels, image_flow
 
 __all__ = ["RectangularFlow", "default_ambient_size"]
 
@@ -92,6 +92,9 @@ class RectangularFlow(nn.Module):
             couplings; encode, log_prob and loss take images ``(B, C, H, W)`` or flat
             ``(B, D)``, and decode, project, generate and sample return images.
             :meth:`for_images` builds one.
+        logit_alpha: pixel data in (0, 1): h ends with :class:`~injflow_ext.nn.LogitPixels`
+            (``x = (σ(y) − α)/(1 − 2α)``), after the standardisation, which then acts in logit
+            space; densities stay in the pixels' units. None (default): no logit layer.
         data_shift, data_scale: optional per-feature standardisation ``x = x_std·scale + shift``
             kept as a fixed last layer of h, so that the model is trained on standardised data
             while encode/decode/log_prob/sample work in the data's own units.
@@ -105,6 +108,7 @@ class RectangularFlow(nn.Module):
                  permutation: str = "random", base: str = "normal", base_dof: int = 3,
                  image_shape: Sequence[int] | None = None, image_levels: int = 2,
                  image_hidden: Sequence[int] = (32, 32), image_activation: str = "relu",
+                 logit_alpha: float | None = None,
                  data_shift: Sequence[float] | None = None,
                  data_scale: Sequence[float] | None = None):
         super().__init__()
@@ -140,7 +144,7 @@ class RectangularFlow(nn.Module):
                            permutation=permutation, base=base, base_dof=base_dof,
                            image_shape=None if image_shape is None else list(image_shape),
                            image_levels=image_levels, image_hidden=list(image_hidden),
-                           image_activation=image_activation,
+                           image_activation=image_activation, logit_alpha=logit_alpha,
                            data_shift=None if data_shift is None else [float(v) for v in data_shift],
                            data_scale=None if data_scale is None else [float(v) for v in data_scale])
         D, d = ambient_dim, latent_dim
@@ -167,6 +171,8 @@ class RectangularFlow(nn.Module):
             raise ValueError("RectangularFlow: give both data_shift and data_scale, or neither")
         if data_shift is not None:
             ambient.append(FixedAffine(D, data_shift, data_scale))
+        if logit_alpha is not None:
+            ambient.append(LogitPixels(D, logit_alpha))
         self.ambient = Sequential(*ambient)
         self.prior = Sequential(*prior)
 

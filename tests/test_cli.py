@@ -68,9 +68,9 @@ def test_digits_images_trains_the_image_model(tmp_path):
     assert main(["train", "--data", "digits-images", "--latent-dim", "2", "--out", str(out),
                  "--steps", "3", "--batch-size", "50", "--n-samples", "300", "--quiet",
                  "--image-couplings", "1", "--image-hidden", "4", "--prior-layers", "1",
-                 "--prior-hidden", "4"]) == 0
+                 "--prior-hidden", "4", "--logit", "0.05"]) == 0
     m = load_run(str(out))
-    assert m.image_shape == (1, 8, 8)
+    assert m.image_shape == (1, 8, 8) and m.config["logit_alpha"] == 0.05
     assert m.sample(3).shape == (3, 1, 8, 8)
     assert (out / "samples.png").exists() and (out / "reconstructions.png").exists()
     assert np.isfinite(json.load(open(out / "metrics.json"))["test"]["test_log_likelihood"])

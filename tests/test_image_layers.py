@@ -11,6 +11,7 @@ from injflow_ext.nn import (
     ChannelActNorm,
     ConvAffineCoupling,
     InvertibleConv1x1,
+    LogitPixels,
     Sequential,
     Squeeze,
 )
@@ -29,6 +30,7 @@ def perturbed(layer, scale=0.2, seed=0):
 
 LAYERS = {
     "squeeze": lambda: Squeeze(SHAPE),
+    "logit": lambda: LogitPixels(32, 0.05),
     "actnorm": lambda: ChannelActNorm(SHAPE),
     "conv1x1": lambda: InvertibleConv1x1(SHAPE, seed=3),
     "coupling-checkerboard": lambda: ConvAffineCoupling(SHAPE, "checkerboard", hidden=(6,),
@@ -151,6 +153,25 @@ def test_rectangular_flow_for_images(tmp_path):
         m.encode(torch.randn(2, 2, 4, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"image_shape must be \(C, H, W\) with C·H·W"):
         RectangularFlow(30, 3, image_shape=SHAPE)
+
+
+def test_logit_pixels_maps_onto_the_pixel_range_and_a_model_keeps_pixel_units():
+    layer = LogitPixels(4, 0.05)
+    x, _ = layer(torch.tensor([[-50.0, 0.0, 3.0, 50.0]], dtype=torch.float64))
+    torch.testing.assert_close(x, torch.tensor([[-0.05 / 0.9, 0.5, (torch.sigmoid(
+        torch.tensor(3.0, dtype=torch.float64)).item() - 0.05) / 0.9, 0.95 / 0.9]],
+        dtype=torch.float64))
+    from injflow_ext import RectangularFlow
+    torch.manual_seed(0)
+    m = perturbed(RectangularFlow(5, 2, ambient_layers=2, ambient_hidden=(8,), prior_layers=1,
+                                  prior_hidden=(4,), actnorm=False, logit_alpha=0.05), 0.1)
+    x = torch.rand(6, 5, dtype=torch.float64) * 0.8 + 0.1
+    u = m.encode(x)
+    J = batched_jacobian(m.decode, u)
+    torch.testing.assert_close(m.log_prob(x), m.prior_log_prob(u) - 0.5 * torch.logdet(J.mT @ J))
+    assert ((m.sample(50) > -0.06) & (m.sample(50) < 1.06)).all()
+    with pytest.raises(ValueError, match="alpha must be in"):
+        LogitPixels(3, 0.5)
 
 
 def test_errors():

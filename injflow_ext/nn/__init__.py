@@ -6,6 +6,7 @@ from .image import (
     ConvAffineCoupling,
     ConvNet,
     InvertibleConv1x1,
+    LogitPixels,
     Squeeze,
     image_flow,
 )
@@ -16,4 +17,4 @@ from .spline import ElementwiseSpline
 __all__ = ["Bijection", "AffineCoupling", "ActNorm", "Permutation", "Reverse",
            "InvertibleLinear", "FixedAffine", "ElementwiseSpline", "Sequential", "MLP",
            "set_mlp_path", "Squeeze", "ChannelActNorm", "InvertibleConv1x1", "ConvNet",
-           "ConvAffineCoupling", "image_flow"]
+           "ConvAffineCoupling", "image_flow", "LogitPixels"]

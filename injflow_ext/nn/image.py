@@ -20,7 +20,7 @@ from ..ops.tangent import COUPLING_SCALES, tangent_conv2d_packed, tangent_coupli
 from .base import Bijection, check_width, take_features
 from .layers import _SCALE_FUNCTIONS, InvertibleLinear, Permutation, Sequential
 
-__all__ = ["Squeeze", "ChannelActNorm", "InvertibleConv1x1", "ConvNet", "ConvAffineCoupling",
+__all__ = ["LogitPixels", "Squeeze", "ChannelActNorm", "InvertibleConv1x1", "ConvNet", "ConvAffineCoupling",
            "checkerboard_mask", "channel_mask", "image_flow"]
 
 
@@ -278,3 +278,33 @@ def image_flow(shape: Sequence[int], levels: int = 2, couplings: int = 4,
     flow = Sequential(*layers)
     flow.shape, flow.out_shape = (C, H, W), cur
     return flow
+
+
+class LogitPixels(Bijection):
+    """The logit preprocessing of pixel data as the data-side end of a flow: forward (towards
+    the data) ``x = (σ(y) − α) / (1 − 2α)``, inverse ``y = logit(α + (1 − 2α) x)``, so that a
+    model whose h ends with it has its density in the pixels' own units (values in (0, 1),
+    e.g. dequantised). log|det ∂x/∂y| = Σ log σ'(y) − n log(1 − 2α); tangents ``σ'(y) / (1 −
+    2α) ⊙ ẏ``. Pixels outside ``(−α/(1−2α), (1−α)/(1−2α))`` have no preimage (NaN)."""
+
+    def __init__(self, n: int, alpha: float = 0.05):
+        super().__init__()
+        if not 0 <= alpha < 0.5:
+            raise ValueError(f"LogitPixels: alpha must be in [0, 0.5), got {alpha!r}")
+        self.n, self.alpha = n, float(alpha)
+
+    def forward_packed(self, XV):
+        check_width("LogitPixels", XV, self.n)
+        a, c = self.alpha, 1 - 2 * self.alpha
+        s = torch.sigmoid(XV[:, :1])
+        ds = s * (1 - s)                                   # σ'(y), (B, 1, n)
+        YV = torch.cat([(s - a) / c, XV[:, 1:] * (ds / c)], dim=1)
+        logabsdet = torch.log(ds[:, 0]).sum(-1) - self.n * math.log(c)
+        return YV, logabsdet
+
+    def inverse_with_logabsdet(self, x):
+        check_width("LogitPixels", x, self.n, "y")
+        a, c = self.alpha, 1 - 2 * self.alpha
+        p = a + c * x
+        y = torch.log(p) - torch.log1p(-p)
+        return y, -(torch.log(p * (1 - p)).sum(-1) - self.n * math.log(c))
