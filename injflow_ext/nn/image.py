@@ -18,7 +18,7 @@ from torch import nn
 
 from ..ops.tangent import COUPLING_SCALES, tangent_conv2d_packed, tangent_coupling_packed
 from .base import Bijection, check_width, take_features
-from .layers import _SCALE_FUNCTIONS, InvertibleLinear, Permutation, Sequential
+from .layers import _SCALE_FUNCTIONS, ActNorm, InvertibleLinear, Permutation, Sequential
 
 __all__ = ["LogitPixels", "Squeeze", "ChannelActNorm", "InvertibleConv1x1", "ConvNet", "ConvAffineCoupling",
            "checkerboard_mask", "channel_mask", "image_flow"]
@@ -46,64 +46,16 @@ class Squeeze(Permutation):
         self.shape, self.out_shape = (C, H, W), (4 * C, H // 2, W // 2)
 
 
-class ChannelActNorm(Bijection):
+class ChannelActNorm(ActNorm):
     """``y = x ⊙ exp(log_scale[c]) + shift[c]`` per channel of a ``(C, H, W)`` image,
     initialised from the first batch it sees in training mode (zero mean, unit variance per
-    channel over the batch and the pixels, as :class:`~injflow_ext.nn.ActNorm` per feature).
-    log|det| = H·W·Σ log_scale."""
+    channel over the batch and the pixels): :class:`~injflow_ext.nn.ActNorm` with one scale and
+    shift per group of ``H·W`` features. log|det| = H·W·Σ log_scale."""
 
     def __init__(self, shape: Sequence[int], eps: float = 1e-6):
-        super().__init__()
         C, H, W = _check_shape("ChannelActNorm", shape)
+        super().__init__(C * H * W, eps, group_size=H * W)
         self.shape = self.out_shape = (C, H, W)
-        self.n, self.pixels, self.eps = C * H * W, H * W, eps
-        self.log_scale = nn.Parameter(torch.zeros(C))
-        self.shift = nn.Parameter(torch.zeros(C))
-        self.register_buffer("initialized", torch.tensor(False))
-        self._seen_initialized = False
-
-    def _full(self, v: torch.Tensor) -> torch.Tensor:
-        return v.repeat_interleave(self.pixels)
-
-    @torch.no_grad()
-    def _initialize(self, data: torch.Tensor, direction: str) -> None:
-        if data.shape[0] < 2:
-            return
-        per_channel = data.reshape(data.shape[0], self.shape[0], self.pixels)
-        mean = per_channel.mean((0, 2))
-        std = per_channel.std((0, 2)) + self.eps
-        if direction == "forward":
-            self.log_scale.copy_(-torch.log(std))
-            self.shift.copy_(-mean / std)
-        else:
-            self.log_scale.copy_(torch.log(std))
-            self.shift.copy_(mean)
-        self.initialized.fill_(True)
-        self._seen_initialized = True
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._seen_initialized = False
-
-    def _maybe_initialize(self, data, direction):
-        if self.training and not self._seen_initialized:
-            if bool(self.initialized):
-                self._seen_initialized = True
-            else:
-                self._initialize(data, direction)
-
-    def forward_packed(self, XV):
-        check_width("ChannelActNorm", XV, self.n)
-        self._maybe_initialize(XV[:, 0], "forward")
-        YV = XV * self._full(torch.exp(self.log_scale))
-        YV = torch.cat([YV[:, :1] + self._full(self.shift), YV[:, 1:]], dim=1)
-        return YV, (self.pixels * self.log_scale.sum()).expand(XV.shape[0])
-
-    def inverse_with_logabsdet(self, y):
-        check_width("ChannelActNorm", y, self.n, "y")
-        self._maybe_initialize(y, "inverse")
-        x = (y - self._full(self.shift)) * self._full(torch.exp(-self.log_scale))
-        return x, (-self.pixels * self.log_scale.sum()).expand(y.shape[0])
 
 
 class InvertibleConv1x1(Bijection):

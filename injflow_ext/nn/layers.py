@@ -86,21 +86,32 @@ class AffineCoupling(Bijection):
 class ActNorm(Bijection):
     """``y = x ⊙ exp(log_scale) + shift`` per feature, initialised from the first batch it sees
     in training mode so that the output (forward) or input (inverse) has zero mean and unit
-    variance per feature."""
+    variance per feature.
 
-    def __init__(self, n: int, eps: float = 1e-6):
+    With ``group_size > 1`` one scale and shift serve each run of ``group_size`` consecutive
+    features (``n / group_size`` parameters each; the statistics pool the batch and the group):
+    per channel of a flattened image (:class:`~injflow_ext.nn.ChannelActNorm`)."""
+
+    def __init__(self, n: int, eps: float = 1e-6, group_size: int = 1):
         super().__init__()
-        self.n, self.eps = n, eps
-        self.log_scale = nn.Parameter(torch.zeros(n))
-        self.shift = nn.Parameter(torch.zeros(n))
+        if group_size < 1 or n % group_size:
+            raise ValueError(f"ActNorm: group_size must divide n = {n}, got {group_size}")
+        self.n, self.eps, self.group_size = n, eps, group_size
+        self.log_scale = nn.Parameter(torch.zeros(n // group_size))
+        self.shift = nn.Parameter(torch.zeros(n // group_size))
         self.register_buffer("initialized", torch.tensor(False))
         self._seen_initialized = False
+
+    def _full(self, v: torch.Tensor) -> torch.Tensor:
+        """A per-group parameter ``(n / group_size,)`` as per-feature ``(n,)``."""
+        return v if self.group_size == 1 else v.repeat_interleave(self.group_size)
 
     @torch.no_grad()
     def _initialize(self, data: torch.Tensor, direction: str) -> None:
         if data.shape[0] < 2:
             return
-        mean, std = data.mean(0), data.std(0) + self.eps
+        grouped = data.reshape(data.shape[0], -1, self.group_size)
+        mean, std = grouped.mean((0, 2)), grouped.std((0, 2)) + self.eps
         if direction == "forward":     # y = (x − mean) / std
             self.log_scale.copy_(-torch.log(std))
             self.shift.copy_(-mean / std)
@@ -124,19 +135,18 @@ class ActNorm(Bijection):
                 self._initialize(data, direction)
 
     def forward_packed(self, XV):
-        check_width("ActNorm", XV, self.n)
+        check_width(type(self).__name__, XV, self.n)
         self._maybe_initialize(XV[:, 0], "forward")
-        scale = torch.exp(self.log_scale)
-        YV = XV * scale
-        y0 = YV[:, :1] + self.shift
+        YV = XV * self._full(torch.exp(self.log_scale))
+        y0 = YV[:, :1] + self._full(self.shift)
         YV = torch.cat([y0, YV[:, 1:]], dim=1)
-        return YV, self.log_scale.sum().expand(XV.shape[0])
+        return YV, (self.group_size * self.log_scale.sum()).expand(XV.shape[0])
 
     def inverse_with_logabsdet(self, y):
-        check_width("ActNorm", y, self.n, "y")
+        check_width(type(self).__name__, y, self.n, "y")
         self._maybe_initialize(y, "inverse")
-        x = (y - self.shift) * torch.exp(-self.log_scale)
-        return x, (-self.log_scale.sum()).expand(y.shape[0])
+        x = (y - self._full(self.shift)) * self._full(torch.exp(-self.log_scale))
+        return x, (-self.group_size * self.log_scale.sum()).expand(y.shape[0])
 
 
 class Permutation(Bijection):
