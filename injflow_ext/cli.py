@@ -122,12 +122,18 @@ def _train(args, dist) -> int:
                                  f"{data.train.max():.3g}]")
             p = args.logit + (1 - 2 * args.logit) * data.train
             train_x = np.log(p) - np.log1p(-p)
-        if args.standardize:
+        image_model = os.path.basename(data.name) in IMAGE_MODEL_DATASETS
+        if args.standardize and image_model:
+            # one mean and std over all pixels: per pixel, MNIST's near-constant border pixels
+            # would be blown up into unit-variance noise that h must carry like the strokes
+            shift = np.full(data.dim, train_x.mean())
+            scale = np.full(data.dim, train_x.std())
+        elif args.standardize:
             shift = train_x.mean(0)
             scale = train_x.std(0) + 1e-6 * (np.abs(train_x).max() + 1e-12)
         torch.manual_seed(args.seed)
         layers, hidden = default_ambient_size(data.dim)
-        if os.path.basename(data.name) in IMAGE_MODEL_DATASETS:
+        if image_model:
             model = RectangularFlow.for_images(
                 (1, *data.image_shape), d, levels=args.image_levels,
                 couplings=args.image_couplings, hidden=args.image_hidden,
@@ -247,6 +253,12 @@ def _print_metrics(m: dict) -> None:
         if k == "kl_divergence" and m.get(k) is not None:
             print(f"    true mass where the model's density is below 1e-4 (tears): "
                   f"{m['tear_mass']:.2%}; binning error ≈ {m['kl_discretisation']:.1e}")
+    if m.get("test_bits_per_dim") is not None:
+        print(f"  bits per dimension (on the manifold, grey-level units): mean "
+              f"{m['test_bits_per_dim']:.4f}, median {m['test_bits_per_dim_median']:.4f}")
+    if "fid" in m:
+        print(f"  FID: {m['fid']:.2f}" if m["fid"] is not None else
+              f"  FID: not computed ({m['fid_unavailable']})")
 
 
 def _data_of_run(run_dir: str, args) -> Dataset:
@@ -273,18 +285,24 @@ def cmd_eval(args) -> int:
 
 
 def cmd_ood(args) -> int:
-    from .evaluation import ood_report
+    from .evaluation import ood_summary, per_sample_scores
     model = load_run(args.run, map_location=_device(args.device))
     seed = read_config(args.run)["data"]["seed"]
+    args.in_data = args.in_data or read_config(args.run)["data"]["name"]
     x_in = load_dataset(args.in_data, seed=seed, data_dir=args.data_dir).test
     x_out = load_dataset(args.out_data, seed=seed, data_dir=args.data_dir).test
     for name, x in (("--in-data", x_in), ("--out-data", x_out)):
         if x.shape[1] != model.ambient_dim:
             raise SystemExit(f"injflow ood: {name} has {x.shape[1]} features, the model "
                              f"{model.ambient_dim}")
-    rep = {"in_data": args.in_data, "out_data": args.out_data, **ood_report(model, x_in, x_out)}
-    path = os.path.join(args.run, f"ood_{os.path.basename(args.out_data)}.json")
+    s_in, s_out = per_sample_scores(model, x_in), per_sample_scores(model, x_out)
+    rep = {"in_data": args.in_data, "out_data": args.out_data, **ood_summary(s_in, s_out)}
+    stem = f"ood_{os.path.basename(args.out_data)}"
+    path = os.path.join(args.run, f"{stem}.json")
     atomic_json(rep, path)
+    if not args.no_plot:
+        from .plots import plot_ood_scores
+        print(f"  plot: {plot_ood_scores(s_in, s_out, args.in_data, args.out_data, args.run, f'{stem}.png')}")
     for score in ("log_likelihood", "reconstruction"):
         print(f"  {score}: AUROC {rep[score]['auroc']:.3f}, decision-stump accuracy "
               f"{rep[score]['stump_accuracy']:.3f}")
@@ -421,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no ActNorm layers")
     t.add_argument("--no-standardize", dest="standardize", action="store_false",
                    help="train on the raw data (default: a fixed per-feature standardisation "
+                        "(image models: one mean and std over all pixels) "
                         "layer inside the model)")
     t.add_argument("--no-eval", action="store_true", help="skip the evaluation and plots")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -435,10 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     o = sub.add_parser("ood", help="out-of-distribution detection scores of a run")
     o.add_argument("run")
-    o.add_argument("--in-data", required=True)
-    o.add_argument("--out-data", required=True)
+    o.add_argument("--in-data", default=None,
+                   help="in-distribution data (default: the run's training data); its test split "
+                        "is scored")
+    o.add_argument("--out-data", required=True,
+                   help="out-of-distribution data with as many features (e.g. digits-28 for a "
+                        "mnist-5k run); its test split is scored")
     o.add_argument("--data-dir", default=None)
     o.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    o.add_argument("--no-plot", action="store_true", help="no histogram of the scores")
     o.set_defaults(func=cmd_ood)
 
     s = sub.add_parser("sample", help="draw samples from a run's model into a .npy file")

@@ -336,6 +336,8 @@ class RectangularFlow(nn.Module):
         if not isinstance(payload, dict) or "config" not in payload:
             raise ValueError(f"RectangularFlow.load: {path} is not a file written by "
                              "RectangularFlow.save")
-        model = cls(**payload["config"])
+        # in the saved dtype before loading: a float64 model loaded into float32 parameters
+        # would come back rounded to float32
+        model = cls(**payload["config"]).to(next(iter(payload["state_dict"].values())).dtype)
         model.load_state_dict(payload["state_dict"])
-        return model.to(next(iter(payload["state_dict"].values())).dtype)
+        return model

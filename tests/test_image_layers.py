@@ -14,6 +14,7 @@ from injflow_ext.nn import (
     LogitPixels,
     Sequential,
     Squeeze,
+    Unsqueeze,
 )
 
 SHAPE = (2, 4, 4)
@@ -30,6 +31,7 @@ def perturbed(layer, scale=0.2, seed=0):
 
 LAYERS = {
     "squeeze": lambda: Squeeze(SHAPE),
+    "unsqueeze": lambda: Unsqueeze(SHAPE),
     "logit": lambda: LogitPixels(32, 0.05),
     "actnorm": lambda: ChannelActNorm(SHAPE),
     "conv1x1": lambda: InvertibleConv1x1(SHAPE, seed=3),
@@ -69,6 +71,31 @@ def test_squeeze_is_pixel_unshuffle():
     assert Squeeze((2, 4, 6)).out_shape == (8, 2, 3) and not lad.any()
 
 
+def test_unsqueeze_is_pixel_shuffle():
+    x = torch.randn(5, 8, 2, 3)
+    y, lad = Unsqueeze((2, 4, 6))(x.reshape(5, -1))
+    torch.testing.assert_close(y, F.pixel_shuffle(x, 2).reshape(5, -1))
+    assert Unsqueeze((2, 4, 6)).shape == (8, 2, 3) and not lad.any()
+
+
+def test_image_flow_ends_on_the_pixel_grid_and_mixes_the_latent():
+    """Towards the data the last blocks act on the image itself (its own H × W grid), and
+    at initialisation every latent direction moves every pixel (the dense latent-end map);
+    without it a latent coordinate moves only one pixel of each channel group."""
+    from injflow_ext.nn import image_flow
+    flow = image_flow((1, 8, 8), levels=2, couplings=2, hidden=(4,))
+    # data end, as Glow from the data: ActNorm, 1×1 convolution, coupling on the 8 × 8 grid
+    assert [type(m).__name__ for m in flow.layers[-3:]] == ["ConvAffineCoupling",
+                                                            "InvertibleConv1x1", "ChannelActNorm"]
+    assert all(m.shape == (1, 8, 8) for m in flow.layers[-3:])
+    assert type(flow.layers[0]).__name__ == "InvertibleLinear"
+    for mixing, spread in ((True, 64), (False, 4)):
+        flow = image_flow((1, 8, 8), levels=2, couplings=2, hidden=(4,), latent_mixing=mixing)
+        V = torch.eye(64)[:3].unsqueeze(0)                        # three latent directions
+        _, Y = flow.eval().jvp(torch.zeros(1, 64), V)
+        assert ((Y[0].abs() > 1e-7).sum(-1) == spread).all(), (mixing, (Y[0].abs() > 1e-7).sum(-1))
+
+
 def test_channel_actnorm_initialises_per_channel():
     layer = ChannelActNorm((3, 4, 4)).train()
     x = torch.randn(64, 3, 4, 4) * torch.tensor([1.0, 3.0, 0.5])[:, None, None] + 2.0
@@ -100,7 +127,8 @@ def test_image_flow_as_the_ambient_flow_of_a_rectangular_flow():
     torch.manual_seed(0)
     m = RectangularFlow(32, 3, ambient_layers=0, prior_layers=1, prior_hidden=(4,)).double()
     m.ambient = image_flow(SHAPE, levels=2, couplings=2, hidden=(6,)).double()
-    assert m.ambient.out_shape == (8, 2, 2)
+    # forward (latent to data) ends at the image; the latent end is the coarsest scale
+    assert m.ambient.out_shape == SHAPE and m.ambient.shape == (8, 2, 2)
     x = torch.randn(16, 32, dtype=torch.float64)
     m.train()
     m.loss(x)                                                          # ActNorm initialisation
@@ -148,7 +176,7 @@ def test_rectangular_flow_for_images(tmp_path):
     m.save(str(tmp_path / "m.pt"))
     back = RectangularFlow.load(str(tmp_path / "m.pt")).eval()
     assert back.image_shape == SHAPE
-    torch.testing.assert_close(back.log_prob(x), m.log_prob(x))
+    torch.testing.assert_close(back.log_prob(x), m.log_prob(x), rtol=0, atol=0)  # float64 kept
     with pytest.raises(ValueError, match=r"images must be \(B, 2, 4, 4\) or flat \(B, 32\)"):
         m.encode(torch.randn(2, 2, 4, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"image_shape must be \(C, H, W\) with C·H·W"):

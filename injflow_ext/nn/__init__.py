@@ -8,6 +8,7 @@ from .image import (
     InvertibleConv1x1,
     LogitPixels,
     Squeeze,
+    Unsqueeze,
     image_flow,
 )
 from .layers import ActNorm, AffineCoupling, FixedAffine, InvertibleLinear, Permutation, Reverse, Sequential
@@ -17,4 +18,4 @@ from .spline import ElementwiseSpline
 __all__ = ["Bijection", "AffineCoupling", "ActNorm", "Permutation", "Reverse",
            "InvertibleLinear", "FixedAffine", "ElementwiseSpline", "Sequential", "MLP",
            "set_mlp_path", "Squeeze", "ChannelActNorm", "InvertibleConv1x1", "ConvNet",
-           "ConvAffineCoupling", "image_flow", "LogitPixels"]
+           "ConvAffineCoupling", "image_flow", "LogitPixels", "Unsqueeze"]

@@ -20,8 +20,8 @@ from ..ops.tangent import COUPLING_SCALES, tangent_conv2d_packed, tangent_coupli
 from .base import Bijection, check_width, take_features
 from .layers import _SCALE_FUNCTIONS, ActNorm, InvertibleLinear, Permutation, Sequential
 
-__all__ = ["LogitPixels", "Squeeze", "ChannelActNorm", "InvertibleConv1x1", "ConvNet", "ConvAffineCoupling",
-           "checkerboard_mask", "channel_mask", "image_flow"]
+__all__ = ["LogitPixels", "Squeeze", "Unsqueeze", "ChannelActNorm", "InvertibleConv1x1", "ConvNet",
+           "ConvAffineCoupling", "checkerboard_mask", "channel_mask", "image_flow"]
 
 
 def _check_shape(layer: str, shape) -> tuple[int, int, int]:
@@ -44,6 +44,18 @@ class Squeeze(Permutation):
         perm = idx.permute(0, 2, 4, 1, 3).reshape(-1)
         super().__init__(C * H * W, perm=perm)
         self.shape, self.out_shape = (C, H, W), (4 * C, H // 2, W // 2)
+
+
+class Unsqueeze(Permutation):
+    """Depth-to-space, the inverse of :class:`Squeeze`: ``(4C, H/2, W/2) -> (C, H, W)`` (as
+    ``torch.nn.functional.pixel_shuffle``); built from the image shape ``(C, H, W)`` it
+    produces. A fixed permutation of the flattened features, log|det| = 0."""
+
+    def __init__(self, shape: Sequence[int]):
+        C, H, W = _check_shape("Unsqueeze", shape)
+        squeeze = Squeeze((C, H, W))
+        super().__init__(C * H * W, perm=squeeze.inv_perm)
+        self.shape, self.out_shape = squeeze.out_shape, (C, H, W)
 
 
 class ChannelActNorm(ActNorm):
@@ -206,29 +218,37 @@ class ConvAffineCoupling(Bijection):
 
 def image_flow(shape: Sequence[int], levels: int = 2, couplings: int = 4,
                hidden: Sequence[int] = (32, 32), activation: str = "relu", seed: int = 0,
-               actnorm: bool = True) -> Sequential:
-    """A Glow/RealNVP-style flow over images ``shape = (C, H, W)`` on the flattened layout:
-    ``levels`` scales, each ``couplings`` blocks of (ChannelActNorm, InvertibleConv1x1,
-    ConvAffineCoupling with alternating checkerboard masks), then a Squeeze between scales
-    (``(C, H, W) -> (4C, H/2, W/2)``; the last scale is not squeezed). Nothing is factored out:
-    every block acts on the whole image, as an ambient flow ``h`` of a RectangularFlow must be
-    a bijection of all ``C·H·W`` features. ``flow.out_shape`` is the last scale's shape."""
+               actnorm: bool = True, latent_mixing: bool = True) -> Sequential:
+    """A Glow/RealNVP-style flow whose forward ends at images ``shape = (C, H, W)`` (on the
+    flattened layout), the ambient flow h of an image RectangularFlow: read from the data side,
+    ``levels`` scales, each ``couplings`` Glow blocks (ChannelActNorm, InvertibleConv1x1,
+    ConvAffineCoupling with alternating checkerboard masks), a Squeeze between scales
+    (``(C, H, W) -> (4C, H/2, W/2)``), so the convolutions at the data end see the image's
+    own pixel grid. Nothing is factored out: h must be a bijection of all ``C·H·W`` features.
+
+    With ``latent_mixing`` (default) the latent end is a dense :class:`InvertibleLinear` over
+    all features (a random rotation at initialisation): a RectangularFlow's latent is the
+    first d features there, and without it those would be d neighbouring pixels of the
+    coarsest scale, which local convolutions can fill only with a corner of the image.
+
+    ``flow.shape`` is the latent end's image shape, ``flow.out_shape`` = ``shape``."""
     C, H, W = _check_shape("image_flow", shape)
-    layers: list[Bijection] = []
+    data_side: list[Bijection] = []          # from the image towards the latent
     cur = (C, H, W)
     for level in range(levels):
         for i in range(couplings):
             if actnorm:
-                layers.append(ChannelActNorm(cur))
-            layers.append(InvertibleConv1x1(cur, seed=seed + 100 * level + i))
-            layers.append(ConvAffineCoupling(cur, "checkerboard" if i % 2 == 0 else
-                                             "checkerboard-odd", hidden, activation))
+                data_side.append(ChannelActNorm(cur))
+            data_side.append(InvertibleConv1x1(cur, seed=seed + 100 * level + i))
+            data_side.append(ConvAffineCoupling(cur, "checkerboard" if i % 2 == 0 else
+                                                "checkerboard-odd", hidden, activation))
         if level + 1 < levels:
-            squeeze = Squeeze(cur)
-            layers.append(squeeze)
-            cur = squeeze.out_shape
+            data_side.append(Unsqueeze(cur))  # forward (towards the image) un-squeezes to cur
+            cur = (4 * cur[0], cur[1] // 2, cur[2] // 2)
+    layers: list[Bijection] = [InvertibleLinear(C * H * W, seed=seed + 7)] if latent_mixing else []
+    layers += data_side[::-1]
     flow = Sequential(*layers)
-    flow.shape, flow.out_shape = (C, H, W), cur
+    flow.shape, flow.out_shape = cur, (C, H, W)
     return flow
 
 
