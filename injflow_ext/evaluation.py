@@ -13,7 +13,7 @@ from .data import Dataset
 from .models import RectangularFlow
 
 __all__ = ["evaluate", "per_sample_scores", "ood_report", "model_chart_kl", "sampling_map",
-           "log_likelihood_summary"]
+           "log_likelihood_summary", "bits_per_dim", "image_metrics", "ood_summary"]
 
 # a test point whose log-density is below this (nats) counts as an outlier in the summary
 LOG_LIKELIHOOD_FLOOR = -1000.0
@@ -103,7 +103,8 @@ def evaluate(model: RectangularFlow, data: Dataset, *, seed: int = 0) -> dict:
     (mean squared error), ``frechet_distance`` (model samples vs test data), and for data with a
     known density ``kl_divergence`` = KL(true ‖ model) on the true manifold's chart
     (:func:`injflow_ext.charts.chart_kl`: the model's own distribution pushed to the chart) with
-    ``kl_discretisation``, ``tear_mass`` and ``kl_estimator`` (its description)."""
+    ``kl_discretisation``, ``tear_mass`` and ``kl_estimator`` (its description); for image
+    data also bits per dimension and FID or why there is none (:func:`image_metrics`)."""
     scores = per_sample_scores(model, data.test)
     out = {**log_likelihood_summary(scores["log_likelihood"]),
            "reconstruction": float(scores["reconstruction"].mean()),
@@ -112,6 +113,8 @@ def evaluate(model: RectangularFlow, data: Dataset, *, seed: int = 0) -> dict:
     samples = model.sample(len(data.test), generator=g).double().cpu().numpy()
     samples = samples.reshape(len(samples), -1)      # an image model's samples are images
     out["frechet_distance"] = metrics.frechet_distance(samples, data.test)
+    if data.image_shape is not None:
+        out.update(image_metrics(model, data, out, samples))
     if data.chart is not None:
         kl = model_chart_kl(model, data, seed=seed)
         out.update(kl_divergence=kl["kl"], kl_discretisation=kl["kl_discretisation"],
@@ -120,11 +123,45 @@ def evaluate(model: RectangularFlow, data: Dataset, *, seed: int = 0) -> dict:
     return out
 
 
+def bits_per_dim(log_likelihood, latent_dim: int, ambient_dim: int, levels: int):
+    """``(−log p(x) + d·ln L) / (D·ln 2)``: the on-manifold log-density ``log p`` (nats, data in
+    (0, 1), w.r.t. d-dimensional volume) converted to grey-level units (x·L scales the volume
+    on a d-dimensional manifold by L^d), in bits per ambient dimension. For d = D it is the usual
+    bits/dim of dequantised images; for d < D it is not comparable with a full-dimensional
+    flow's, which pays for all D dimensions."""
+    return (-np.asarray(log_likelihood) + latent_dim * np.log(levels)) / (ambient_dim * np.log(2))
+
+
+def image_metrics(model: RectangularFlow, data: Dataset, scores: dict, samples: np.ndarray) -> dict:
+    """Bits per dimension (:func:`bits_per_dim` of the mean and the median test log-likelihood
+    in ``scores``) and sample quality: FID where the Inception weights are on this machine
+    (:mod:`injflow_ext.fid`), and always the raw-pixel Fréchet distance already in ``scores``."""
+    from .fid import fid_unavailable, inception_fid
+    out = {}
+    if data.levels and scores.get("test_log_likelihood") is not None:
+        bpd = bits_per_dim([scores["test_log_likelihood"], scores["test_log_likelihood_median"]],
+                           model.latent_dim, data.dim, data.levels)
+        out.update(test_bits_per_dim=float(bpd[0]), test_bits_per_dim_median=float(bpd[1]),
+                   bits_per_dim_convention=f"(-log p + d ln L) / (D ln 2), L = {data.levels} grey "
+                   f"levels, d = {model.latent_dim}, D = {data.dim}: the density on the manifold "
+                   "in grey-level units per ambient dimension")
+    reason = fid_unavailable()
+    out["fid"] = None if reason else inception_fid(samples, data.test, data.image_shape)
+    out["fid_unavailable"] = reason
+    out["frechet_features"] = "raw pixels (frechet_distance); Inception-v3 pool features (fid)"
+    return out
+
+
 def ood_report(model: RectangularFlow, x_in: np.ndarray, x_out: np.ndarray) -> dict:
     """AUROC and decision-stump accuracy of the log-likelihood and of the (negated)
     reconstruction error as scores separating in- from out-of-distribution data."""
-    s_in, s_out = per_sample_scores(model, x_in), per_sample_scores(model, x_out)
-    rep = {"n_in": int(len(x_in)), "n_out": int(len(x_out))}
+    return ood_summary(per_sample_scores(model, x_in), per_sample_scores(model, x_out))
+
+
+def ood_summary(s_in: dict, s_out: dict) -> dict:
+    """:func:`ood_report` from per-sample scores (:func:`per_sample_scores` of the in- and the
+    out-of-distribution data)."""
+    rep = {"n_in": int(len(s_in["log_likelihood"])), "n_out": int(len(s_out["log_likelihood"]))}
     for name, sign in (("log_likelihood", 1.0), ("reconstruction", -1.0)):
         a = np.nan_to_num(sign * s_in[name], nan=-1e300, neginf=-1e300, posinf=1e300)
         b = np.nan_to_num(sign * s_out[name], nan=-1e300, neginf=-1e300, posinf=1e300)

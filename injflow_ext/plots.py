@@ -135,7 +135,59 @@ def plot_images(model: RectangularFlow, data: Dataset, run_dir: str) -> list:
         fig.suptitle("model samples" if name == "samples.png"
                      else "test images (odd) and their projections (even)")
         outs.append(_save(fig, run_dir, name, dpi=100))
+    outs.append(plot_interpolations(model, data, run_dir))
     return outs
+
+
+@torch.no_grad()
+def plot_interpolations(model: RectangularFlow, data: Dataset, run_dir: str, pairs: int = 6,
+                        steps: int = 8) -> str:
+    """``interpolations.png``: for ``pairs`` pairs of test images (the first and last column),
+    ``g((1 − t)·f(a) + t·f(b))`` at ``steps`` evenly spaced t: straight lines in the latent u,
+    decoded onto the learned manifold (the end columns are the projections of a and b)."""
+    plt = _plt()
+    p = next(model.parameters())
+    h, w = data.image_shape
+    n = min(2 * pairs, len(data.test)) // 2 * 2
+    x = torch.as_tensor(data.test[:n], dtype=p.dtype, device=p.device)
+    u = model.encode(x)
+    ua, ub = u[0::2], u[1::2]                                     # (P, d) each
+    t = torch.linspace(0, 1, steps, dtype=p.dtype, device=p.device)[None, :, None]
+    path = ((1 - t) * ua[:, None] + t * ub[:, None]).reshape(-1, u.shape[1])
+    imgs = model.decode(path).double().cpu().numpy().reshape(n // 2, steps, h, w)
+    ends = data.test[:n].reshape(n // 2, 2, h, w)
+    fig, axes = plt.subplots(n // 2, steps + 2, figsize=(1.0 * (steps + 2), 1.0 * (n // 2)),
+                             squeeze=False)
+    for i in range(n // 2):
+        row = [ends[i, 0], *imgs[i], ends[i, 1]]
+        for j, img in enumerate(row):
+            axes[i, j].imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
+            axes[i, j].axis("off")
+    fig.suptitle("test images a, b (outer columns) and g((1 − t) f(a) + t f(b)), t = 0 … 1")
+    return _save(fig, run_dir, "interpolations.png", dpi=100)
+
+
+def plot_ood_scores(s_in: dict, s_out: dict, in_name: str, out_name: str, run_dir: str,
+                    name: str) -> str:
+    """Histograms of the per-sample log-likelihood and reconstruction error of in- and
+    out-of-distribution data (:func:`injflow_ext.evaluation.per_sample_scores`), as in the
+    paper's OOD figure; log-likelihoods clipped at their 1 % quantile so outliers stay in view."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, label in ((axes[0], "log_likelihood", "log-likelihood (nats)"),
+                           (axes[1], "reconstruction", "reconstruction error ‖x − proj(x)‖²")):
+        a, b = np.asarray(s_in[key], float), np.asarray(s_out[key], float)
+        both = np.concatenate([a, b])
+        both = both[np.isfinite(both)]
+        lo, hi = (np.quantile(both, 0.01), both.max()) if key == "log_likelihood" else \
+            (both.min(), np.quantile(both, 0.99))
+        bins = np.linspace(lo, hi, 50)
+        ax.hist(np.clip(a, lo, hi), bins, alpha=0.6, density=True, label=f"{in_name} (in)")
+        ax.hist(np.clip(b, lo, hi), bins, alpha=0.6, density=True, label=f"{out_name} (out)")
+        ax.set_xlabel(label)
+        ax.legend()
+    fig.suptitle("out-of-distribution scores of the test sets")
+    return _save(fig, run_dir, name)
 
 
 def make_plots(model: RectangularFlow, data: Dataset, run_dir: str) -> list:

