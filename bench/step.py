@@ -15,6 +15,9 @@ the ops): ours_exact_compiled (TrainStep mode "compiled", CPU or CUDA),
 ours_exact_compiled_graph (mode "captured", compiled) and, for a like-for-like
 comparison, ref_batched_compiled and ref_batched_compiled_graph (the reference compiled the
 same way, launched eagerly and captured).
+Configs: the paper's tabular sizes (fully connected couplings), and MNIST_CONV, the
+convolutional image model at MNIST size (28 × 28, d = 20, batch 64), whose plain references
+run each CNN conditioner as one F.conv2d of the stacked primal and tangent images per layer.
 Before timing, every exact method must give the same loss and gradients (checked in float64 on
 a slice of the batch), and so must ours_surrogate and ref_surrogate on the same probes; each
 compiled method's gradients must match ours_exact's at the timing dtype (relative error
@@ -44,14 +47,17 @@ from injflow_ext.objectives import (  # noqa: E402
     SurrogateObjective,
 )
 
-CONFIGS = {  # name: (D, d, batch, hidden)
+CONFIGS = {  # name: (D, d, batch, hidden) or, for an image model, (image shape, d, batch, CNN widths)
     "POWER": (6, 2, 5000, (128,) * 4),
     "GAS": (8, 2, 2500, (128,) * 4),
     "HEPMASS": (21, 10, 750, (128,) * 4),
     "MINIBOONE": (43, 21, 400, (128,) * 4),
     "IMAGE": (784, 20, 50, (512,) * 2),
+    # the convolutional image model of `injflow train --data mnist-5k` (RectangularFlow.for_images:
+    # 2 scales of 4 CNN couplings of 32-32 channels) at MNIST size
+    "MNIST_CONV": ((1, 28, 28), 20, 64, (32, 32)),
 }
-QUICK_CONFIGS = {"TINY": (6, 2, 64, (16,) * 2)}
+QUICK_CONFIGS = {"TINY": (6, 2, 64, (16,) * 2), "TINY_CONV": ((1, 8, 8), 3, 16, (8, 8))}
 METHODS = ["ours_exact", "ours_hutchinson", "ours_surrogate", "ours_exact_graph",
            "ours_hutchinson_graph", "ours_surrogate_graph",
            "ref_one_tangent", "ref_batched", "ref_jacfwd", "ref_hutchinson_cg", "ref_surrogate",
@@ -70,11 +76,17 @@ BETA = 50.0
 
 
 def build_model(D, d, hidden, device, dtype, seed=0):
+    """The fully connected model of the paper's tabular runs (D an int), or for D = (C, H, W)
+    the image model of ``RectangularFlow.for_images`` with ``hidden`` its CNN widths."""
     torch.manual_seed(seed)
-    model = RectangularFlow(D, d, ambient_layers=10, ambient_hidden=hidden, prior_layers=5,
-                            prior_hidden=(32, 32), actnorm=True, seed=seed)
+    if isinstance(D, tuple):
+        model = RectangularFlow.for_images(D, d, levels=2, couplings=4, hidden=hidden,
+                                           prior_layers=5, prior_hidden=(32, 32), seed=seed)
+    else:
+        model = RectangularFlow(D, d, ambient_layers=10, ambient_hidden=hidden, prior_layers=5,
+                                prior_hidden=(32, 32), actnorm=True, seed=seed)
     model = model.to(device=device, dtype=dtype)
-    x = make_batch(256, D, device, dtype, seed)
+    x = make_batch(256, model.ambient_dim, device, dtype, seed)
     model.loss(x)  # data-dependent ActNorm initialisation
     with torch.no_grad():  # move off the identity initialisation of the couplings
         for p in model.parameters():
@@ -297,6 +309,7 @@ def main(argv=None):
     for name, (D, d, B, hidden) in configs.items():
         model = build_model(D, d, hidden, device, dtype)
         set_mlp_path(model, args.mlp_path)
+        D = model.ambient_dim
         x = make_batch(B, D, device, dtype)
         worst = check_exact_methods_agree(model, x, methods)
         surrogate_agreement = check_surrogates_agree(model, x, methods)

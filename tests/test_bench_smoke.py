@@ -20,12 +20,14 @@ def run(script, tmp_path, *args):
 
 def test_step_benchmark_smoke(tmp_path):
     res = run("step.py", tmp_path, "--budget", "0.05")
-    row = res["rows"][0]
-    assert row["exact_agreement"] < 1e-7
-    assert row["surrogate_agreement"] < 1e-7      # ours_surrogate = ref_surrogate, same probes
-    for m in ("ours_exact", "ours_hutchinson", "ours_surrogate", "ref_one_tangent", "ref_batched",
-              "ref_jacfwd", "ref_hutchinson_cg", "ref_surrogate"):
-        assert row[f"{m}_ms"] > 0
+    # a fully connected model and a convolutional image model (the plain CNN reference)
+    assert [r["config"] for r in res["rows"]] == ["TINY", "TINY_CONV"]
+    for row in res["rows"]:
+        assert row["exact_agreement"] < 1e-7
+        assert row["surrogate_agreement"] < 1e-7      # ours_surrogate = ref_surrogate, same probes
+        for m in ("ours_exact", "ours_hutchinson", "ours_surrogate", "ref_one_tangent",
+                  "ref_batched", "ref_jacfwd", "ref_hutchinson_cg", "ref_surrogate"):
+            assert row[f"{m}_ms"] > 0
 
 
 def test_op_benchmarks_smoke(tmp_path):

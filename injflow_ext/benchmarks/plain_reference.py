@@ -10,7 +10,10 @@ They are what a user would write without this library (docs/design.md §5, bench
   sync per iteration), matrix-free ``Jᵀ(J v)`` by a tangent pass and autograd VJPs;
 - ``encoder_surrogate``: the encoder-Jacobian surrogate of free-form injective flows, the way
   their code writes it: ``vᵀ f′(x)`` by autograd through the encoder, ``J v`` by a tangent pass.
-Each returns the loss (a scalar to backpropagate).
+Each returns the loss (a scalar to backpropagate). They take fully connected models and image
+models (``RectangularFlow.for_images``): an image coupling's CNN runs the plain way, one
+``F.conv2d`` of the primal and tangent images stacked as one batch per layer, the activation's
+tangent rule as elementwise torch ops after it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..nn import ActNorm, AffineCoupling, InvertibleLinear, Permutation
+from ..nn.image import ConvAffineCoupling, InvertibleConv1x1
 
 __all__ = ["exact_batched", "exact_one_tangent", "exact_jacfwd", "hutchinson_cg", "encoder_surrogate",
            "reference_cg", "mlp_tangents", "ambient_tangents", "plain_tangent_mlp"]
@@ -35,6 +39,8 @@ def _act_and_derivative(name, z):
         return a, 1 - a * a
     if name is None:
         return z, torch.ones_like(z)
+    if name == "relu":
+        return F.relu(z), (z > 0).to(z.dtype)
     a = _ACT[name](z)
     da = torch.autograd.functional.jvp(_ACT[name], z, torch.ones_like(z), create_graph=True)[1]
     return a, da
@@ -75,14 +81,60 @@ def _take(x, idx):
     return torch.gather(x, -1, idx.expand(*x.shape[:-1], idx.numel()))
 
 
+def conv_tangents(net, X, Vd):
+    """A ConvNet's primal images X (B, C, H, W) and tangent images Vd (B, K, C, H, W), the plain
+    way: per layer one ``F.conv2d`` of the stacked batch ``[X; V]`` (the convolution is linear,
+    so the tangents go through the same weights, with the bias on the primal only), then
+    ``a = σ(z)`` and ``V = σ'(z) ⊙ (W ⋆ V)``."""
+    B, K = Vd.shape[:2]
+    last = len(net.weights) - 1
+    for i, (W, b) in enumerate(zip(net.weights, net.biases)):
+        Z = F.conv2d(torch.cat([X, Vd.reshape(B * K, *Vd.shape[2:])]), W, padding=1)
+        z, ZV = Z[:B] + b[:, None, None], Z[B:].reshape(B, K, *Z.shape[1:])
+        if i < last:
+            X, da = _act_and_derivative(net.activation, z)
+            Vd = da.unsqueeze(1) * ZV
+        else:
+            X, Vd = z, ZV
+    return X, Vd
+
+
+def _coupling_st(layer, x, V):
+    """``s, t`` (B, m) and their tangents (B, K, m) of an image coupling at its transformed
+    features, from its CNN on the masked image."""
+    C, H, W = layer.shape
+    B, K = V.shape[:2]
+    mask = layer.mask.to(x.dtype)
+    st, STd = conv_tangents(layer.conditioner, (x * mask).view(B, C, H, W),
+                            (V * mask).view(B, K, C, H, W))
+    st, STd = st.reshape(B, 2, layer.n), STd.reshape(B, K, 2, layer.n)
+    return (_take(st[:, 0], layer.idx_b), _take(st[:, 1], layer.idx_b),
+            _take(STd[:, :, 0], layer.idx_b), _take(STd[:, :, 1], layer.idx_b))
+
+
 def ambient_tangents(model, x, V):
     """y = h(x) (B, D) and Ẏ = (∂h/∂x) V (B, K, D), plain torch ops."""
     for layer in model.ambient.layers:
         if isinstance(layer, ActNorm):
-            e = torch.exp(layer.log_scale)
-            x, V = x * e + layer.shift, V * e
+            e = torch.exp(layer.log_scale).repeat_interleave(layer.group_size)
+            x, V = x * e + layer.shift.repeat_interleave(layer.group_size), V * e
         elif isinstance(layer, Permutation):
             x, V = _take(x, layer.perm), _take(V, layer.perm)
+        elif isinstance(layer, InvertibleConv1x1):
+            Wm, C = layer.linear.weight(), layer.shape[0]
+            x = (Wm @ x.reshape(x.shape[0], C, layer.pixels)).reshape(x.shape)
+            V = (Wm @ V.reshape(*V.shape[:2], C, layer.pixels)).reshape(V.shape)
+        elif isinstance(layer, ConvAffineCoupling):
+            s, t, Sd, Td = _coupling_st(layer, x, V)
+            xa, xb = _take(x, layer.idx_a), _take(x, layer.idx_b)
+            Va, Vb = _take(V, layer.idx_a), _take(V, layer.idx_b)
+            ts = torch.tanh(s) if layer.scale == "tanh" else s
+            dts = (1 - ts * ts) if layer.scale == "tanh" else torch.ones_like(s)
+            e = torch.exp(ts)
+            yb = xb * e + t
+            Yb = Vb * e.unsqueeze(1) + (xb * e * dts).unsqueeze(1) * Sd + Td
+            x = _take(torch.cat([xa, yb], -1), layer.unperm)
+            V = _take(torch.cat([Va, Yb], -1), layer.unperm)
         elif isinstance(layer, InvertibleLinear):
             W = layer.weight()
             x, V = x @ W.T, V @ W.T
@@ -105,10 +157,25 @@ def _inverse_layers(layers, y):
     lad_total = y.new_zeros(y.shape[0])
     for layer in reversed(layers):
         if isinstance(layer, ActNorm):
-            y = (y - layer.shift) * torch.exp(-layer.log_scale)
-            lad_total = lad_total - layer.log_scale.sum()
+            g = layer.group_size
+            y = (y - layer.shift.repeat_interleave(g)) * torch.exp(-layer.log_scale).repeat_interleave(g)
+            lad_total = lad_total - g * layer.log_scale.sum()
         elif isinstance(layer, Permutation):
             y = _take(y, layer.inv_perm)
+        elif isinstance(layer, InvertibleLinear):
+            Wm = layer.weight()
+            y = torch.linalg.solve(Wm, y.T).T
+            lad_total = lad_total - torch.linalg.slogdet(Wm)[1]
+        elif isinstance(layer, InvertibleConv1x1):
+            Wm, C = layer.linear.weight(), layer.shape[0]
+            y = torch.linalg.solve(Wm, y.reshape(y.shape[0], C, -1)).reshape(y.shape)
+            lad_total = lad_total - layer.pixels * torch.linalg.slogdet(Wm)[1]
+        elif isinstance(layer, ConvAffineCoupling):
+            s, t, _, _ = _coupling_st(layer, y, y.new_zeros(y.shape[0], 0, y.shape[1]))
+            ts = torch.tanh(s) if layer.scale == "tanh" else s
+            xb = (_take(y, layer.idx_b) - t) * torch.exp(-ts)
+            y = _take(torch.cat([_take(y, layer.idx_a), xb], -1), layer.unperm)
+            lad_total = lad_total - ts.sum(-1)
         elif isinstance(layer, AffineCoupling):
             ya, yb = layer.split(y)
             st, _ = mlp_tangents(layer.conditioner, ya, ya.new_zeros(ya.shape[0], 0, ya.shape[1]))
