@@ -78,7 +78,7 @@ def main(argv=None):
     results = []
     for name, (D, d, B, hidden) in configs.items():
         model = step_bench.build_model(D, d, hidden, device, dtype)
-        x = step_bench.make_batch(B, D, device, dtype)
+        x = step_bench.make_batch(B, model.ambient_dim, device, dtype)
         for method in args.methods.split(","):
             if method.endswith("_graph") and device.type != "cuda":
                 continue  # graphs are CUDA-only (make_step gives None)

@@ -20,8 +20,9 @@ convolutional image model at MNIST size (28 × 28, d = 20, batch 64), whose plai
 run each CNN conditioner as one F.conv2d of the stacked primal and tangent images per layer.
 Before timing, every exact method must give the same loss and gradients (checked in float64 on
 a slice of the batch), and so must ours_surrogate and ref_surrogate on the same probes; each
-compiled method's gradients must match ours_exact's at the timing dtype (relative error
-<= 1e-4 in float32, 2e-3 with --tf32).
+compiled method's gradients must match ours_exact's (relative error <= 1e-9 in float64; in
+float32 against the float64 gradients, <= 1e-4, 2e-3 with --tf32, or 4 × the rounding error of
+the same code run eagerly in float32 where that is larger: an ill-conditioned gradient).
 
     python bench/step.py [--device cpu|cuda] [--configs MINIBOONE,HEPMASS] [--methods ...]
                          [--mlp-path auto|per_layer|fused] [--quick] [--json PATH]
@@ -190,16 +191,34 @@ def exact_gradients(model, x):
     return [p.grad.clone() for p in model.parameters()]
 
 
-def check_gradients_match(method, model, expected):
-    """The gradients a compiled method left in ``p.grad`` against ``expected``."""
-    err = gradient_rel_err([p.grad for p in model.parameters()], expected)
-    tol = COMPILED_TOLERANCE[expected[0].dtype]
-    if expected[0].is_cuda and expected[0].dtype == torch.float32 and \
+def float64_gradients(model, x, fn):
+    """The gradients of ``fn(model, x)`` with the model and batch in float64 (the model is put
+    back in its dtype): the yardstick against which the rounding of a float32 step is judged."""
+    dtype = next(model.parameters()).dtype
+    m64 = model.to(torch.float64)
+    clear_grads(m64)
+    fn(m64, x.to(torch.float64)).backward()
+    grads = [p.grad.clone() for p in m64.parameters()]
+    clear_grads(m64)
+    model.to(dtype)
+    return grads
+
+
+def check_gradients_match(method, model, expected, rounding=0.0):
+    """The gradients a compiled method left in ``p.grad`` against ``expected``: within the
+    dtype's tolerance, or, where the float32 gradient is ill-conditioned (``expected`` then in
+    float64), within 4 × ``rounding``, the error of the same code run eagerly in float32 (the
+    image model at MNIST size: eager float32 is 2.6e-3 from float64 for ours, 4.4e-2 for the
+    plain reference, so no reordering of its float32 arithmetic can meet 1e-4)."""
+    err = gradient_rel_err([p.grad.to(expected[0].dtype) for p in model.parameters()], expected)
+    tol = COMPILED_TOLERANCE[next(model.parameters()).dtype]
+    if expected[0].is_cuda and next(model.parameters()).dtype == torch.float32 and \
             torch.backends.cuda.matmul.allow_tf32:
         tol = TF32_TOLERANCE
+    tol = max(tol, 4 * rounding)
     if not err <= tol:
         raise AssertionError(f"{method} disagrees with ours_exact: gradient rel err {err:.2e} "
-                             f"> {tol:.0e}")
+                             f"> {tol:.1e}")
     return err
 
 
@@ -228,6 +247,22 @@ def make_step(method, model, x, device, checks=None):
         return None
     if "compiled" in method:
         expected = exact_gradients(model, x)
+        rounding = 0.0
+        if x.dtype == torch.float32:    # judge against float64, allowing the eager rounding
+            plain = method.startswith("ref_")
+            fn = (lambda m, xx: ref.exact_batched(m, xx, BETA)) if plain else \
+                (lambda m, xx: m.loss(xx, "exact", beta=BETA)["loss"])
+            truth = float64_gradients(model, x, fn)
+            if plain:
+                clear_grads(model)
+                ref.exact_batched(model, x, BETA).backward()
+                eager = [p.grad.clone() for p in model.parameters()]
+            else:
+                eager = expected
+            rounding = gradient_rel_err([g.double() for g in eager], truth)
+            if checks is not None:
+                checks[f"{method}_eager_float32_vs_float64"] = rounding
+            expected = truth
         if method.startswith("ref_"):
             compiled = torch.compile(ref.exact_batched, dynamic=False)
             if method.endswith("_graph"):
@@ -245,7 +280,7 @@ def make_step(method, model, x, device, checks=None):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        err = check_gradients_match(method, model, expected)
+        err = check_gradients_match(method, model, expected, rounding)
         if checks is not None:
             checks[method] = err
         return step

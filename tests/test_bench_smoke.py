@@ -53,7 +53,9 @@ def test_paired_ratio_interval_order_statistics():
 
 def test_profile_step_smoke(tmp_path):
     res = run("profile_step.py", tmp_path, "--methods", "ours_exact,ref_batched")
-    assert [r["method"] for r in res["rows"]] == ["ours_exact", "ref_batched"]
+    assert [(r["config"], r["method"]) for r in res["rows"]] == [
+        ("TINY", "ours_exact"), ("TINY", "ref_batched"),
+        ("TINY_CONV", "ours_exact"), ("TINY_CONV", "ref_batched")]
     for r in res["rows"]:
         assert r["wall_ms"] > 0 and r["launches_per_step"] > 0 and r["top"]
 
