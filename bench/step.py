@@ -184,22 +184,28 @@ def clear_grads(model):
         p.grad = None
 
 
-def exact_gradients(model, x):
-    """ours_exact's (eager) gradients on ``x``, the yardstick of the compiled methods."""
+def step_gradients(model, x, fn):
+    """The gradients of one eager step ``fn(model, x).backward()`` (left cleared)."""
     clear_grads(model)
-    model.loss(x, "exact", beta=BETA)["loss"].backward()
-    return [p.grad.clone() for p in model.parameters()]
+    fn(model, x).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    clear_grads(model)
+    return grads
+
+
+def ours_exact_loss(model, x):
+    return model.loss(x, "exact", beta=BETA)["loss"]
+
+
+def ref_exact_loss(model, x):
+    return ref.exact_batched(model, x, BETA)
 
 
 def float64_gradients(model, x, fn):
-    """The gradients of ``fn(model, x)`` with the model and batch in float64 (the model is put
-    back in its dtype): the yardstick against which the rounding of a float32 step is judged."""
+    """:func:`step_gradients` with the model and batch in float64 (the model is put back in
+    its dtype): the yardstick against which the rounding of a float32 step is judged."""
     dtype = next(model.parameters()).dtype
-    m64 = model.to(torch.float64)
-    clear_grads(m64)
-    fn(m64, x.to(torch.float64)).backward()
-    grads = [p.grad.clone() for p in m64.parameters()]
-    clear_grads(m64)
+    grads = step_gradients(model.to(torch.float64), x.to(torch.float64), fn)
     model.to(dtype)
     return grads
 
@@ -246,23 +252,15 @@ def make_step(method, model, x, device, checks=None):
     if method.endswith("_graph") and device.type != "cuda":
         return None
     if "compiled" in method:
-        expected = exact_gradients(model, x)
-        rounding = 0.0
         if x.dtype == torch.float32:    # judge against float64, allowing the eager rounding
-            plain = method.startswith("ref_")
-            fn = (lambda m, xx: ref.exact_batched(m, xx, BETA)) if plain else \
-                (lambda m, xx: m.loss(xx, "exact", beta=BETA)["loss"])
-            truth = float64_gradients(model, x, fn)
-            if plain:
-                clear_grads(model)
-                ref.exact_batched(model, x, BETA).backward()
-                eager = [p.grad.clone() for p in model.parameters()]
-            else:
-                eager = expected
-            rounding = gradient_rel_err([g.double() for g in eager], truth)
+            fn = ref_exact_loss if method.startswith("ref_") else ours_exact_loss
+            expected = float64_gradients(model, x, fn)
+            rounding = gradient_rel_err([g.double() for g in step_gradients(model, x, fn)],
+                                        expected)
             if checks is not None:
                 checks[f"{method}_eager_float32_vs_float64"] = rounding
-            expected = truth
+        else:
+            expected, rounding = step_gradients(model, x, ours_exact_loss), 0.0
         if method.startswith("ref_"):
             compiled = torch.compile(ref.exact_batched, dynamic=False)
             if method.endswith("_graph"):

@@ -287,8 +287,9 @@ def cmd_eval(args) -> int:
 def cmd_ood(args) -> int:
     from .evaluation import ood_summary, per_sample_scores
     model = load_run(args.run, map_location=_device(args.device))
-    seed = read_config(args.run)["data"]["seed"]
-    args.in_data = args.in_data or read_config(args.run)["data"]["name"]
+    run_data = read_config(args.run)["data"]
+    seed = run_data["seed"]
+    args.in_data = args.in_data or run_data["name"]
     x_in = load_dataset(args.in_data, seed=seed, data_dir=args.data_dir).test
     x_out = load_dataset(args.out_data, seed=seed, data_dir=args.data_dir).test
     for name, x in (("--in-data", x_in), ("--out-data", x_out)):

@@ -17,7 +17,8 @@ import numpy as np
 
 from .charts import Chart, circle_chart, sphere_chart, torus_chart
 
-__all__ = ["Dataset", "load_dataset", "SYNTHETIC", "TABULAR", "DATASET_NAMES", "IMAGE_DATASETS"]
+__all__ = ["Dataset", "load_dataset", "SYNTHETIC", "TABULAR", "DATASET_NAMES",
+           "IMAGE_MODEL_DATASETS"]
 
 
 @dataclass
@@ -138,19 +139,23 @@ TABULAR_SOURCE = ("the preprocessed UCI files of Papamakarios et al. (MAF, 2017)
                   "'data.tar.gz' on Zenodo (record 1161203); unpack it and pass its folder as "
                   "--data-dir")
 
-IMAGE_DATASETS = ("digits-images", "digits-28", "mnist-5k", "mnist", "fashion-mnist")
-DATASET_NAMES = list(SYNTHETIC) + ["digits", *IMAGE_DATASETS] + list(TABULAR)
 # image sets on which `injflow train` builds an image model (RectangularFlow.for_images);
 # "digits" is the same data as "digits-images" for the fully connected model
-IMAGE_MODEL_DATASETS = IMAGE_DATASETS
+IMAGE_MODEL_DATASETS = ("digits-images", "digits-28", "mnist-5k", "mnist", "fashion-mnist")
+DATASET_NAMES = list(SYNTHETIC) + ["digits", *IMAGE_MODEL_DATASETS] + list(TABULAR)
 
 
-def _digits(seed, rng):
+def _digit_levels(name):
+    """scikit-learn's 8×8 digits, (1797, 64) float64 grey levels 0..16."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover
-        raise ImportError("the 'digits' dataset needs scikit-learn: pip install scikit-learn") from exc
-    x = load_digits().data.astype(np.float64)            # (1797, 64), integers 0..16
+        raise ImportError(f"the '{name}' dataset needs scikit-learn: pip install scikit-learn") from exc
+    return load_digits().data.astype(np.float64)
+
+
+def _digits(seed, rng):
+    x = _digit_levels("digits")
     x = (x + rng.uniform(size=x.shape)) / 17.0            # dequantised to (0, 1)
     return x
 
@@ -162,11 +167,7 @@ def _digits_28(rng):
     the offline out-of-distribution partner of mnist-5k."""
     import torch
     import torch.nn.functional as F
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover
-        raise ImportError("the 'digits-28' dataset needs scikit-learn: pip install scikit-learn") from exc
-    x = torch.as_tensor(load_digits().data, dtype=torch.float64).reshape(-1, 1, 8, 8) / 16.0
+    x = torch.as_tensor(_digit_levels("digits-28")).reshape(-1, 1, 8, 8) / 16.0
     x = F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False)
     x = F.pad(x, (4, 4, 4, 4)).reshape(len(x), -1).numpy()
     x = np.round(np.clip(x, 0.0, 1.0) * 255.0)

@@ -46,17 +46,20 @@ def _act_and_derivative(name, z):
     return a, da
 
 
+def _activate(name, z, Zd, hidden):
+    """A layer's output from its pre-activations, primal ``z (B, ...)`` and tangents
+    ``Zd (B, K, ...)``: ``σ(z), σ'(z) ⊙ Zd`` for a hidden layer, unchanged for the last."""
+    if not hidden:
+        return z, Zd
+    a, da = _act_and_derivative(name, z)
+    return a, da.unsqueeze(1) * Zd
+
+
 def mlp_tangents(mlp, h, Hd):
     """Primal h (B, n) and tangents Hd (B, K, n) through the conditioner, separate GEMMs."""
-    n = len(mlp.weights)
+    last = len(mlp.weights) - 1
     for i, (W, b) in enumerate(zip(mlp.weights, mlp.biases)):
-        z = h @ W.T + b
-        zd = Hd @ W.T
-        if i < n - 1:
-            h, da = _act_and_derivative(mlp.activation, z)
-            Hd = da.unsqueeze(1) * zd
-        else:
-            h, Hd = z, zd
+        h, Hd = _activate(mlp.activation, h @ W.T + b, Hd @ W.T, i < last)
     return h, Hd
 
 
@@ -90,12 +93,8 @@ def conv_tangents(net, X, Vd):
     last = len(net.weights) - 1
     for i, (W, b) in enumerate(zip(net.weights, net.biases)):
         Z = F.conv2d(torch.cat([X, Vd.reshape(B * K, *Vd.shape[2:])]), W, padding=1)
-        z, ZV = Z[:B] + b[:, None, None], Z[B:].reshape(B, K, *Z.shape[1:])
-        if i < last:
-            X, da = _act_and_derivative(net.activation, z)
-            Vd = da.unsqueeze(1) * ZV
-        else:
-            X, Vd = z, ZV
+        X, Vd = _activate(net.activation, Z[:B] + b[:, None, None],
+                          Z[B:].reshape(B, K, *Z.shape[1:]), i < last)
     return X, Vd
 
 
