@@ -95,6 +95,8 @@ VARIANTS = {
     "cos + h 8 × 128-128": _with(COS, ambient_hidden="128,128"),
     "cos + h 4 × 64-64": _with(COS, ambient_layers="4"),
     "cos + exp coupling scale": _with(COS, coupling_scale="exp"),
+    "cos + lr warm-up 200 steps": _with(COS, lr_warmup="200"),
+    "cos + 12,000 steps (3× the budget)": _with(COS, steps="12000"),
     "full + cosine + spline prior": _with(FULL, lr_schedule="cosine", prior_spline_bins="8"),
     "full + cosine + spline prior + clip 10": _with(FULL, lr_schedule="cosine",
                                                     prior_spline_bins="8", grad_clip="10"),
