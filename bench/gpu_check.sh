@@ -21,8 +21,12 @@
 # step benchmark's --mlp-path; step_per_layer reruns the step benchmark with the conditioners'
 # per-layer path (STEP_PL_CONFIGS, STEP_PL_METHODS), for the fused MLP's same-run comparison;
 # OPS (default "gram_logdet tangent_ops cg") the op benchmarks; STEP_CONFIGS and STEP_METHODS
-# (comma-separated, default all) the step benchmark's configurations and methods, TF32_CONFIGS
-# and TF32_METHODS those of the TF32 rerun. The step and profile JSON is rewritten after every
+# (comma-separated, default all) the step benchmark's configurations and methods, TF32_CONFIGS,
+# TF32_METHODS and TF32_MLP_PATH those of the TF32 rerun (TF32_MLP_PATH=fused: the fused MLP
+# kernels on the tensor cores). MLP_METHODS the MLP benchmark's methods (default: all, the
+# TF32 and 3×TF32 ones included). Stage tf32_per_layer (not in the default list) reruns the
+# TF32 step with per-layer conditioners (TF32_PL_METHODS, TF32_PL_S), for a same-run comparison
+# with a TF32_MLP_PATH=fused tf32 stage. The step and profile JSON is rewritten after every
 # method, so a stage stopped by its time limit keeps what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -87,12 +91,20 @@ run_step_per_layer() {
 run_mlp() {
   timeout "${MLP_S:-150}" $PY bench/tangent_mlp.py --device cuda --sweep \
     --budget "${MLP_BUDGET:-0.5}" ${MLP_CASES:+--cases "$MLP_CASES"} \
+    ${MLP_METHODS:+--methods "$MLP_METHODS"} \
     --json "$RES/tangent_mlp.json" 2>&1 | quiet
 }
 run_tf32() {
   timeout "${TF32_S:-90}" $PY bench/step.py --device cuda --tf32 \
     --configs "${TF32_CONFIGS:-MINIBOONE,IMAGE}" ${TF32_METHODS:+--methods "$TF32_METHODS"} \
+    ${TF32_MLP_PATH:+--mlp-path "$TF32_MLP_PATH"} \
     --budget "${STEP_BUDGET:-1.0}" --json "$RES/step_tf32.json" 2>&1 | quiet
+}
+run_tf32_per_layer() {  # the TF32 step with per-layer conditioners, beside a fused tf32 stage
+  timeout "${TF32_PL_S:-90}" $PY bench/step.py --device cuda --tf32 --mlp-path per_layer \
+    --configs "${TF32_CONFIGS:-MINIBOONE,IMAGE}" \
+    --methods "${TF32_PL_METHODS:-ours_exact_graph,ours_exact_compiled_graph}" \
+    --budget "${STEP_BUDGET:-1.0}" --json "$RES/step_tf32_per_layer.json" 2>&1 | quiet
 }
 run_ops() {
   for b in ${OPS:-gram_logdet tangent_ops cg}; do

@@ -8,7 +8,12 @@ Methods (same weights, same dense upstream gradient):
 - ours_per_layer: ``tangent_mlp(path="per_layer")``, one ``tangent_linear`` per layer;
 - ours_fused: ``tangent_mlp(path="fused")`` (CUDA), the whole forward in one kernel and the
   backward's gradient chain in another, weight gradients by cuBLAS;
-- ours_auto: what ``MLP`` uses by default.
+- ours_auto: what ``MLP`` uses by default;
+- ``*_tf32`` (CUDA, float32): the same with TF32 tensor cores allowed for float32 matmuls
+  (``torch.backends.cuda.matmul.allow_tf32``: cuBLAS and inductor's GEMMs, and the fused
+  kernels' mma path); ``ours_fused_tf32x3``: the fused kernels with 3×TF32
+  (``INJFLOW_MLP_MATH=tf32x3``), float32-level accuracy on the tensor cores. Their ``err`` is
+  against float64, so TF32's ~1e-3 shows there.
 On CUDA every method is captured in a CUDA graph (forward + backward) and the replays are
 timed, since at these sizes a step is launch-bound; ``--eager`` times plain launches instead.
 TFLOP/s counts the three GEMMs per layer (forward, input gradient, weight gradient).
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 
 import torch
 
@@ -44,12 +50,33 @@ CASES = {
 }
 QUICK_CASES = {"TINY": (64, 3, [3, 16, 16, 6])}
 METHODS = ["plain", "plain_compiled", "ours_per_layer", "ours_fused", "ours_auto"]
+TF32_METHODS = ["plain_compiled_tf32", "ours_per_layer_tf32", "ours_fused_tf32",
+                "ours_fused_tf32x3"]
 
 
 plain_mlp = plain_tangent_mlp
 
 
+@contextmanager
+def arithmetic(method):
+    """The float32 matmul arithmetic a method runs (and is captured) under: TF32 allowed for
+    ``*_tf32``, the fused kernels' 3×TF32 for ``*_tf32x3``, torch's default otherwise."""
+    old_flag, old_env = torch.backends.cuda.matmul.allow_tf32, os.environ.get("INJFLOW_MLP_MATH")
+    torch.backends.cuda.matmul.allow_tf32 = method.endswith("_tf32")
+    if method.endswith("_tf32x3"):
+        os.environ["INJFLOW_MLP_MATH"] = "tf32x3"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_flag
+        if old_env is None:
+            os.environ.pop("INJFLOW_MLP_MATH", None)
+        else:
+            os.environ["INJFLOW_MLP_MATH"] = old_env
+
+
 def forward_fn(method):
+    method = method.removesuffix("_tf32x3").removesuffix("_tf32")
     if method == "plain":
         return plain_mlp
     if method == "plain_compiled":
@@ -109,15 +136,16 @@ def run_case(name, B, K, widths, methods, device, dtype, args):
     row = {"case": name, "batch": B, "K": K, "widths": widths, "gflop": flops / 1e9}
     budget = 0.3 if args.quick else args.budget
     for method in methods:
-        if method == "ours_fused" and device.type != "cuda":
+        if device.type != "cuda" and (method.startswith("ours_fused") or "_tf32" in method):
             continue
         try:
-            fn = forward_fn(method)
-            out = fn(XV, Ws, bs)
-            grads = torch.autograd.grad((out * G).sum(), params)
-            row[f"{method}_err"] = rel_err([out.detach(), *grads], ref)
-            step = make_step(fn, XV, Ws, bs, G, device, args.eager)
-            t = median_time(step, device, budget_s=budget, min_repeats=5, max_repeats=200)
+            with arithmetic(method):
+                fn = forward_fn(method)
+                out = fn(XV, Ws, bs)
+                grads = torch.autograd.grad((out * G).sum(), params)
+                row[f"{method}_err"] = rel_err([out.detach(), *grads], ref)
+                step = make_step(fn, XV, Ws, bs, G, device, args.eager)
+                t = median_time(step, device, budget_s=budget, min_repeats=5, max_repeats=200)
         except Exception as e:  # keep the other methods' numbers
             if args.quick:
                 raise
@@ -130,7 +158,10 @@ def run_case(name, B, K, widths, methods, device, dtype, args):
               f"{row[f'{method}_err']:.1e})", flush=True)
     for method in methods:
         if row.get(f"{method}_ms"):
-            for base in ("plain", "plain_compiled", "ours_per_layer"):
+            bases = ["plain", "plain_compiled", "ours_per_layer"]
+            if "_tf32" in method:  # against the same arithmetic too
+                bases += ["plain_compiled_tf32", "ours_per_layer_tf32"]
+            for base in bases:
                 if row.get(f"{base}_ms") and method != base:
                     row[f"{method}_speedup_vs_{base}"] = row[f"{base}_ms"] / row[f"{method}_ms"]
     if args.sweep and device.type == "cuda" and "ours_fused" in methods:
@@ -176,7 +207,9 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--cases", default=None, help="comma-separated names of " + ",".join(CASES))
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=None,
+                   help="comma-separated, of " + ",".join(METHODS + TF32_METHODS) + " (default: "
+                   "all; the TF32 ones on CUDA in float32 only)")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per method")
     p.add_argument("--eager", action="store_true", help="CUDA: time eager launches, not graphs")
     p.add_argument("--sweep", action="store_true",
@@ -186,7 +219,11 @@ def main(argv=None):
     cases = QUICK_CASES if args.quick else CASES
     if args.cases:
         cases = {k: CASES[k] for k in args.cases.split(",")}
-    methods = args.methods.split(",")
+    if args.methods:
+        methods = args.methods.split(",")
+    else:
+        methods = METHODS + (TF32_METHODS if device.type == "cuda" and dtype == torch.float32
+                             else [])
     env = environment(device)
     warm_up_capture(device)
     rows = []
@@ -204,6 +241,8 @@ def main(argv=None):
     cols = [("case", "case", "s")]
     cols += [(f"{m}_speedup_vs_plain_compiled", f"{m} vs compiled", ".2f") for m in methods
              if m.startswith("ours")]
+    cols += [(f"{m}_speedup_vs_plain_compiled_tf32", f"{m} vs compiled tf32", ".2f")
+             for m in methods if m.startswith("ours") and "_tf32" in m]
     cols += [(f"{m}_tflops", f"{m} TF/s", ".2f") for m in methods]
     print_table(rows, cols)
     write_results(args, "tangent_mlp", device, {"environment": env, "eager": args.eager,

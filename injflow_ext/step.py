@@ -51,7 +51,8 @@ def matmul_precision(precision: str | None):
     """The float32 GEMMs' precision inside the block (CUDA): "float32" (full float32 FMA),
     "tf32" (TensorFloat-32 tensor cores with float32 accumulation: operands rounded to a 10-bit
     mantissa, ~5e-4 relative; measured 19 % off a MINIBOONE step on an H100), or None (leave
-    torch's setting). The volume term's Gram and Cholesky accumulate in float64 either way
+    torch's setting). It covers cuBLAS and the fused ``tangent_mlp`` kernels, which follow the
+    same switch. The volume term's Gram and Cholesky accumulate in float64 either way
     (``gram_logdet(accumulate_float64=True)``, the default)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be None, 'float32' or 'tf32', got {precision!r}")

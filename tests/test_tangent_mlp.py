@@ -46,17 +46,62 @@ def reference(XV, Ws, bs, activation, last_activation=None):
 
 
 @contextmanager
-def samples_per_block(n):
-    """Pin the fused kernels' samples per block (read by the CUDA launch plan)."""
-    old = os.environ.get("INJFLOW_MLP_SAMPLES_PER_BLOCK")
-    os.environ["INJFLOW_MLP_SAMPLES_PER_BLOCK"] = str(n)
+def env_var(name, value):
+    """Set an environment variable read by the CUDA launch plan (None: unset) for a block."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = str(value)
     try:
         yield
     finally:
         if old is None:
-            del os.environ["INJFLOW_MLP_SAMPLES_PER_BLOCK"]
+            os.environ.pop(name, None)
         else:
-            os.environ["INJFLOW_MLP_SAMPLES_PER_BLOCK"] = old
+            os.environ[name] = old
+
+
+def samples_per_block(n):
+    """Pin the fused kernels' samples per block."""
+    return env_var("INJFLOW_MLP_SAMPLES_PER_BLOCK", n)
+
+
+def mlp_math(math):
+    """Pin the fused kernels' float32 arithmetic: "fma", "tf32", "tf32x3" (None: follow
+    torch's TF32 switch for matmuls)."""
+    return env_var("INJFLOW_MLP_MATH", math)
+
+
+@contextmanager
+def tf32_matmuls(allow):
+    """torch.backends.cuda.matmul.allow_tf32 for a block (what TrainStep(precision=...) sets)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def tf32(x):
+    """float32 values rounded to TF32 (10 mantissa bits, to nearest with ties away from zero,
+    as cvt.rna.tf32.f32 does), returned in float64."""
+    bits = x.detach().float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32).double()
+
+
+def tf32_gemm_bound(x, w, b=None, rel=2e-5):
+    """x @ wᵀ (+ b) of TF32-rounded operands, in float64, and a bound on the float32
+    accumulation error of each element: rel · (|x| @ |w|ᵀ + |b|). The products of two TF32
+    values are exact in float32, so a tensor-core GEMM may differ from it only by its float32
+    additions (n·2⁻²⁴ relative in the worst case, far less in practice)."""
+    x, w = tf32(x), tf32(w)
+    exact, scale = x @ w.T, x.abs() @ w.abs().T
+    if b is not None:
+        exact[:, 0] += b.double()
+        scale[:, 0] += b.double().abs()
+    return exact, rel * scale
 
 
 def paths_for(device):
@@ -281,10 +326,13 @@ def test_cuda_fused_any_samples_per_block(per_block):
 
 @needs_cuda
 @pytest.mark.parametrize("B,R,widths", CUDA_SHAPES_F32)
-def test_cuda_fused_float32_error_within_pytorch_float32_error(B, R, widths):
+@pytest.mark.parametrize("math", ["fma", "tf32x3"])
+def test_cuda_fused_float32_error_within_pytorch_float32_error(B, R, widths, math):
     """Against a float64 reference, the fused float32 error is at most 4× the error of the
-    same network computed by plain PyTorch in float32 (+ a floor for exact zeros), for the
-    output and for every gradient."""
+    same network computed by plain PyTorch in float32 (TF32 off; + a floor for exact zeros),
+    for the output and for every gradient; with FMAs, and with 3×TF32 (a TF32 head and tail
+    per operand keep 22 of float32's 24 mantissa bits; a CPU emulation of it, every GEMM
+    operand split so, gives 1.0-1.15× plain float32's error on these shapes)."""
     XV = torch.randn(B, R, widths[0], dtype=torch.float64, device="cuda")
     Ws, bs = make_mlp(widths, device="cuda")
     gY = torch.randn(B, R, widths[-1], dtype=torch.float64, device="cuda")
@@ -301,9 +349,11 @@ def test_cuda_fused_float32_error_within_pytorch_float32_error(B, R, widths):
     def fused(XV, Ws, bs):
         return tangent_mlp(XV, Ws, bs, "tanh", path="fused")
 
-    exact = outputs(plain, torch.float64)
-    torch_f32 = outputs(plain, torch.float32)
-    ours_f32 = outputs(fused, torch.float32)
+    with tf32_matmuls(False):
+        exact = outputs(plain, torch.float64)
+        torch_f32 = outputs(plain, torch.float32)
+        with mlp_math(math):
+            ours_f32 = outputs(fused, torch.float32)
     for i, (e, p, o) in enumerate(zip(exact, torch_f32, ours_f32)):
         err_torch = (p.double() - e).norm() / e.norm()
         err_ours = (o.double() - e).norm() / e.norm()
@@ -311,7 +361,8 @@ def test_cuda_fused_float32_error_within_pytorch_float32_error(B, R, widths):
 
 
 @needs_cuda
-def test_cuda_fused_backward_is_deterministic_and_graph_capturable():
+@pytest.mark.parametrize("math", ["fma", "tf32", "tf32x3"])
+def test_cuda_fused_backward_is_deterministic_and_graph_capturable(math):
     XV = torch.randn(300, 22, 21, device="cuda")
     Ws, bs = make_mlp([21, 128, 128, 44], dtype=torch.float32, device="cuda", requires_grad=True)
 
@@ -319,21 +370,146 @@ def test_cuda_fused_backward_is_deterministic_and_graph_capturable():
         Y = tangent_mlp(XV, Ws, bs, "tanh", path="fused")
         return torch.autograd.grad(Y.sin().sum(), [*Ws, *bs])
 
-    first, second = step(), step()
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # warm-up outside capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    graph.replay()
-    torch.cuda.synchronize()
+    with mlp_math(math):
+        first, second = step(), step()
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()  # warm-up outside capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        graph.replay()
+        torch.cuda.synchronize()
     for a, b in zip(captured, first):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- CUDA: TF32
+
+def test_tf32_reference_helpers():
+    """The TF32 tests' reference (runs on the CPU): rounding to nearest with ties away from
+    zero at 10 mantissa bits, and a bound that a float32 GEMM of TF32 operands meets while a
+    float32 GEMM of unrounded or truncated operands does not (so the CUDA tests can fail)."""
+    ulp = 2.0 ** -10
+    x = torch.tensor([1 + ulp / 2, 1 + ulp / 2 - 2.0 ** -23, -(1 + ulp / 2), 1 + 1.5 * ulp])
+    assert tf32(x).tolist() == [1 + ulp, 1.0, -(1 + ulp), 1 + 2 * ulp]
+    XV = torch.randn(400, 22, 128)
+    (W,), (b,) = make_mlp([128, 128], dtype=torch.float32)
+    exact, bound = tf32_gemm_bound(XV, W, b)
+
+    def worst(x, w):
+        z = x @ w.T
+        z[:, 0] += b
+        return float(((z.double() - exact).abs() / bound).max())
+
+    def truncate(t):
+        return (t.contiguous().view(torch.int32) & -0x2000).view(torch.float32)
+
+    assert worst(tf32(XV).float(), tf32(W).float()) < 0.2
+    assert worst(XV, W) > 3
+    assert worst(truncate(XV), truncate(W)) > 3
+
+
+@needs_cuda
+@pytest.mark.parametrize("B,R,widths", CUDA_SHAPES + [(13, 21, [392, 512, 512, 784])])
+@pytest.mark.parametrize("how", ["allow_tf32", "env"])
+def test_cuda_fused_tf32_every_layer_is_a_tf32_gemm(B, R, widths, how):
+    """With TF32 on (torch's matmul switch, or INJFLOW_MLP_MATH=tf32), every layer's saved
+    pre-activation Z_l equals the GEMM of the TF32-rounded layer input (the op's own A_{l-1})
+    and weight, within float32 accumulation error, element by element: a wrong fragment
+    layout, a missed row, column or input feature, or operands not rounded to nearest would
+    fail. Output buffers are NaN-poisoned beforehand."""
+    XV = torch.randn(B, R, widths[0], device="cuda")
+    Ws, bs = make_mlp(widths, dtype=torch.float32, device="cuda")
+    torch.full((64 << 20,), float("nan"), device="cuda")
+    with tf32_matmuls(how == "allow_tf32"), mlp_math("tf32" if how == "env" else None):
+        Y, Z, A, dA = torch.ops.injflow.tangent_mlp.default(XV, Ws, bs, 1, 0.0, 0, 2)
+    inputs = [XV, *A]
+    for i, (W, b) in enumerate(zip(Ws, bs)):
+        assert not Z[i].isnan().any(), f"layer {i}: unwritten elements"
+        exact, bound = tf32_gemm_bound(inputs[i], W, b)
+        err = (Z[i].double() - exact).abs()
+        assert (err <= bound).all(), \
+            f"layer {i}: error up to {float((err / bound.clamp(min=1e-30)).max()):.1f}× the bound"
+    # the epilogue (unchanged from the FMA path): A and Y from Z
+    for i in range(len(Ws) - 1):
+        z0 = Z[i][:, 0]
+        torch.testing.assert_close(A[i][:, 0], torch.tanh(z0))
+        torch.testing.assert_close(A[i][:, 1:], (1 - torch.tanh(z0).square())[:, None] *
+                                   Z[i][:, 1:])
+    assert torch.equal(Y, Z[-1])
+
+
+@needs_cuda
+@pytest.mark.parametrize("B,R,n_in,n_out", [(400, 22, 21, 44), (13, 21, 512, 784),
+                                            (37, 5, 11, 3), (3, 128, 5, 4), (50, 1, 128, 70)])
+def test_cuda_fused_tf32_input_gradient_is_a_tf32_gemm(B, R, n_in, n_out):
+    """The backward's GEMM (grad_XV = grad_Y · W for one linear layer) on the tensor cores:
+    the TF32 GEMM within float32 accumulation error, element by element."""
+    XV = torch.randn(B, R, n_in, device="cuda", requires_grad=True)
+    (W,), (b,) = make_mlp([n_in, n_out], dtype=torch.float32, device="cuda")
+    gY = torch.randn(B, R, n_out, device="cuda")
+    with mlp_math("tf32"):
+        Y = tangent_mlp(XV, [W], [b], "tanh", last_activation=None, path="fused")
+        gXV, = torch.autograd.grad(Y, XV, gY)
+    exact, bound = tf32_gemm_bound(gY, W.T)
+    err = (gXV.double() - exact).abs()
+    assert (err <= bound).all(), f"error up to {float((err / bound).max()):.1f}× the bound"
+
+
+@needs_cuda
+@pytest.mark.parametrize("B,R,widths", CUDA_SHAPES_F32)
+def test_cuda_fused_tf32_network_error_is_tf32_sized(B, R, widths):
+    """A whole network's output and gradients with TF32: off the float64 answer by no more than
+    TF32's rounding allows (2⁻¹¹ relative per operand: a norm error below 1e-2), the output by
+    more than float32's (so the tensor cores ran), and not bit-equal to the FMA kernels."""
+    XV = torch.randn(B, R, widths[0], device="cuda", dtype=torch.float64)
+    Ws, bs = make_mlp(widths, device="cuda")
+    gY = torch.randn(B, R, widths[-1], device="cuda", dtype=torch.float64)
+
+    def outputs(dtype, math=None):
+        args = [t.to(dtype).requires_grad_() for t in (XV, *Ws, *bs)]
+        L = len(Ws)
+        with mlp_math(math):
+            Y = tangent_mlp(args[0], args[1:1 + L], args[1 + L:], "tanh", path="fused")
+            return [Y.detach(), *torch.autograd.grad((Y * gY.to(dtype)).sum(), args)]
+
+    exact = outputs(torch.float64)
+    with tf32_matmuls(True):
+        ours = outputs(torch.float32)
+    fma = outputs(torch.float32, "fma")
+    errs = [float((o.double() - e).norm() / e.norm()) for e, o in zip(exact, ours)]
+    assert max(errs) < 1e-2, errs
+    # the output: TF32-sized (an emulation with every GEMM operand rounded to TF32 gives
+    # 5e-4 - 9e-4 on these shapes); some gradients, e.g. the last bias's, involve no GEMM
+    assert errs[0] > 1e-5, f"output error {errs[0]:.1e}: float32-sized, TF32 did not run"
+    assert not torch.equal(ours[0], fma[0])
+
+
+@needs_cuda
+def test_cuda_fused_tf32_switch_is_honoured():
+    """TF32 off (torch's default): the fused float32 kernels are the FMA kernels, bit for bit;
+    float64 ignores the switch (FMAs, float64 rounding); a bad INJFLOW_MLP_MATH is an error
+    naming the values it takes."""
+    XV = torch.randn(40, 9, 21, device="cuda")
+    Ws, bs = make_mlp([21, 64, 64, 10], dtype=torch.float32, device="cuda")
+    with tf32_matmuls(False):
+        default = tangent_mlp(XV, Ws, bs, path="fused")
+    with mlp_math("fma"):
+        fma = tangent_mlp(XV, Ws, bs, path="fused")
+    assert torch.equal(default, fma)
+    W64, b64 = [W.double() for W in Ws], [b.double() for b in bs]
+    with tf32_matmuls(True), mlp_math("tf32"):
+        y64 = tangent_mlp(XV.double(), W64, b64, path="fused")
+    ref = tangent_mlp(XV.double().cpu(), [W.cpu() for W in W64], [b.cpu() for b in b64])
+    torch.testing.assert_close(y64.cpu(), ref, rtol=1e-11, atol=1e-11)
+    with mlp_math("tf64"), pytest.raises(RuntimeError, match="INJFLOW_MLP_MATH must be fma, "
+                                                              "tf32 or tf32x3"):
+        tangent_mlp(XV, Ws, bs, path="fused")
 
 
 @needs_cuda

@@ -15,12 +15,23 @@
 // gradients gW_l = GZ_lᵀ A_{l-1} are cuBLAS GEMMs over all rows, the bias gradients one sum of
 // the partial buffer: 2 + L launches for the whole backward, deterministic.
 //
-// Arithmetic: plain float32 (or float64) FMAs, each lane an 8 × 8 tile of outputs, reading its
-// operands from shared memory with conflict-free 16-byte loads (LaneTile below).
+// Arithmetic (MlpMath, chosen per call on the host, see mlp_math):
+// - kMathFma: plain float32 (or float64) FMAs, each lane an 8 × 8 tile of outputs, reading its
+//   operands from shared memory with conflict-free 16-byte loads (LaneTile below). The default.
+// - kMathTf32: float32 on the tensor cores (sm_80+), mma.sync m16n8k8 with TF32 operands
+//   (rounded to nearest) and float32 accumulation, the same warp tile as 2 × 8 mma tiles
+//   (MmaLane, block_gemm_mma). Used when torch allows TF32 for float32 matmuls
+//   (torch.backends.cuda.matmul.allow_tf32, what TrainStep(precision="tf32") sets), so the
+//   fused kernels follow the same switch as the per-layer path's cuBLAS GEMMs.
+// - kMathTf32x3: 3×TF32 (each operand split into a TF32 head and a TF32 tail, three mma per
+//   tile, head·head + head·tail + tail·head): float32-level accuracy on the tensor cores. Only
+//   through INJFLOW_MLP_MATH=tf32x3 (benchmarks) until a GPU run shows it pays.
 //
-// Status (bench/RESULTS.md, "Fused tangent MLP", H200): correct, but slower than the per-layer
-// path at every measured size (MINIBOONE forward 105 µs and backward 124 µs per conditioner,
-// ~10 TFLOP/s; the per-layer cuBLAS path is faster), so it runs only when asked for (path=2).
+// Status (bench/RESULTS.md, "Fused tangent MLP", H200): the FMA kernels are correct, but slower
+// than the per-layer path at every measured size (MINIBOONE forward 105 µs and backward 124 µs
+// per conditioner, ~10 TFLOP/s; the per-layer cuBLAS path is faster), so the fused path runs
+// only when asked for (path=2). The tensor-core math (kMathTf32, kMathTf32x3) is compile-checked
+// and has CUDA tests (tests/test_tangent_mlp.py, "CUDA: TF32") but has not run on a GPU yet.
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -29,6 +40,8 @@
 
 #include <cstdlib>
 #include <mutex>
+#include <string>
+#include <type_traits>
 
 #include "../tangent_mlp.h"
 #include "../tangent_ops.h"
@@ -105,13 +118,105 @@ struct LaneTile {
   __device__ __forceinline__ static int col(int j) { return j < 4 ? j : 28 + j; }
 };
 
+// ------------------------------------------------------------------ tensor cores (float32)
+
+enum MlpMath : int { kMathFma = 0, kMathTf32 = 1, kMathTf32x3 = 2, kMathCount = 3 };
+
+// Padding of the tensor-core path's shared-memory rows: a row stride ≡ 8 (mod 32 words) puts
+// the 32 lanes' fragment loads (4 k-rows × 8 rows or columns) in 32 different banks.
+constexpr int kMmaPad = 8;
+constexpr int kMmaChunkStride = kPassCols + kMmaPad;
+
+// A lane's share of the warp tile (32 rows × 64 columns) as 2 × 8 tiles of mma.sync m16n8k8,
+// lane = 4·g + t. The PTX fragments of .tf32 (PTX ISA, "Matrix Fragments for mma.m16n8k8"):
+//   A (16 × 8):  a[r] = A(g + 8·(r % 2), t + 4·(r / 2))
+//   B (8 × 8):   b[r] = B(t + 4·r, g)
+//   C (16 × 8):  c[r] = C(g + 8·(r / 2), 2·t + r % 2)
+// so acc[mt][nt][2·h + e] is the output at row row(mt, h) and column col(nt, e) of the block.
+struct MmaLane {
+  int g, t, warp_row, warp_col;
+  __device__ __forceinline__ MmaLane() {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    g = lane / 4;
+    t = lane % 4;
+    warp_row = (warp / 2) * kWarpRows;
+    warp_col = (warp % 2) * 64;
+  }
+  __device__ __forceinline__ int row(int mt, int h) const { return warp_row + mt * 16 + 8 * h + g; }
+  __device__ __forceinline__ int col(int nt, int e) const { return warp_col + nt * 8 + 2 * t + e; }
+};
+
+// float32 → TF32 (10-bit mantissa), rounded to nearest, ties away from zero; the result is a
+// float32 bit pattern whose low 13 bits are zero.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+#else
+  r = __float_as_uint(x) & 0xffffe000u;  // never run: the host picks FMAs below sm_80
+#endif
+  return r;
+}
+
+// c += a·b on one 16 × 8 tile (TF32 operands, float32 accumulation).
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();  // the host picks FMAs below sm_80
+#endif
+}
+
+// One k-step of 8 of the warp tile: acc[mt][nt] += A_mt · B_nt for the lane's fragments a, b
+// (float32 values). MATH = kMathTf32: one mma per tile on the rounded operands;
+// kMathTf32x3: x = head + tail with both TF32, the tails' products first.
+template <int MATH>
+__device__ __forceinline__ void mma_k_step(float (&acc)[2][8][4], const float (&a)[2][4],
+                                           const float (&b)[8][2]) {
+  uint32_t ah[2][4], bh[8][2];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) ah[mt][r] = to_tf32(a[mt][r]);
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) bh[nt][r] = to_tf32(b[nt][r]);
+  if constexpr (MATH == kMathTf32x3) {
+    uint32_t at[2][4], bt[8][2];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) at[mt][r] = to_tf32(a[mt][r] - __uint_as_float(ah[mt][r]));
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) bt[nt][r] = to_tf32(b[nt][r] - __uint_as_float(bh[nt][r]));
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        mma_tf32(acc[mt][nt], at[mt], bh[nt]);
+        mma_tf32(acc[mt][nt], ah[mt], bt[nt]);
+      }
+  }
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) mma_tf32(acc[mt][nt], ah[mt], bh[nt]);
+}
+
 // The next kChunk × 128 block of the weight, loaded into registers while the current one is
 // multiplied, then stored to shared memory: chunk[kk][cc] = W(k0 + kk, c0 + cc) with
 // W(k, c) = W[c·Kd + k] (out_major: the forward's (N, Kd) weight) or W[k·N + c] (the
 // backward's use of the same weight, (Kd, N)); zero outside.
 // Depth: 16 input features, 8 for the 64-thread block (whose lanes would otherwise hold 32
 // prefetched values each and spill).
-template <typename T, int THREADS>
+template <typename T, int THREADS, int STRIDE = kChunkStride>
 struct WeightChunk {
   static constexpr int DEPTH = THREADS >= 128 ? kChunk : kChunk / 2;
   static constexpr int PER_THREAD = DEPTH * kPassCols / THREADS;
@@ -138,7 +243,7 @@ struct WeightChunk {
     for (int e = 0; e < PER_THREAD; ++e) {
       int kk, cc;
       coords(e, out_major, kk, cc);
-      chunk[kk * kChunkStride + cc] = v[e];
+      chunk[kk * STRIDE + cc] = v[e];
     }
   }
 };
@@ -190,6 +295,83 @@ __device__ __forceinline__ void block_gemm(const T* in, int ldm, int M, int Kd, 
   }
 }
 
+// block_gemm on the tensor cores (float32, MATH = kMathTf32 or kMathTf32x3): the same
+// contract, tiling and weight staging, each warp's 32 × 64 tile as 2 × 8 mma tiles (MmaLane).
+// `in` rows and the chunk's rows are padded to ≡ 8 (mod 32) words (plan_mlp, kMmaChunkStride).
+// Input features past Kd are read as zero (the chunk holds zeros there too), so whatever the
+// shared memory holds beyond a layer's width never reaches a result.
+template <int WM, int MATH, typename Store>
+__device__ __forceinline__ void block_gemm_mma(const float* in, int ldm, int M, int Kd, int N,
+                                               const float* __restrict__ W, bool out_major,
+                                               float* chunk, Store store) {
+  constexpr int THREADS = 64 * WM;
+  using Chunk = WeightChunk<float, THREADS, kMmaChunkStride>;
+  static_assert(Chunk::DEPTH % 8 == 0, "a weight chunk must hold whole k-steps of 8");
+  const MmaLane lane;
+  const bool active = lane.warp_row < M;
+  for (int c0 = 0; c0 < N; c0 += kPassCols) {
+    float acc[2][8][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[mt][nt][r] = 0.f;
+    Chunk next;
+    if (Kd > 0) next.load(W, out_major, Kd, N, 0, c0);
+    for (int k0 = 0; k0 < Kd; k0 += Chunk::DEPTH) {
+      const int kc = min(Chunk::DEPTH, Kd - k0);
+      __syncthreads();  // the previous chunk is consumed
+      next.store(chunk, out_major);
+      __syncthreads();
+      if (k0 + Chunk::DEPTH < Kd) next.load(W, out_major, Kd, N, k0 + Chunk::DEPTH, c0);
+      if (active) {
+        const float* a_chunk = in + (int64_t)k0 * ldm;
+#pragma unroll
+        for (int ks = 0; ks < Chunk::DEPTH; ks += 8) {
+          if (ks < kc) {
+            float a[2][4], b[8][2];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+              for (int r = 0; r < 4; ++r) {
+                const int k = ks + lane.t + 4 * (r / 2);
+                a[mt][r] = k < kc ? a_chunk[k * ldm + lane.row(mt, r % 2)] : 0.f;
+              }
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+              for (int r = 0; r < 2; ++r)
+                b[nt][r] = chunk[(ks + lane.t + 4 * r) * kMmaChunkStride + lane.warp_col + nt * 8 +
+                                 lane.g];
+            mma_k_step<MATH>(acc, a, b);
+          }
+        }
+      }
+    }
+    if (active) store(lane, c0, acc);
+  }
+}
+
+// The layer GEMMs of the kernels: FMAs, or (float32) the tensor cores.
+template <typename T, int WM, int MATH, typename Store>
+__device__ __forceinline__ void layer_gemm(const T* in, int ldm, int M, int Kd, int N,
+                                           const T* __restrict__ W, bool out_major, T* chunk,
+                                           Store store) {
+  if constexpr (MATH == kMathFma) {
+    block_gemm<T, WM>(in, ldm, M, Kd, N, W, out_major, chunk, store);
+  } else {
+    static_assert(std::is_same<T, float>::value, "the tensor-core path is float32 only");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    // code built for an architecture without mma.sync TF32 (run through PTX on a newer
+    // device): FMAs (the plan's padded strides suit them too)
+    block_gemm<T, WM>(in, ldm, M, Kd, N, W, out_major, chunk, store);
+#else
+    block_gemm_mma<WM, MATH>(in, ldm, M, Kd, N, W, out_major, chunk, store);
+#endif
+  }
+}
+
 // Into shared memory, transposed: out[c·ldm + r] (rows past M land in padding rows).
 template <typename T>
 struct SharedStore {
@@ -208,6 +390,20 @@ struct SharedStore {
         store4(out + c * ldm + t.r_base + 16, col + 4);
       }
     }
+  }  __device__ __forceinline__ void operator()(const MmaLane& t, int c0,
+                                             const float (&acc)[2][8][4]) const {
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = c0 + t.col(nt, e);
+        if (c < N) {
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) out[c * ldm + t.row(mt, h)] = acc[mt][nt][2 * h + e];
+        }
+      }
   }
 };
 
@@ -229,6 +425,23 @@ struct GlobalStore {
         }
       }
     }
+  }  __device__ __forceinline__ void operator()(const MmaLane& t, int c0,
+                                             const float (&acc)[2][8][4]) const {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = t.row(mt, h);
+        if (r < M) {
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int c = c0 + t.col(nt, e);
+              if (c < N) out[(int64_t)r * N + c] = acc[mt][nt][2 * h + e];
+            }
+        }
+      }
   }
 };
 
@@ -238,7 +451,7 @@ __device__ __forceinline__ T* shared_base() {
   return reinterpret_cast<T*>(smem_raw);
 }
 
-template <typename T, int WM>
+template <typename T, int WM, int MATH>
 __global__ void __launch_bounds__(64 * WM) mlp_forward_kernel(const MlpArgs<T> p) {
   constexpr int THREADS = 64 * WM;
   const int ldm = p.ldm, R = p.R, L = p.L, tid = threadIdx.x;
@@ -267,7 +480,7 @@ __global__ void __launch_bounds__(64 * WM) mlp_forward_kernel(const MlpArgs<T> p
     T* A = ly.A + row0 * n;
     T* dA = ly.dA + s0 * n;
     if (l + 1 < L) {
-      block_gemm<T, WM>(buf_in, ldm, M, ly.n_in, n, ly.W, true, chunk,
+      layer_gemm<T, WM, MATH>(buf_in, ldm, M, ly.n_in, n, ly.W, true, chunk,
                         SharedStore<T>{buf_out, ldm, n});
       __syncthreads();
       for (int j = tid; j < n; j += THREADS) {
@@ -293,7 +506,7 @@ __global__ void __launch_bounds__(64 * WM) mlp_forward_kernel(const MlpArgs<T> p
       __syncthreads();
       T* t = buf_in; buf_in = buf_out; buf_out = t;
     } else {
-      block_gemm<T, WM>(buf_in, ldm, M, ly.n_in, n, ly.W, true, chunk, GlobalStore<T>{Z, M, n});
+      layer_gemm<T, WM, MATH>(buf_in, ldm, M, ly.n_in, n, ly.W, true, chunk, GlobalStore<T>{Z, M, n});
       __syncthreads();  // Z of this block's rows is written (and visible to the block)
       for (int j = tid; j < n; j += THREADS) {
         const T bj = ly.b[j];
@@ -341,7 +554,7 @@ __device__ __forceinline__ void grad_preact_block(T* g, int ldm, const T* Z, T* 
   }
 }
 
-template <typename T, int WM>
+template <typename T, int WM, int MATH>
 __global__ void __launch_bounds__(64 * WM) mlp_backward_kernel(const MlpArgs<T> p) {
   constexpr int THREADS = 64 * WM;
   const int ldm = p.ldm, R = p.R, L = p.L, tid = threadIdx.x;
@@ -382,7 +595,7 @@ __global__ void __launch_bounds__(64 * WM) mlp_backward_kernel(const MlpArgs<T> 
     if (l > 0) {
       const MlpLayerArgs<T>& prev = p.layer[l - 1];
       const int n = ly.n_in;
-      block_gemm<T, WM>(buf_g, ldm, M, ly.n_out, n, ly.W, false, chunk,
+      layer_gemm<T, WM, MATH>(buf_g, ldm, M, ly.n_out, n, ly.W, false, chunk,
                         SharedStore<T>{buf_h, ldm, n});
       __syncthreads();
       grad_preact_block(buf_h, ldm, prev.Z + row0 * n, prev.GZ + row0 * n, S, R, n, prev.act,
@@ -390,7 +603,7 @@ __global__ void __launch_bounds__(64 * WM) mlp_backward_kernel(const MlpArgs<T> 
       __syncthreads();
       T* t = buf_g; buf_g = buf_h; buf_h = t;
     } else {
-      block_gemm<T, WM>(buf_g, ldm, M, ly.n_out, ly.n_in, ly.W, false, chunk,
+      layer_gemm<T, WM, MATH>(buf_g, ldm, M, ly.n_out, ly.n_in, ly.W, false, chunk,
                         GlobalStore<T>{p.out + row0 * ly.n_in, M, ly.n_in});
     }
   }
@@ -399,7 +612,7 @@ __global__ void __launch_bounds__(64 * WM) mlp_backward_kernel(const MlpArgs<T> 
 // ------------------------------------------------------------------------------- launch plan
 
 struct MlpPlan {
-  int S = 0, WM = 0, ldm = 0;
+  int S = 0, WM = 0, ldm = 0, math = kMathFma;
   size_t smem = 0;
   int64_t blocks = 0;
   std::string why_not;  // empty when the fused kernels can run
@@ -413,14 +626,19 @@ MlpPlan unsupported(std::string why) {
 
 int warps_for_rows(int M) { return M > 64 ? 4 : (M > 32 ? 2 : 1); }
 
+// Row stride of the shared-memory activation buffers: 16-byte multiples; ≡ 4 (mod 32) words
+// for the FMA path's vector loads, ≡ 8 for the tensor-core fragments (kMmaPad).
+int buffer_ldm(int WM, int math) { return WM * kWarpRows + (math == kMathFma ? 4 : kMmaPad); }
+
 // Two activation buffers (width0 and width1 features of ldm rows) and one weight chunk.
-size_t smem_bytes(int width0, int width1, int WM, size_t elem) {
-  const int ldm = WM * kWarpRows + 4;
-  return ((size_t)(width0 + width1) * ldm + (size_t)kChunk * kChunkStride) * elem;
+size_t smem_bytes(int width0, int width1, int WM, size_t elem, int math) {
+  const int ldm = buffer_ldm(WM, math);
+  const int chunk_stride = math == kMathFma ? kChunkStride : kMmaChunkStride;
+  return ((size_t)(width0 + width1) * ldm + (size_t)kChunk * chunk_stride) * elem;
 }
 
 struct DeviceFacts {
-  int sms = 0;
+  int sms = 0, major = 0;
   size_t smem_optin = 0;
 };
 
@@ -432,6 +650,7 @@ const DeviceFacts& device_facts(int device) {
   if (facts[device].sms == 0) {
     const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
     facts[device].sms = prop->multiProcessorCount;
+    facts[device].major = prop->major;
     facts[device].smem_optin = prop->sharedMemPerBlockOptin;
   }
   return facts[device];
@@ -440,7 +659,8 @@ const DeviceFacts& device_facts(int device) {
 // Samples per block: INJFLOW_MLP_SAMPLES_PER_BLOCK if set (benchmarks), else the most that
 // still give every multiprocessor two blocks (one sample per block when the batch is smaller),
 // as many as fit (rows <= 128, shared memory).
-MlpPlan plan_mlp(int64_t B, int64_t R, int width0, int width1, size_t elem, int device) {
+MlpPlan plan_mlp(int64_t B, int64_t R, int width0, int width1, size_t elem, int math,
+                 int device) {
   if (R > kMaxRows)
     return unsupported("1+K = " + std::to_string(R) + " rows per sample exceeds " +
                        std::to_string(kMaxRows));
@@ -453,12 +673,13 @@ MlpPlan plan_mlp(int64_t B, int64_t R, int width0, int width1, size_t elem, int 
   target = std::min<int64_t>({target, kMaxRows / R, std::max<int64_t>(B, 1)});
   for (int64_t S = target; S >= 1; --S) {
     const int WM = warps_for_rows(static_cast<int>(S * R));
-    const size_t bytes = smem_bytes(width0, width1, WM, elem);
+    const size_t bytes = smem_bytes(width0, width1, WM, elem, math);
     if (bytes <= dev.smem_optin) {
       MlpPlan plan;
       plan.S = static_cast<int>(S);
       plan.WM = WM;
-      plan.ldm = WM * kWarpRows + 4;
+      plan.math = math;
+      plan.ldm = buffer_ldm(WM, math);
       plan.smem = bytes;
       plan.blocks = (B + S - 1) / S;
       return plan;
@@ -467,9 +688,28 @@ MlpPlan plan_mlp(int64_t B, int64_t R, int width0, int width1, size_t elem, int 
   const int WM = warps_for_rows(static_cast<int>(R));
   return unsupported("widths of " + std::to_string(width0) + " and " + std::to_string(width1) +
                      " features at 1+K = " + std::to_string(R) + " need " +
-                     std::to_string(smem_bytes(width0, width1, WM, elem)) +
+                     std::to_string(smem_bytes(width0, width1, WM, elem, math)) +
                      " bytes of shared memory per block, more than the device's " +
                      std::to_string(dev.smem_optin));
+}
+
+// The arithmetic of the fused kernels for this call (see the top of the file): float64 and
+// devices below sm_80 use FMAs; float32 follows torch's TF32 switch for matmuls
+// (at::globalContext().allowTF32CuBLAS(), as cuBLAS does for the per-layer path), unless
+// INJFLOW_MLP_MATH = fma | tf32 | tf32x3 says otherwise (benchmarks, tests).
+int mlp_math(at::ScalarType dtype, int device) {
+  if (dtype != at::kFloat || device_facts(device).major < 8) return kMathFma;
+  if (const char* env = std::getenv("INJFLOW_MLP_MATH")) {
+    const std::string v(env);
+    if (!v.empty()) {
+      if (v == "fma") return kMathFma;
+      if (v == "tf32") return kMathTf32;
+      if (v == "tf32x3") return kMathTf32x3;
+      TORCH_CHECK(false, "INJFLOW_MLP_MATH must be fma, tf32 or tf32x3 (or unset), got '", v,
+                  "'");
+    }
+  }
+  return at::globalContext().allowTF32CuBLAS() ? kMathTf32 : kMathFma;
 }
 
 // The fused path runs only when asked for (path=2); auto is the per-layer path: on an H200 the
@@ -480,32 +720,42 @@ void require_fused(const MlpPlan& plan, const char* op) {
               plan.why_not, "; use path=0 (auto) or 1 (per layer)");
 }
 
-template <typename T, template <typename, int> class KernelOf>
+template <typename T, template <typename, int, int> class KernelOf>
 void launch(const MlpPlan& plan, const MlpArgs<T>& args, int device, cudaStream_t stream) {
-  static std::once_flag flags[3][64];
+  static std::once_flag flags[3][kMathCount][64];
   const int which = plan.WM == 4 ? 0 : (plan.WM == 2 ? 1 : 2);
   const size_t optin = device_facts(device).smem_optin;
   auto run = [&](auto kernel, int threads) {
     // raise the kernel's shared-memory limit to the device maximum, once per device
-    std::call_once(flags[which][device % 64], [&] {
+    std::call_once(flags[which][plan.math][device % 64], [&] {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(optin)));
     });
     kernel<<<static_cast<unsigned>(plan.blocks), threads, plan.smem, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (plan.WM == 4) run(KernelOf<T, 4>::get(), 256);
-  else if (plan.WM == 2) run(KernelOf<T, 2>::get(), 128);
-  else run(KernelOf<T, 1>::get(), 64);
+  auto by_warps = [&](auto math_tag) {
+    constexpr int MATH = decltype(math_tag)::value;
+    if (plan.WM == 4) run(KernelOf<T, 4, MATH>::get(), 256);
+    else if (plan.WM == 2) run(KernelOf<T, 2, MATH>::get(), 128);
+    else run(KernelOf<T, 1, MATH>::get(), 64);
+  };
+  if constexpr (std::is_same<T, float>::value) {
+    if (plan.math == kMathTf32) return by_warps(std::integral_constant<int, kMathTf32>{});
+    if (plan.math == kMathTf32x3) return by_warps(std::integral_constant<int, kMathTf32x3>{});
+  }
+  TORCH_INTERNAL_ASSERT(plan.math == kMathFma, "tangent_mlp: tensor-core math for ",
+                        c10::CppTypeToScalarType<T>::value);
+  by_warps(std::integral_constant<int, kMathFma>{});
 }
 
-template <typename T, int WM>
+template <typename T, int WM, int MATH>
 struct ForwardKernel {
-  static auto get() { return &mlp_forward_kernel<T, WM>; }
+  static auto get() { return &mlp_forward_kernel<T, WM, MATH>; }
 };
-template <typename T, int WM>
+template <typename T, int WM, int MATH>
 struct BackwardKernel {
-  static auto get() { return &mlp_backward_kernel<T, WM>; }
+  static auto get() { return &mlp_backward_kernel<T, WM, MATH>; }
 };
 
 // Widths of the two shared-memory activation buffers. Forward: the input and every hidden
@@ -532,7 +782,7 @@ MlpForwardResult tangent_mlp_cuda(const at::Tensor& XV_in, at::TensorList weight
   const auto widths = buffer_widths(weights, false);
   const MlpPlan plan = L <= (size_t)kMaxLayers
                            ? plan_mlp(B, R, widths.first, widths.second, XV_in.element_size(),
-                                      device)
+                                      mlp_math(XV_in.scalar_type(), device), device)
                            : unsupported("more than 8 layers");
   require_fused(plan, "tangent_mlp");
   const at::Tensor XV = XV_in.contiguous();
@@ -592,7 +842,7 @@ MlpBackwardResult tangent_mlp_backward_cuda(const at::Tensor& gY_in, const at::T
   const auto widths = buffer_widths(weights, true);
   const MlpPlan plan = L <= (size_t)kMaxLayers
                            ? plan_mlp(B, R, widths.first, widths.second, XV_in.element_size(),
-                                      device)
+                                      mlp_math(XV_in.scalar_type(), device), device)
                            : unsupported("more than 8 layers");
   require_fused(plan, "tangent_mlp_backward");
   const at::Tensor XV = XV_in.contiguous(), gY = gY_in.contiguous();

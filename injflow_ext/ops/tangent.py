@@ -104,7 +104,12 @@ def tangent_mlp(XV: torch.Tensor, weights, biases=None, activation: str | None =
             ``tangent_linear`` per layer) or "fused" (CUDA: the whole forward in one kernel,
             the backward's gradient chain in another; an error where the shapes do not fit
             it). On an H200 the fused kernels are correct but slower than the per-layer path
-            at every measured size (bench/RESULTS.md), hence not the default.
+            at every measured size (bench/RESULTS.md), hence not the default. In float32 the
+            fused kernels follow ``torch.backends.cuda.matmul.allow_tf32`` as cuBLAS does
+            (what ``TrainStep(precision="tf32")`` sets): TF32 tensor cores (mma.sync, float32
+            accumulation) when it is on, float32 FMAs otherwise; ``INJFLOW_MLP_MATH=fma |
+            tf32 | tf32x3`` overrides it (3×TF32: float32-level accuracy on the tensor
+            cores; for benchmarks until measured). Float64 always uses FMAs.
     Returns:
         ``(B, 1+K, n_L)``: row 0 the network at ``x``, rows k its Jacobian times tangent k.
     """
