@@ -327,7 +327,7 @@ def cmd_bench(args) -> int:
     device = _device(args.device)
     path = args.json or f"injflow-bench-{device}.json"
     run_bench(device, getattr(torch, args.dtype), quick=args.quick, budget=args.budget,
-              json_path=path)
+              json_path=path, mlp_path=args.mlp_path, precision=args.precision)
     return 0
 
 
@@ -482,6 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="tiny sizes, short timing")
     b.add_argument("--budget", type=float, default=None,
                    help="seconds of timing per method (default 1, --quick 0.2)")
+    b.add_argument("--mlp-path", default="auto", choices=["auto", "per_layer", "fused"],
+                   help="the conditioners' tangent_mlp path of ours (fused: the CUDA kernels "
+                        "that keep a whole conditioner on chip)")
+    b.add_argument("--precision", default=None, choices=["float32", "tf32"],
+                   help="CUDA: the float32 GEMMs of ours and plain PyTorch alike; tf32 = TF32 "
+                        "tensor cores (cuBLAS and the fused kernels). Default: torch's setting")
     b.add_argument("--json", default=None, help="output JSON (default injflow-bench-DEVICE.json)")
     b.set_defaults(func=cmd_bench)
     return p

@@ -73,3 +73,18 @@ def test_installed_injflow_bench_runs_and_writes_json(tmp_path, capsys):
         assert r["ours_ms"] > 0 and r["plain_ms"] > 0
     assert res["step"][0]["grad_rel_err"] < 1e-3
     assert "training step" in capsys.readouterr().out
+
+
+def test_injflow_bench_conditioner_path_and_precision(tmp_path, capsys):
+    """``--mlp-path`` and ``--precision`` reach ours (and the JSON); the fused path on the CPU
+    is refused with what to do instead."""
+    from injflow_ext.cli import main
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--device", "cpu", "--quick", "--budget", "0.02", "--mlp-path",
+                 "per_layer", "--precision", "float32", "--json", str(out)]) == 0
+    res = json.load(open(out))
+    assert res["mlp_path"] == "per_layer" and res["precision"] == "float32"
+    assert res["tf32"] is False  # TF32 is a CUDA setting
+    assert "conditioners per_layer" in capsys.readouterr().out
+    assert main(["bench", "--device", "cpu", "--quick", "--mlp-path", "fused"]) == 2
+    assert "mlp_path='fused' runs the CUDA kernels" in capsys.readouterr().err

@@ -9,6 +9,11 @@ Ours against plain PyTorch in the same run, each checked to agree before it is t
   also both replayed from a CUDA graph.
 Times are medians of CUDA-event timings (host clock on the CPU). The bench/ scripts of the
 repository go further (more methods and sizes, compiled references, profiles).
+
+``mlp_path`` picks the conditioners' ``tangent_mlp`` path of ours (``fused``: the CUDA kernels
+that keep a whole conditioner on chip) and ``precision="tf32"`` runs every float32 GEMM, ours
+and plain, on TF32 tensor cores (cuBLAS and the fused kernels), so a cluster user can measure
+both on their GPU with the wheel alone.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import math
 import torch
 
 from ..models import RectangularFlow
+from ..nn import set_mlp_path
 from ..objectives import ExactObjective
 from ..ops import gram_logdet, tangent_mlp
-from ..step import TrainStep
+from ..step import PRECISIONS, TrainStep, matmul_precision
 from . import plain_reference
 from .timing import environment, median_time, print_table, write_json
 
@@ -76,14 +82,15 @@ def bench_gram_logdet(device, dtype, budget, quick) -> list:
     return [_gram_case(B, D, d, device, dtype, budget) for B, D, d in cases]
 
 
-def bench_tangent_mlp(device, dtype, budget, quick) -> list:
+def bench_tangent_mlp(device, dtype, budget, quick, mlp_path="auto") -> list:
     cases = [(64, 3, [3, 16, 16, 6])] if quick else [(400, 21, [21, 128, 128, 128, 128, 44]),
                                                       (750, 10, [10, 128, 128, 128, 128, 22])]
     g = torch.Generator().manual_seed(0)
-    return [_mlp_case(B, K, widths, g, device, dtype, budget) for B, K, widths in cases]
+    return [_mlp_case(B, K, widths, g, device, dtype, budget, mlp_path)
+            for B, K, widths in cases]
 
 
-def _mlp_case(B, K, widths, g, device, dtype, budget) -> dict:
+def _mlp_case(B, K, widths, g, device, dtype, budget, mlp_path) -> dict:
     XV = torch.randn(B, 1 + K, widths[0], generator=g).to(device, dtype).requires_grad_()
     Ws = [(torch.randn(b, a, generator=g) / math.sqrt(a)).to(device, dtype).requires_grad_()
           for a, b in zip(widths[:-1], widths[1:])]
@@ -96,7 +103,7 @@ def _mlp_case(B, K, widths, g, device, dtype, budget) -> dict:
         return lambda: torch.autograd.grad((fn(XV, Ws, bs) * G).sum(), params)
 
     def ours_fn(x, w, b):
-        return tangent_mlp(x, w, b, "tanh")
+        return tangent_mlp(x, w, b, "tanh", path=mlp_path)
 
     ours, plain = step(ours_fn), step(plain_reference.plain_tangent_mlp)
     err = _rel_err(ours(), plain())
@@ -116,15 +123,17 @@ def _clear(model):
         p.grad = None
 
 
-def bench_step(device, dtype, budget, quick) -> list:
+def bench_step(device, dtype, budget, quick, mlp_path="auto") -> list:
     configs = QUICK_STEP_CONFIGS if quick else STEP_CONFIGS
-    return [_step_case(name, *cfg, device, dtype, budget) for name, cfg in configs.items()]
+    return [_step_case(name, *cfg, device, dtype, budget, mlp_path)
+            for name, cfg in configs.items()]
 
 
-def _step_case(name, D, d, B, hidden, device, dtype, budget) -> dict:
+def _step_case(name, D, d, B, hidden, device, dtype, budget, mlp_path) -> dict:
     torch.manual_seed(0)
     model = RectangularFlow(D, d, ambient_layers=10, ambient_hidden=hidden, prior_layers=5,
                             prior_hidden=(32, 32)).to(device=device, dtype=dtype)
+    set_mlp_path(model, mlp_path)   # ours; the plain reference does not use the MLP ops
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(B, D, generator=g) * 0.5).to(device=device, dtype=dtype)
     model.loss(x)   # ActNorm initialisation
@@ -159,16 +168,32 @@ def _step_case(name, D, d, B, hidden, device, dtype, budget) -> dict:
 
 
 def run_bench(device="cpu", dtype=torch.float32, quick=False, budget=None,
-              json_path: str | None = None, verbose: bool = True) -> dict:
+              json_path: str | None = None, verbose: bool = True, mlp_path: str = "auto",
+              precision: str | None = None) -> dict:
     """Run every benchmark on ``device``; print the tables (``verbose``) and write JSON to
     ``json_path``. Returns the results. Raises if ours and plain PyTorch disagree (relative
-    error above 1e-3 in float32, 1e-8 in float64), before anything is reported as a speed-up."""
+    error above 1e-3 in float32, 1e-2 with TF32, 1e-8 in float64), before anything is reported
+    as a speed-up. ``mlp_path``: ours' conditioner path ("auto", "per_layer", "fused" (CUDA));
+    ``precision``: None (torch's setting), "float32" or "tf32", the float32 GEMMs of ours and
+    of plain PyTorch alike (CUDA; :func:`injflow_ext.step.matmul_precision`)."""
     device = torch.device(device)
+    if mlp_path not in ("auto", "per_layer", "fused"):
+        raise ValueError(f"injflow bench: mlp_path must be auto, per_layer or fused, got "
+                         f"{mlp_path!r}")
+    if mlp_path == "fused" and device.type != "cuda":
+        raise ValueError(f"injflow bench: mlp_path='fused' runs the CUDA kernels; got device "
+                         f"{device} (use --device cuda, or --mlp-path auto on the CPU)")
+    if precision not in PRECISIONS:
+        raise ValueError(f"injflow bench: precision must be None, 'float32' or 'tf32', got "
+                         f"{precision!r}")
     budget = budget if budget is not None else (0.2 if quick else 1.0)
-    tol = 1e-3 if dtype == torch.float32 else 1e-8
-    ops = bench_gram_logdet(device, dtype, budget, quick) + \
-        bench_tangent_mlp(device, dtype, budget, quick)
-    steps = bench_step(device, dtype, budget, quick)
+    # two TF32 computations of the same thing differ by TF32's rounding (2^-11 per operand)
+    tf32 = precision == "tf32" and device.type == "cuda" and dtype == torch.float32
+    tol = (1e-2 if tf32 else 1e-3) if dtype == torch.float32 else 1e-8
+    with matmul_precision(precision):
+        ops = bench_gram_logdet(device, dtype, budget, quick) + \
+            bench_tangent_mlp(device, dtype, budget, quick, mlp_path)
+        steps = bench_step(device, dtype, budget, quick, mlp_path)
     for r in ops + steps:
         err = r.get("rel_err", r.get("grad_rel_err"))
         if not err <= tol:
@@ -177,11 +202,13 @@ def run_bench(device="cpu", dtype=torch.float32, quick=False, budget=None,
                                  f"relative error {err:.2e} > {tol:.0e}")
     env = environment(device)
     result = {"benchmark": "injflow bench", "dtype": str(dtype).replace("torch.", ""),
+              "mlp_path": mlp_path, "precision": precision, "tf32": tf32,
               "environment": env, "metric": "median ms of forward + backward",
               "ops": ops, "step": steps}
     if verbose:
-        print(f"\nops, forward + backward, {result['dtype']}, {env['device_name']}, torch "
-              f"{env['torch_version']} (median ms; speedup = plain / ours)")
+        print(f"\nops, forward + backward, {result['dtype']}{' (TF32 GEMMs)' if tf32 else ''}, "
+              f"{env['device_name']}, torch {env['torch_version']}, conditioners {mlp_path} "
+              f"(median ms; speedup = plain / ours)")
         cols = [("op", "op", "s"), ("case", "case", "s"), ("plain_ms", "plain", ".3f"),
                 ("ours_ms", "ours", ".3f"), ("speedup", "speedup", ".2f")]
         if device.type == "cuda":
