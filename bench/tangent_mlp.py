@@ -17,8 +17,8 @@ Methods (same weights, same dense upstream gradient):
 On CUDA every method is captured in a CUDA graph (forward + backward) and the replays are
 timed, since at these sizes a step is launch-bound; ``--eager`` times plain launches instead.
 TFLOP/s counts the three GEMMs per layer (forward, input gradient, weight gradient).
-With ``--sweep`` the fused method also runs at 1..8 samples per block (the launch plan's
-INJFLOW_MLP_SAMPLES_PER_BLOCK).
+With ``--sweep`` the fused methods (FMA and TF32) also run at 1..8 samples per block (the
+launch plan's INJFLOW_MLP_SAMPLES_PER_BLOCK).
 
     python bench/tangent_mlp.py [--device cpu|cuda] [--dtype float32|float64] [--quick]
                                 [--eager] [--sweep] [--json PATH]
@@ -164,23 +164,26 @@ def run_case(name, B, K, widths, methods, device, dtype, args):
             for base in bases:
                 if row.get(f"{base}_ms") and method != base:
                     row[f"{method}_speedup_vs_{base}"] = row[f"{base}_ms"] / row[f"{method}_ms"]
-    if args.sweep and device.type == "cuda" and "ours_fused" in methods:
+    swept = [m for m in ("ours_fused", "ours_fused_tf32") if m in methods]
+    for method in swept if args.sweep and device.type == "cuda" else []:
         sweep = {}
-        fn = forward_fn("ours_fused")
-        for per_block in range(1, 9):
-            if per_block * (1 + K) > 128:
-                break
-            os.environ["INJFLOW_MLP_SAMPLES_PER_BLOCK"] = str(per_block)
-            try:
-                step = make_step(fn, XV, Ws, bs, G, device, args.eager)
-                sweep[per_block] = median_time(step, device, budget_s=budget / 2, min_repeats=5,
-                                               max_repeats=100)
-            except Exception as e:
-                sweep[per_block] = f"{type(e).__name__}: {str(e)[:120]}"
-            finally:
-                del os.environ["INJFLOW_MLP_SAMPLES_PER_BLOCK"]
-        row["fused_ms_by_samples_per_block"] = sweep
-        print(f"  {name} fused by samples per block: " + ", ".join(
+        with arithmetic(method):
+            fn = forward_fn(method)
+            for per_block in range(1, 9):
+                if per_block * (1 + K) > 128:
+                    break
+                os.environ["INJFLOW_MLP_SAMPLES_PER_BLOCK"] = str(per_block)
+                try:
+                    step = make_step(fn, XV, Ws, bs, G, device, args.eager)
+                    sweep[per_block] = median_time(step, device, budget_s=budget / 2,
+                                                   min_repeats=5, max_repeats=100)
+                except Exception as e:
+                    sweep[per_block] = f"{type(e).__name__}: {str(e)[:120]}"
+                finally:
+                    del os.environ["INJFLOW_MLP_SAMPLES_PER_BLOCK"]
+        key = "fused" if method == "ours_fused" else "fused_tf32"
+        row[f"{key}_ms_by_samples_per_block"] = sweep
+        print(f"  {name} {key} by samples per block: " + ", ".join(
             f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in sweep.items()),
             flush=True)
     return row
