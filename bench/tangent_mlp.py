@@ -38,6 +38,7 @@ from common import add_common_args, environment, median_time, print_table, write
 
 from injflow_ext import tangent_mlp  # noqa: E402
 from injflow_ext.benchmarks.plain_reference import plain_tangent_mlp  # noqa: E402
+from injflow_ext.step import matmul_precision  # noqa: E402
 
 # name: (batch, K, widths): the conditioners of bench/step.py's configurations (a coupling on
 # D features conditions on D // 2 and outputs 2 (D − D // 2)), and MINIBOONE's encode pass.
@@ -60,15 +61,14 @@ plain_mlp = plain_tangent_mlp
 @contextmanager
 def arithmetic(method):
     """The float32 matmul arithmetic a method runs (and is captured) under: TF32 allowed for
-    ``*_tf32``, the fused kernels' 3×TF32 for ``*_tf32x3``, torch's default otherwise."""
-    old_flag, old_env = torch.backends.cuda.matmul.allow_tf32, os.environ.get("INJFLOW_MLP_MATH")
-    torch.backends.cuda.matmul.allow_tf32 = method.endswith("_tf32")
+    ``*_tf32``, the fused kernels' 3×TF32 for ``*_tf32x3``, full float32 otherwise."""
+    old_env = os.environ.get("INJFLOW_MLP_MATH")
     if method.endswith("_tf32x3"):
         os.environ["INJFLOW_MLP_MATH"] = "tf32x3"
     try:
-        yield
+        with matmul_precision("tf32" if method.endswith("_tf32") else "float32"):
+            yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old_flag
         if old_env is None:
             os.environ.pop("INJFLOW_MLP_MATH", None)
         else:

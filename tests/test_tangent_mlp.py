@@ -13,6 +13,7 @@ from reference import PLAIN_ACTIVATIONS
 
 from injflow_ext import tangent_linear_packed, tangent_mlp
 from injflow_ext.ops.tangent import MLP_PATHS
+from injflow_ext.step import matmul_precision
 
 PLAIN = PLAIN_ACTIVATIONS
 needs_cuda = pytest.mark.skipif(not _cuda_usable(),
@@ -71,17 +72,6 @@ def mlp_math(math):
     """Pin the fused kernels' float32 arithmetic: "fma", "tf32", "tf32x3" (None: follow
     torch's TF32 switch for matmuls)."""
     return env_var("INJFLOW_MLP_MATH", math)
-
-
-@contextmanager
-def tf32_matmuls(allow):
-    """torch.backends.cuda.matmul.allow_tf32 for a block (what TrainStep(precision=...) sets)."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allow
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def tf32(x):
@@ -349,7 +339,7 @@ def test_cuda_fused_float32_error_within_pytorch_float32_error(B, R, widths, mat
     def fused(XV, Ws, bs):
         return tangent_mlp(XV, Ws, bs, "tanh", path="fused")
 
-    with tf32_matmuls(False):
+    with matmul_precision("float32"):
         exact = outputs(plain, torch.float64)
         torch_f32 = outputs(plain, torch.float32)
         with mlp_math(math):
@@ -426,7 +416,8 @@ def test_cuda_fused_tf32_every_layer_is_a_tf32_gemm(B, R, widths, how):
     XV = torch.randn(B, R, widths[0], device="cuda")
     Ws, bs = make_mlp(widths, dtype=torch.float32, device="cuda")
     torch.full((64 << 20,), float("nan"), device="cuda")
-    with tf32_matmuls(how == "allow_tf32"), mlp_math("tf32" if how == "env" else None):
+    with matmul_precision("tf32" if how == "allow_tf32" else "float32"), \
+            mlp_math("tf32" if how == "env" else None):
         Y, Z, A, dA = torch.ops.injflow.tangent_mlp.default(XV, Ws, bs, 1, 0.0, 0, 2)
     inputs = [XV, *A]
     for i, (W, b) in enumerate(zip(Ws, bs)):
@@ -479,7 +470,7 @@ def test_cuda_fused_tf32_network_error_is_tf32_sized(B, R, widths):
             return [Y.detach(), *torch.autograd.grad((Y * gY.to(dtype)).sum(), args)]
 
     exact = outputs(torch.float64)
-    with tf32_matmuls(True):
+    with matmul_precision("tf32"):
         ours = outputs(torch.float32)
     fma = outputs(torch.float32, "fma")
     errs = [float((o.double() - e).norm() / e.norm()) for e, o in zip(exact, ours)]
@@ -497,13 +488,13 @@ def test_cuda_fused_tf32_switch_is_honoured():
     naming the values it takes."""
     XV = torch.randn(40, 9, 21, device="cuda")
     Ws, bs = make_mlp([21, 64, 64, 10], dtype=torch.float32, device="cuda")
-    with tf32_matmuls(False):
+    with matmul_precision("float32"):
         default = tangent_mlp(XV, Ws, bs, path="fused")
     with mlp_math("fma"):
         fma = tangent_mlp(XV, Ws, bs, path="fused")
     assert torch.equal(default, fma)
     W64, b64 = [W.double() for W in Ws], [b.double() for b in bs]
-    with tf32_matmuls(True), mlp_math("tf32"):
+    with matmul_precision("tf32"), mlp_math("tf32"):
         y64 = tangent_mlp(XV.double(), W64, b64, path="fused")
     ref = tangent_mlp(XV.double().cpu(), [W.cpu() for W in W64], [b.cpu() for b in b64])
     torch.testing.assert_close(y64.cpu(), ref, rtol=1e-11, atol=1e-11)

@@ -248,6 +248,29 @@ struct WeightChunk {
   }
 };
 
+// The weight staging both block GEMMs share: per pass of kPassCols output columns (from c0),
+// begin(), then the weight staged chunk by chunk into shared memory, the next chunk's loads in
+// flight while step(k0, kc) uses the current one (input features k0 .. k0 + kc), then
+// end(c0). Every thread of the block runs it (it holds the block's barriers).
+template <typename Chunk, typename T, typename Begin, typename Step, typename End>
+__device__ __forceinline__ void staged_weight_passes(const T* __restrict__ W, bool out_major,
+                                                     int Kd, int N, T* chunk, Begin begin,
+                                                     Step step, End end) {
+  for (int c0 = 0; c0 < N; c0 += kPassCols) {
+    begin();
+    Chunk next;
+    if (Kd > 0) next.load(W, out_major, Kd, N, 0, c0);
+    for (int k0 = 0; k0 < Kd; k0 += Chunk::DEPTH) {
+      __syncthreads();  // the previous chunk is consumed
+      next.store(chunk, out_major);
+      __syncthreads();
+      if (k0 + Chunk::DEPTH < Kd) next.load(W, out_major, Kd, N, k0 + Chunk::DEPTH, c0);
+      step(k0, min(Chunk::DEPTH, Kd - k0));
+    }
+    end(c0);
+  }
+}
+
 // out[r][c] = Σ_k in[k][r] · W(k, c) for r < M, c < N (M <= 32·WM), with in transposed
 // ([Kd][ldm] in shared memory) and W(k, c) as in WeightChunk. The result is handed to
 // store(tile, c0, acc) per column pass. The caller synchronises before reading what store
@@ -256,43 +279,37 @@ template <typename T, int WM, typename Store>
 __device__ __forceinline__ void block_gemm(const T* in, int ldm, int M, int Kd, int N,
                                            const T* __restrict__ W, bool out_major, T* chunk,
                                            Store store) {
-  constexpr int THREADS = 64 * WM;
-  using Chunk = WeightChunk<T, THREADS>;
+  using Chunk = WeightChunk<T, 64 * WM>;
   const LaneTile tile;
   const bool active = tile.r_base < M;
-  for (int c0 = 0; c0 < N; c0 += kPassCols) {
-    T acc[8][8];
+  T acc[8][8];
+  auto begin = [&] {
 #pragma unroll
     for (int i = 0; i < 8; ++i)
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[i][j] = T(0);
-    Chunk next;
-    if (Kd > 0) next.load(W, out_major, Kd, N, 0, c0);
-    for (int k0 = 0; k0 < Kd; k0 += Chunk::DEPTH) {
-      const int kc = min(Chunk::DEPTH, Kd - k0);
-      __syncthreads();  // the previous chunk is consumed
-      next.store(chunk, out_major);
-      __syncthreads();
-      if (k0 + Chunk::DEPTH < Kd) next.load(W, out_major, Kd, N, k0 + Chunk::DEPTH, c0);
-      if (active) {
-        const T* a_col = in + k0 * ldm + tile.r_base;
-        const T* w_row = chunk + tile.c_base;
+  };
+  auto step = [&](int k0, int kc) {
+    if (!active) return;
+    const T* a_col = in + k0 * ldm + tile.r_base;
+    const T* w_row = chunk + tile.c_base;
 #pragma unroll 2
-        for (int kk = 0; kk < kc; ++kk) {
-          T a[8], w[8];
-          load4(a_col + kk * ldm, a);
-          load4(a_col + kk * ldm + 16, a + 4);
-          load4(w_row + kk * kChunkStride, w);
-          load4(w_row + kk * kChunkStride + 32, w + 4);
+    for (int kk = 0; kk < kc; ++kk) {
+      T a[8], w[8];
+      load4(a_col + kk * ldm, a);
+      load4(a_col + kk * ldm + 16, a + 4);
+      load4(w_row + kk * kChunkStride, w);
+      load4(w_row + kk * kChunkStride + 32, w + 4);
 #pragma unroll
-          for (int i = 0; i < 8; ++i)
+      for (int i = 0; i < 8; ++i)
 #pragma unroll
-            for (int j = 0; j < 8; ++j) acc[i][j] += a[i] * w[j];  // contracted to FMA
-        }
-      }
+        for (int j = 0; j < 8; ++j) acc[i][j] += a[i] * w[j];  // contracted to FMA
     }
+  };
+  auto end = [&](int c0) {
     if (active) store(tile, c0, acc);
-  }
+  };
+  staged_weight_passes<Chunk>(W, out_major, Kd, N, chunk, begin, step, end);
 }
 
 // block_gemm on the tensor cores (float32, MATH = kMathTf32 or kMathTf32x3): the same
@@ -304,53 +321,47 @@ template <int WM, int MATH, typename Store>
 __device__ __forceinline__ void block_gemm_mma(const float* in, int ldm, int M, int Kd, int N,
                                                const float* __restrict__ W, bool out_major,
                                                float* chunk, Store store) {
-  constexpr int THREADS = 64 * WM;
-  using Chunk = WeightChunk<float, THREADS, kMmaChunkStride>;
+  using Chunk = WeightChunk<float, 64 * WM, kMmaChunkStride>;
   static_assert(Chunk::DEPTH % 8 == 0, "a weight chunk must hold whole k-steps of 8");
   const MmaLane lane;
   const bool active = lane.warp_row < M;
-  for (int c0 = 0; c0 < N; c0 += kPassCols) {
-    float acc[2][8][4];
+  float acc[2][8][4];
+  auto begin = [&] {
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[mt][nt][r] = 0.f;
-    Chunk next;
-    if (Kd > 0) next.load(W, out_major, Kd, N, 0, c0);
-    for (int k0 = 0; k0 < Kd; k0 += Chunk::DEPTH) {
-      const int kc = min(Chunk::DEPTH, Kd - k0);
-      __syncthreads();  // the previous chunk is consumed
-      next.store(chunk, out_major);
-      __syncthreads();
-      if (k0 + Chunk::DEPTH < Kd) next.load(W, out_major, Kd, N, k0 + Chunk::DEPTH, c0);
-      if (active) {
-        const float* a_chunk = in + (int64_t)k0 * ldm;
+  };
+  auto step = [&](int k0, int kc) {
+    if (!active) return;
+    const float* a_chunk = in + (int64_t)k0 * ldm;
 #pragma unroll
-        for (int ks = 0; ks < Chunk::DEPTH; ks += 8) {
-          if (ks < kc) {
-            float a[2][4], b[8][2];
+    for (int ks = 0; ks < Chunk::DEPTH; ks += 8) {
+      if (ks < kc) {
+        float a[2][4], b[8][2];
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt)
+        for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-              for (int r = 0; r < 4; ++r) {
-                const int k = ks + lane.t + 4 * (r / 2);
-                a[mt][r] = k < kc ? a_chunk[k * ldm + lane.row(mt, r % 2)] : 0.f;
-              }
-#pragma unroll
-            for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-              for (int r = 0; r < 2; ++r)
-                b[nt][r] = chunk[(ks + lane.t + 4 * r) * kMmaChunkStride + lane.warp_col + nt * 8 +
-                                 lane.g];
-            mma_k_step<MATH>(acc, a, b);
+          for (int r = 0; r < 4; ++r) {
+            const int k = ks + lane.t + 4 * (r / 2);
+            a[mt][r] = k < kc ? a_chunk[k * ldm + lane.row(mt, r % 2)] : 0.f;
           }
-        }
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            b[nt][r] = chunk[(ks + lane.t + 4 * r) * kMmaChunkStride + lane.warp_col + nt * 8 +
+                             lane.g];
+        mma_k_step<MATH>(acc, a, b);
       }
     }
+  };
+  auto end = [&](int c0) {
     if (active) store(lane, c0, acc);
-  }
+  };
+  staged_weight_passes<Chunk>(W, out_major, Kd, N, chunk, begin, step, end);
 }
 
 // The layer GEMMs of the kernels: FMAs, or (float32) the tensor cores.

@@ -26,7 +26,8 @@ from ..models import RectangularFlow
 from ..nn import set_mlp_path
 from ..objectives import ExactObjective
 from ..ops import gram_logdet, tangent_mlp
-from ..step import PRECISIONS, TrainStep, matmul_precision
+from ..ops.tangent import MLP_PATHS
+from ..step import TrainStep, matmul_precision
 from . import plain_reference
 from .timing import environment, median_time, print_table, write_json
 
@@ -175,17 +176,14 @@ def run_bench(device="cpu", dtype=torch.float32, quick=False, budget=None,
     error above 1e-3 in float32, 1e-2 with TF32, 1e-8 in float64), before anything is reported
     as a speed-up. ``mlp_path``: ours' conditioner path ("auto", "per_layer", "fused" (CUDA));
     ``precision``: None (torch's setting), "float32" or "tf32", the float32 GEMMs of ours and
-    of plain PyTorch alike (CUDA; :func:`injflow_ext.step.matmul_precision`)."""
+    of plain PyTorch alike (CUDA; :func:`injflow_ext.step.matmul_precision`, which checks it)."""
     device = torch.device(device)
-    if mlp_path not in ("auto", "per_layer", "fused"):
-        raise ValueError(f"injflow bench: mlp_path must be auto, per_layer or fused, got "
+    if mlp_path not in MLP_PATHS:
+        raise ValueError(f"injflow bench: mlp_path must be one of {list(MLP_PATHS)}, got "
                          f"{mlp_path!r}")
     if mlp_path == "fused" and device.type != "cuda":
         raise ValueError(f"injflow bench: mlp_path='fused' runs the CUDA kernels; got device "
                          f"{device} (use --device cuda, or --mlp-path auto on the CPU)")
-    if precision not in PRECISIONS:
-        raise ValueError(f"injflow bench: precision must be None, 'float32' or 'tf32', got "
-                         f"{precision!r}")
     budget = budget if budget is not None else (0.2 if quick else 1.0)
     # two TF32 computations of the same thing differ by TF32's rounding (2^-11 per operand)
     tf32 = precision == "tf32" and device.type == "cuda" and dtype == torch.float32
