@@ -419,6 +419,14 @@ def test_cuda_fused_tf32_every_layer_is_a_tf32_gemm(B, R, widths, how):
     with matmul_precision("tf32" if how == "allow_tf32" else "float32"), \
             mlp_math("tf32" if how == "env" else None):
         Y, Z, A, dA = torch.ops.injflow.tangent_mlp.default(XV, Ws, bs, 1, 0.0, 0, 2)
+    assert_layers_are_tf32_gemms(XV, Ws, bs, Y, Z, A, dA)
+
+
+def assert_layers_are_tf32_gemms(XV, Ws, bs, Y, Z, A, dA):
+    """The outputs of tangent_mlp(XV, Ws, bs, "tanh") with a linear last layer (Y, Z, A, dA)
+    as TF32 kernels must give them: every layer's Z_l the GEMM of the TF32-rounded layer input
+    (the op's own A_{l-1}) and weight within float32 accumulation error, element by element
+    (tf32_gemm_bound); A, dA and Y from Z by the epilogue's rule."""
     inputs = [XV, *A]
     for i, (W, b) in enumerate(zip(Ws, bs)):
         assert not Z[i].isnan().any(), f"layer {i}: unwritten elements"
@@ -432,6 +440,7 @@ def test_cuda_fused_tf32_every_layer_is_a_tf32_gemm(B, R, widths, how):
         torch.testing.assert_close(A[i][:, 0], torch.tanh(z0))
         torch.testing.assert_close(A[i][:, 1:], (1 - torch.tanh(z0).square())[:, None] *
                                    Z[i][:, 1:])
+        torch.testing.assert_close(dA[i], 1 - torch.tanh(z0).square())
     assert torch.equal(Y, Z[-1])
 
 

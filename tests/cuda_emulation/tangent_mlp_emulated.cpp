@@ -1,0 +1,316 @@
+// The fused tangent_mlp kernels (csrc/cuda/tangent_mlp_kernels.cuh), their launch plan and
+// kernel choice, run on the CPU under the CUDA emulation of cuda_on_cpu.h. A C interface for
+// ctypes (tests/emulated_cuda.py builds and calls it): the same arguments the CUDA op passes
+// (csrc/cuda/tangent_mlp_cuda.cu), with the device's facts given instead of queried.
+//
+// Return codes: 0 ran; 1 the plan refuses the shapes (err: why, as the op would say);
+// 2 a check of the emulation failed or a kernel wrote outside a buffer (err: what and where).
+
+#include "activations.h"
+#include "cuda_on_cpu.h"
+#include "cuda/tangent_mlp_kernels.cuh"
+
+#include <cstdio>
+
+using namespace injflow::fused_mlp;
+
+namespace {
+
+struct Device {
+  int sms;
+  int64_t smem_optin;
+  int64_t per_block;  // samples per block (0: the plan's choice)
+  int order;          // injflow_emu::Order
+  uint64_t seed;
+};
+
+int report(char* err, int errlen, const std::string& what, int code) {
+  std::snprintf(err, errlen, "%s", what.c_str());
+  return code;
+}
+
+MlpPlan plan_for(int dtype, int math, int64_t B, int R, int L, const int* n_in, const int* n_out,
+                 bool backward, const Device& dev, std::pair<int, int>* widths_out) {
+  if (L > kMaxLayers) return unsupported("more than 8 layers");
+  const std::vector<int> outs(n_out, n_out + L);
+  const auto widths = buffer_widths(outs, n_in[0], backward);
+  if (widths_out) *widths_out = widths;
+  const DeviceFacts facts{dev.sms, 9, static_cast<size_t>(dev.smem_optin)};
+  return plan_mlp(B, R, widths.first, widths.second, dtype == 0 ? 4 : 8, math, facts,
+                  dev.per_block);
+}
+
+void plan_out(const MlpPlan& plan, int64_t* out) {
+  out[0] = plan.S;
+  out[1] = plan.WM;
+  out[2] = plan.ldm;
+  out[3] = plan.blocks;
+  out[4] = static_cast<int64_t>(plan.smem);
+  out[5] = plan.math;
+}
+
+// Copies of the caller's arrays in guarded buffers (outputs poisoned with NaN), copied back
+// after the launch; fails if a guard was overwritten.
+struct Buffers {
+  struct Entry {
+    std::unique_ptr<injflow_emu::GuardedBuffer> buf;
+    void* user;
+    size_t bytes;
+    bool output;
+    std::string name;
+  };
+  std::vector<Entry> entries;
+  template <typename T>
+  T* in(const void* user, size_t count, const std::string& name) {
+    return add<T>(const_cast<void*>(user), count, false, name);
+  }
+  template <typename T>
+  T* out(void* user, size_t count, const std::string& name) {
+    return add<T>(user, count, true, name);
+  }
+  template <typename T>
+  T* add(void* user, size_t count, bool output, const std::string& name) {
+    if (user == nullptr) return nullptr;
+    const size_t bytes = count * sizeof(T);
+    entries.push_back({std::make_unique<injflow_emu::GuardedBuffer>(user, bytes, output), user,
+                       bytes, output, name});
+    return reinterpret_cast<T*>(entries.back().buf->data());
+  }
+  std::string finish() {
+    for (auto& e : entries) {
+      if (!e.buf->checked()) return "a kernel wrote outside " + e.name;
+      if (e.output) std::memcpy(e.user, e.buf->data(), e.bytes);
+    }
+    return "";
+  }
+};
+
+template <typename T, template <typename, int, int> class KernelOf>
+int run(const MlpPlan& plan, const MlpArgs<T>& args, const Device& dev, Buffers& bufs,
+        int64_t* stats_out, char* err, int errlen) {
+  injflow_emu::LaunchStats stats;
+  try {
+    const bool ok = dispatch_kernel<T, KernelOf>(plan, [&](auto kernel, int threads) {
+      stats = injflow_emu::launch(static_cast<unsigned>(plan.blocks), threads, plan.smem,
+                                  [&] { kernel(args); },
+                                  static_cast<injflow_emu::Order>(dev.order), dev.seed);
+    });
+    if (!ok) return report(err, errlen, "no kernel for this math and dtype", 2);
+  } catch (const std::exception& e) {
+    return report(err, errlen, e.what(), 2);
+  }
+  const std::string bad = bufs.finish();
+  if (!bad.empty()) return report(err, errlen, bad, 2);
+  stats_out[0] = stats.blocks;
+  stats_out[1] = stats.barriers;
+  stats_out[2] = stats.mma;
+  return 0;
+}
+
+// The kernels' arguments that come from the plan and the shapes (the buffers are added by the
+// caller), as tangent_mlp_cuda.cu sets them.
+template <typename T>
+MlpArgs<T> plan_args(const MlpPlan& plan, std::pair<int, int> widths, int64_t B, int R, int L,
+                     double slope) {
+  MlpArgs<T> args{};
+  args.L = L;
+  args.B = B;
+  args.R = R;
+  args.S = plan.S;
+  args.ldm = plan.ldm;
+  args.width0 = widths.first;
+  args.width1 = widths.second;
+  args.slope = static_cast<T>(slope);
+  return args;
+}
+
+template <typename T>
+int forward(int math, int64_t B, int R, int L, const int* n_in, const int* n_out,
+            const int* acts, double slope, const void* XV, const void* const* W,
+            const void* const* b, void* const* Z, void* const* A, void* const* dA,
+            const Device& dev, int64_t* plan_o, int64_t* stats_o, char* err, int errlen) {
+  std::pair<int, int> widths;
+  const MlpPlan plan = plan_for(sizeof(T) == 4 ? 0 : 1, math, B, R, L, n_in, n_out, false, dev,
+                                &widths);
+  if (!plan.why_not.empty()) return report(err, errlen, plan.why_not, 1);
+  plan_out(plan, plan_o);
+  Buffers bufs;
+  MlpArgs<T> args = plan_args<T>(plan, widths, B, R, L, slope);
+  args.in = bufs.in<T>(XV, B * R * n_in[0], "XV");
+  for (int l = 0; l < L; ++l) {
+    auto& ly = args.layer[l];
+    const std::string s = std::to_string(l);
+    ly.W = bufs.in<T>(W[l], (size_t)n_out[l] * n_in[l], "W" + s);
+    ly.b = bufs.in<T>(b[l], n_out[l], "b" + s);
+    ly.Z = bufs.out<T>(Z[l], B * R * n_out[l], "Z" + s);
+    ly.A = bufs.out<T>(A[l], B * R * n_out[l], "A" + s);
+    ly.dA = bufs.out<T>(dA[l], B * n_out[l], "dA" + s);
+    ly.n_in = n_in[l];
+    ly.n_out = n_out[l];
+    ly.act = acts[l];
+  }
+  return run<T, ForwardKernel>(plan, args, dev, bufs, stats_o, err, errlen);
+}
+
+template <typename T>
+int backward(int math, int64_t B, int R, int L, const int* n_in, const int* n_out,
+             const int* acts, double slope, const void* gY, const void* const* W,
+             const void* const* Z, void* const* GZ, void* gXV, void* partial,
+             const Device& dev, int64_t* plan_o, int64_t* stats_o, char* err, int errlen) {
+  std::pair<int, int> widths;
+  const MlpPlan plan = plan_for(sizeof(T) == 4 ? 0 : 1, math, B, R, L, n_in, n_out, true, dev,
+                                &widths);
+  if (!plan.why_not.empty()) return report(err, errlen, plan.why_not, 1);
+  plan_out(plan, plan_o);
+  int bias_total = 0;
+  for (int l = 0; l < L; ++l) bias_total += n_out[l];
+  Buffers bufs;
+  MlpArgs<T> args = plan_args<T>(plan, widths, B, R, L, slope);
+  args.in = bufs.in<T>(gY, B * R * n_out[L - 1], "grad_Y");
+  args.out = bufs.out<T>(gXV, B * R * n_in[0], "grad_XV");
+  args.bias_partial = bufs.out<T>(partial, plan.blocks * bias_total, "bias_partial");
+  args.bias_stride = bias_total;
+  int offset = 0;
+  for (int l = 0; l < L; ++l) {
+    auto& ly = args.layer[l];
+    const std::string s = std::to_string(l);
+    ly.W = bufs.in<T>(W[l], (size_t)n_out[l] * n_in[l], "W" + s);
+    ly.Z = bufs.in<T>(Z[l], B * R * n_out[l], "Z" + s);
+    ly.GZ = bufs.out<T>(GZ[l], B * R * n_out[l], "GZ" + s);  // null: linear last layer
+    ly.n_in = n_in[l];
+    ly.n_out = n_out[l];
+    ly.act = acts[l];
+    ly.bias_offset = offset;
+    offset += n_out[l];
+  }
+  return run<T, BackwardKernel>(plan, args, dev, bufs, stats_o, err, errlen);
+}
+
+// Kernels that break one rule each, so that the tests can see every check of the emulation
+// fail (see emu_selftest).
+void overflow_shared() {
+  float* s = shared_base<float>();
+  s[threadIdx.x + 64] = 1.f;  // the launch gives 64 floats
+}
+void divergent_barrier() {
+  if (threadIdx.x < 32) __syncthreads();
+}
+void misaligned_load() {
+  float v[4];
+  load4(shared_base<float>() + 1, v);
+}
+void partial_warp_mma() {
+  if (threadIdx.x % 32 < 16) {
+    float c[4] = {0, 0, 0, 0};
+    const uint32_t a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+    mma_tf32(c, a, b);
+  }
+}
+// thread t writes s[t] while thread t + 1 reads it with no barrier between: the result
+// depends on the order the threads run in
+float racy_sum = 0;
+void racy() {
+  float* s = shared_base<float>();
+  const unsigned t = threadIdx.x;
+  s[t] = float(t);
+  if (t == 0) s[63] = 0.f;
+  __syncthreads();
+  if (t > 0) s[t - 1] = s[t] + 1.f;
+  __syncthreads();
+  if (t == 0) {
+    racy_sum = 0;
+    for (int i = 0; i < 64; ++i) racy_sum += s[i];
+  }
+}
+// One m16n8k8 through MmaLane's fragment code (the kernels' own): C = A·B of small integers
+// (exact in TF32), A 16 × 8 and B 8 × 8 row-major, C 16 × 8.
+const float* mma_a = nullptr;
+const float* mma_b = nullptr;
+float* mma_c = nullptr;
+void one_mma() {
+  const MmaLane lane;
+  float a[2][4] = {}, b[8][2] = {}, acc[2][8][4] = {};
+  for (int r = 0; r < 4; ++r) {
+    const int row = lane.row(0, r % 2) - lane.warp_row, k = lane.t + 4 * (r / 2);
+    a[0][r] = mma_a[row * 8 + k];
+  }
+  for (int r = 0; r < 2; ++r) b[0][r] = mma_b[(lane.t + 4 * r) * 8 + lane.g];
+  mma_k_step<kMathTf32>(acc, a, b);
+  for (int h = 0; h < 2; ++h)
+    for (int e = 0; e < 2; ++e)
+      mma_c[(lane.row(0, h) - lane.warp_row) * 8 + lane.col(0, e) - lane.warp_col] =
+          acc[0][0][2 * h + e];
+}
+
+}  // namespace
+
+extern "C" {
+
+int emu_mlp_plan(int dtype, int math, int64_t B, int R, int L, const int* n_in, const int* n_out,
+                 int backward, int sms, int64_t smem_optin, int64_t per_block, int64_t* plan_o,
+                 char* err, int errlen) {
+  const Device dev{sms, smem_optin, per_block, 0, 0};
+  const MlpPlan plan = plan_for(dtype, math, B, R, L, n_in, n_out, backward != 0, dev, nullptr);
+  if (!plan.why_not.empty()) return report(err, errlen, plan.why_not, 1);
+  plan_out(plan, plan_o);
+  return 0;
+}
+
+// dtype: 0 float32, 1 float64; math: kMathFma, kMathTf32, kMathTf32x3; A[L - 1] is Y.
+int emu_mlp_forward(int dtype, int math, int64_t B, int R, int L, const int* n_in,
+                    const int* n_out, const int* acts, double slope, const void* XV,
+                    const void* const* W, const void* const* b, void* const* Z, void* const* A,
+                    void* const* dA, int sms, int64_t smem_optin, int64_t per_block, int order,
+                    uint64_t seed, int64_t* plan_o, int64_t* stats_o, char* err, int errlen) {
+  const Device dev{sms, smem_optin, per_block, order, seed};
+  if (dtype == 0)
+    return forward<float>(math, B, R, L, n_in, n_out, acts, slope, XV, W, b, Z, A, dA, dev,
+                          plan_o, stats_o, err, errlen);
+  return forward<double>(math, B, R, L, n_in, n_out, acts, slope, XV, W, b, Z, A, dA, dev,
+                         plan_o, stats_o, err, errlen);
+}
+
+// GZ[l] null for a linear last layer; partial: (plan's blocks, Σ n_out) bias partial sums.
+int emu_mlp_backward(int dtype, int math, int64_t B, int R, int L, const int* n_in,
+                     const int* n_out, const int* acts, double slope, const void* gY,
+                     const void* const* W, const void* const* Z, void* const* GZ, void* gXV,
+                     void* partial, int sms, int64_t smem_optin, int64_t per_block, int order,
+                     uint64_t seed, int64_t* plan_o, int64_t* stats_o, char* err, int errlen) {
+  const Device dev{sms, smem_optin, per_block, order, seed};
+  if (dtype == 0)
+    return backward<float>(math, B, R, L, n_in, n_out, acts, slope, gY, W, Z, GZ, gXV, partial,
+                           dev, plan_o, stats_o, err, errlen);
+  return backward<double>(math, B, R, L, n_in, n_out, acts, slope, gY, W, Z, GZ, gXV, partial,
+                          dev, plan_o, stats_o, err, errlen);
+}
+
+// Rule-breaking kernels (which: 0 shared overflow, 1 divergent barrier, 2 misaligned load,
+// 3 an mma by half a warp) give 2 and the check's message; 4 (a race) gives 0 and the sum it
+// computed in *value, which depends on `order`.
+int emu_selftest(int which, int order, double* value, char* err, int errlen) {
+  void (*kernels[])() = {overflow_shared, divergent_barrier, misaligned_load, partial_warp_mma,
+                         racy};
+  try {
+    injflow_emu::launch(1, 64, 64 * sizeof(float), kernels[which],
+                        static_cast<injflow_emu::Order>(order), 7);
+  } catch (const std::exception& e) {
+    return report(err, errlen, e.what(), 2);
+  }
+  *value = racy_sum;
+  return 0;
+}
+
+// C (16 × 8) = A (16 × 8) · B (8 × 8), row-major, through one warp's MmaLane fragments.
+int emu_one_mma(const float* a, const float* b, float* c, char* err, int errlen) {
+  mma_a = a;
+  mma_b = b;
+  mma_c = c;
+  try {
+    injflow_emu::launch(1, 32, 0, one_mma);
+  } catch (const std::exception& e) {
+    return report(err, errlen, e.what(), 2);
+  }
+  return 0;
+}
+
+}  // extern "C"

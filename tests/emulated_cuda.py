@@ -1,0 +1,233 @@
+"""The fused tangent_mlp CUDA kernels run on the CPU (tests/cuda_emulation/): builds the
+emulation with the system's C++ compiler once per source version, and calls it with CPU
+tensors the way the CUDA op calls the kernels (csrc/cuda/tangent_mlp_cuda.cu), including the
+host's part after the backward kernel (weight gradients as GEMMs, one bias reduction).
+
+Shapes: XV (B, R, n_0) with R = 1 + K rows per sample; Ws[l] (n_{l+1}, n_l); bs[l] (n_{l+1},).
+"""
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.utils.cpp_extension
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = [ROOT / "tests" / "cuda_emulation" / "tangent_mlp_emulated.cpp",
+           ROOT / "tests" / "cuda_emulation" / "cuda_on_cpu.h",
+           ROOT / "csrc" / "cuda" / "tangent_mlp_kernels.cuh",
+           ROOT / "csrc" / "activations.h"]
+MATH = {"fma": 0, "tf32": 1, "tf32x3": 2}
+ORDER = {"forward": 0, "reverse": 1, "shuffled": 2}
+ACT_CODES = {None: 0, "tanh": 1, "relu": 2, "leaky_relu": 3, "elu": 4, "softplus": 5,
+             "silu": 6, "sigmoid": 7}
+H200 = {"sms": 132, "smem_optin": 232448}  # what the plan reads from the device
+
+_lib = None
+
+
+def compiler():
+    """The C++ compiler to build the emulation with, or None."""
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def library():
+    """The built emulation (cached under the temp directory by a hash of its sources)."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (set CXX) to build the CUDA emulation")
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
+    out = Path(tempfile.gettempdir()) / f"injflow_cuda_emulation_{digest}.so"
+    if not out.exists():
+        torch_include = torch.utils.cpp_extension.include_paths()[0]
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-U_FORTIFY_SOURCE",
+               "-D_FORTIFY_SOURCE=0", "-Wall", "-Wno-unknown-pragmas",
+               f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'tests' / 'cuda_emulation'}",
+               f"-I{torch_include}", str(SOURCES[0]), "-o", str(tmp)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError("building the CUDA emulation failed:\n" + proc.stderr[-4000:])
+        os.replace(tmp, out)
+    lib = ctypes.CDLL(str(out))
+    for name in ("emu_mlp_plan", "emu_mlp_forward", "emu_mlp_backward", "emu_selftest",
+                 "emu_one_mma"):
+        getattr(lib, name).restype = ctypes.c_int
+    _lib = lib
+    return lib
+
+
+@dataclass
+class Plan:
+    """The launch plan (csrc/cuda/tangent_mlp_kernels.cuh, plan_mlp)."""
+    S: int
+    WM: int
+    ldm: int
+    blocks: int
+    smem: int
+    math: int
+
+
+@dataclass
+class Stats:
+    blocks: int
+    barriers: int
+    mma: int
+
+
+class EmulationError(RuntimeError):
+    """A check of the emulation failed (deadlock, out-of-bounds write, misalignment, ...)."""
+
+
+class Unsupported(RuntimeError):
+    """The plan refuses the shapes (the op's "the fused path cannot take these shapes")."""
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
+
+
+def _ptrs(ts):
+    return (ctypes.c_void_p * len(ts))(*[(t.data_ptr() if t is not None else 0) for t in ts])
+
+
+def _ints(xs):
+    return (ctypes.c_int * len(xs))(*xs)
+
+
+def _check(rc, err):
+    if rc == 1:
+        raise Unsupported(err.value.decode())
+    if rc != 0:
+        raise EmulationError(err.value.decode())
+
+
+def _layer_codes(L, activation, last_activation):
+    return [ACT_CODES[activation if i < L - 1 else last_activation] for i in range(L)]
+
+
+def _dtype_code(dtype):
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"the emulated kernels take float32 or float64, got {dtype}")
+    return 0 if dtype == torch.float32 else 1
+
+
+def _shapes(XV, Ws):
+    """XV and Ws contiguous, B, R and the layers' input and output widths."""
+    XV = XV.detach().contiguous()
+    Ws = [W.detach().contiguous() for W in Ws]
+    return XV, Ws, XV.shape[0], XV.shape[1], [W.shape[1] for W in Ws], [W.shape[0] for W in Ws]
+
+
+def _launch(fn, XV, n_in, n_out, activation, last_activation, slope, math, buffers,
+            per_block, order, seed, device):
+    """Call emu_mlp_forward or emu_mlp_backward: the shapes, the buffers, the device's facts."""
+    B, R, _ = XV.shape
+    L = len(n_out)
+    plan_out, stats = (ctypes.c_int64 * 6)(), (ctypes.c_int64 * 3)()
+    err = ctypes.create_string_buffer(4096)
+    rc = fn(_dtype_code(XV.dtype), MATH[math], ctypes.c_int64(B), R, L, _ints(n_in),
+            _ints(n_out), _ints(_layer_codes(L, activation, last_activation)),
+            ctypes.c_double(slope), *buffers, device["sms"],
+            ctypes.c_int64(device["smem_optin"]), ctypes.c_int64(per_block), ORDER[order],
+            ctypes.c_uint64(seed), plan_out, stats, err, len(err))
+    _check(rc, err)
+    return Plan(*plan_out), Stats(*stats)
+
+
+def plan(B, R, widths, dtype=torch.float32, math="fma", backward=False, per_block=0,
+         device=H200):
+    """The fused kernels' launch plan for B samples of R rows through layers `widths`."""
+    lib = library()
+    n_in, n_out = widths[:-1], widths[1:]
+    out = (ctypes.c_int64 * 6)()
+    err = ctypes.create_string_buffer(1024)
+    rc = lib.emu_mlp_plan(_dtype_code(dtype), MATH[math], ctypes.c_int64(B), R, len(n_out),
+                          _ints(n_in), _ints(n_out), int(backward), device["sms"],
+                          ctypes.c_int64(device["smem_optin"]), ctypes.c_int64(per_block), out,
+                          err, len(err))
+    _check(rc, err)
+    return Plan(*out)
+
+
+def forward(XV, Ws, bs, activation="tanh", last_activation=None, slope=0.0, math="fma",
+            per_block=0, order="forward", seed=0, device=H200):
+    """The fused forward kernel: (Y, Z, A, dA, plan, stats) like torch.ops.injflow.tangent_mlp
+    (Y, Z, A, dA: the output (B, R, n_L), every layer's pre-activations (B, R, n_l), hidden
+    outputs (B, R, n_l) and σ' at the primal (B, n_l))."""
+    XV, Ws, B, R, n_in, n_out = _shapes(XV, Ws)
+    bs = [b.detach().contiguous() for b in bs]
+    Z = [XV.new_empty(B, R, n) for n in n_out]
+    A = [XV.new_empty(B, R, n) for n in n_out]
+    dA = [XV.new_empty(B, n) for n in n_out]
+    p, stats = _launch(library().emu_mlp_forward, XV, n_in, n_out, activation, last_activation, slope,
+                       math, [_ptr(XV), _ptrs(Ws), _ptrs(bs), _ptrs(Z), _ptrs(A), _ptrs(dA)],
+                       per_block, order, seed, device)
+    return A[-1], Z, A[:-1], dA, p, stats
+
+
+def backward(gY, XV, Ws, Z, A, activation="tanh", last_activation=None, slope=0.0, math="fma",
+             per_block=0, order="forward", seed=0, device=H200):
+    """The fused backward kernel and the host's GEMMs after it, as the CUDA op does:
+    (grad_XV, grad_Ws, grad_bs, GZ, plan, stats). Z, A: the forward's saved pre-activations
+    and hidden outputs; GZ: every layer's pre-activation gradient (B, R, n_l)."""
+    XV, Ws, B, R, n_in, n_out = _shapes(XV, Ws)
+    gY = gY.detach().contiguous()
+    Z = [z.detach().contiguous() for z in Z]
+    L = len(Ws)
+    linear_last = last_activation is None
+    GZ = [XV.new_empty(B, R, n) for n in n_out]
+    if linear_last:
+        GZ[-1] = None
+    p = plan(B, R, [n_in[0]] + n_out, XV.dtype, math, backward=True, per_block=per_block,
+             device=device)
+    partial = XV.new_empty(p.blocks, sum(n_out))
+    gXV = torch.empty_like(XV)
+    p, stats = _launch(library().emu_mlp_backward, XV, n_in, n_out, activation, last_activation,
+                       slope, math, [_ptr(gY), _ptrs(Ws), _ptrs(Z), _ptrs(GZ), _ptr(gXV),
+                                     _ptr(partial)], per_block, order, seed, device)
+    if linear_last:
+        GZ[-1] = gY
+    sums = partial.sum(0)
+    inputs = [XV] + [a.detach().contiguous() for a in A]
+    gW, gb, offset = [], [], 0
+    for i in range(L):
+        gW.append(GZ[i].reshape(B * R, n_out[i]).T @ inputs[i].reshape(B * R, n_in[i]))
+        gb.append(sums[offset:offset + n_out[i]])
+        offset += n_out[i]
+    return gXV, gW, gb, GZ, p, stats
+
+
+def selftest(which, order="forward"):
+    """Run one of the emulation's rule-breaking kernels ("shared_overflow",
+    "divergent_barrier", "misaligned", "partial_warp_mma": raise EmulationError; "race":
+    return the order-dependent value it computes)."""
+    kinds = ["shared_overflow", "divergent_barrier", "misaligned", "partial_warp_mma", "race"]
+    value = ctypes.c_double(0)
+    err = ctypes.create_string_buffer(1024)
+    rc = library().emu_selftest(kinds.index(which), ORDER[order], ctypes.byref(value), err,
+                                len(err))
+    _check(rc, err)
+    return value.value
+
+
+def one_mma(a, b):
+    """C = a (16 × 8) · b (8 × 8) through one warp's fragments as the kernels lay them out
+    (MmaLane) and the emulated mma.sync, float32."""
+    a, b = a.float().contiguous(), b.float().contiguous()
+    c = torch.full((16, 8), float("nan"))
+    err = ctypes.create_string_buffer(1024)
+    _check(library().emu_one_mma(_ptr(a), _ptr(b), _ptr(c), err, len(err)), err)
+    return c

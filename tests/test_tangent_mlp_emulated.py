@@ -1,0 +1,239 @@
+"""The fused tangent_mlp CUDA kernels without a GPU: their source (csrc/cuda/
+tangent_mlp_kernels.cuh), launch plan and kernel choice compiled for the CPU under the CUDA
+emulation of tests/cuda_emulation/ and run thread by thread (tests/emulated_cuda.py).
+
+The same checks as the CUDA tests of tests/test_tangent_mlp.py (float64 against the CPU op,
+float32 and TF32 error bounds, every layer a TF32 GEMM), plus what only the emulation sees:
+barriers every thread reaches, no write outside shared memory or a global buffer, aligned
+vector accesses, whole warps at every mma.sync, and results that do not depend on the order
+the threads run in. The emulation's own checks are shown to fail on kernels that break them.
+
+What it cannot show: speed, the real hardware's mma rounding (it sums a tile's exact TF32
+products in float64), and memory-ordering effects between threads that run at once on a GPU.
+"""
+
+import os
+
+import emulated_cuda as emu
+import pytest
+import torch
+from test_tangent_mlp import assert_layers_are_tf32_gemms, make_mlp, reference, tf32, tf32_gemm_bound
+
+from injflow_ext.step import matmul_precision
+
+# CI sets INJFLOW_REQUIRE_CUDA_EMULATION=1: there, a missing compiler fails instead of skipping
+pytestmark = pytest.mark.skipif(
+    emu.compiler() is None and not os.environ.get("INJFLOW_REQUIRE_CUDA_EMULATION"),
+    reason="needs a C++ compiler to build the CUDA emulation")
+
+# (B, R, widths), the CUDA tests' shapes with fewer samples (each runs in well under a second):
+# the MINIBOONE conditioner (d = 21 tangents), the encode pass (primal only), a wide
+# conditioner (float64: about 720 features fit the two shared-memory buffers at R = 21), odd
+# widths, an input width of zero, the most rows a sample may have.
+SHAPES = [
+    (12, 22, [21, 128, 128, 128, 128, 44]),
+    (40, 1, [21, 128, 128, 128, 128, 44]),
+    (3, 21, [300, 320, 300, 400]),
+    (37, 5, [11, 37, 70, 3]),
+    (9, 3, [0, 16, 8]),
+    (3, 128, [5, 8, 4]),
+]
+IMAGE = (2, 21, [392, 512, 512, 784])  # the flat-image conditioner (2 × 512)
+SHAPES_F32 = SHAPES[:2] + [IMAGE]
+ACT = {"tanh": 1, "silu": 6, None: 0}
+
+
+def cpu_op(XV, Ws, bs, gY, activation, last):
+    """The CPU op (per-layer path): Y, Z, A, dA and the gradients of (Y · gY).sum() with
+    respect to XV, Ws and bs."""
+    L = len(Ws)
+    args = [t.detach().clone().requires_grad_() for t in (XV, *Ws, *bs)]
+    Y, Z, A, dA = torch.ops.injflow.tangent_mlp.default(args[0], args[1:1 + L], args[1 + L:],
+                                                        ACT[activation], 0.0, ACT[last], 1)
+    grads = torch.autograd.grad((Y * gY).sum(), args)
+    return [t.detach() for t in (Y, *Z, *A, *dA)], list(grads)
+
+
+def fused(XV, Ws, bs, gY, activation="tanh", last=None, **kw):
+    """The emulated fused kernels: the same outputs and gradients as cpu_op."""
+    Y, Z, A, dA, plan, stats = emu.forward(XV, Ws, bs, activation, last, **kw)
+    gXV, gW, gb, GZ, _, bstats = emu.backward(gY, XV, Ws, Z, A, activation, last, **kw)
+    return [Y, *Z, *A, *dA], [gXV, *gW, *gb], plan, (stats, bstats)
+
+
+def inputs(B, R, widths, dtype):
+    XV = torch.randn(B, R, widths[0], dtype=torch.float64)
+    Ws, bs = make_mlp(widths)
+    gY = torch.randn(B, R, widths[-1], dtype=torch.float64)
+    return [t.to(dtype) for t in (XV, *Ws, *bs, gY)], len(Ws)
+
+
+def split(ts, L):
+    return ts[0], ts[1:1 + L], ts[1 + L:1 + 2 * L], ts[-1]
+
+
+# ----------------------------------------------------------------------- the emulation itself
+
+@pytest.mark.parametrize("which,pattern", [
+    ("shared_overflow", "shared memory written past its end"),
+    ("divergent_barrier", "deadlock: 32 threads exited, 32 wait at __syncthreads"),
+    ("misaligned", "load4: address not 16-byte aligned"),
+    ("partial_warp_mma", "deadlock: .* 32 at a warp's mma.sync"),
+])
+def test_emulation_catches_broken_kernels(which, pattern):
+    with pytest.raises(emu.EmulationError, match=pattern):
+        emu.selftest(which)
+
+
+def test_emulation_exposes_races_through_thread_order():
+    """A kernel that reads a neighbour's shared-memory write without a barrier computes
+    different results in different thread orders (so equal results across orders, as the
+    fused kernels give below, mean something)."""
+    runs = {order: emu.selftest("race", order) for order in ("forward", "reverse", "shuffled")}
+    assert len(set(runs.values())) > 1, runs
+
+
+def test_emulated_mma_follows_the_ptx_fragment_layout():
+    """One m16n8k8 through the kernels' fragment code (MmaLane) and the emulated mma.sync,
+    whose layout is written from the PTX ISA independently: small integers (exact in TF32)
+    give A·B exactly; other values give the product of the operands rounded to TF32 (to
+    nearest), not truncated and not unrounded."""
+    a = torch.randint(-8, 9, (16, 8)).float()
+    b = torch.randint(-8, 9, (8, 8)).float()
+    assert torch.equal(emu.one_mma(a, b), a @ b)
+    a, b = torch.randn(16, 8), torch.randn(8, 8)
+    c = emu.one_mma(a, b).double()
+    exact = tf32(a) @ tf32(b)
+    assert (c - exact).abs().max() < 1e-6
+    assert (c - a.double() @ b.double()).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------------------ launch plan
+
+def test_emulated_plan_is_the_ops_plan():
+    """The plan the emulation runs is the op's (plan_mlp): one sample per 64-thread block at
+    MINIBOONE's batch on an H200, more per block once the batch gives each multiprocessor
+    two blocks, the tensor-core row padding, and the op's refusals."""
+    p = emu.plan(400, 22, [21, 128, 128, 44])
+    assert (p.S, p.WM, p.ldm, p.blocks) == (1, 1, 36, 400)
+    p = emu.plan(5000, 3, [3, 128, 128, 6], math="tf32")
+    assert (p.S, p.WM, p.ldm, p.blocks) == (18, 2, 72, 278)
+    with pytest.raises(emu.Unsupported, match="129 rows per sample exceeds 128"):
+        emu.plan(2, 129, [3, 4])
+    with pytest.raises(emu.Unsupported, match="bytes of shared memory per block, more than"):
+        emu.plan(13, 21, [392, 1024, 1024, 784], dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- correctness
+
+@pytest.mark.parametrize("B,R,widths", SHAPES)
+@pytest.mark.parametrize("activation,last", [("tanh", None), ("silu", "tanh")])
+def test_emulated_fused_matches_cpu_float64(B, R, widths, activation, last):
+    """Every output of the forward (Y and the saved Z, A, dA) and every gradient equal the CPU
+    op's to float64 rounding; outputs start as NaN and every buffer is fenced, so an element
+    never written or one written out of bounds fails."""
+    ts, L = inputs(B, R, widths, torch.float64)
+    XV, Ws, bs, gY = split(ts, L)
+    ref_out, ref_grads = cpu_op(XV, Ws, bs, gY, activation, last)
+    out, grads, _, _ = fused(XV, Ws, bs, gY, activation, last)
+    for i, (o, r) in enumerate(zip(out + grads, ref_out + ref_grads)):
+        assert not o.isnan().any(), f"output {i} has unwritten elements"
+        torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10, msg=f"output {i}")
+
+
+@pytest.mark.parametrize("per_block", [1, 2, 3, 7, 64])
+def test_emulated_fused_any_samples_per_block(per_block):
+    """The tiling (samples per block, hence 64-, 128- and 256-thread blocks) does not change
+    the result; a last block with fewer samples is handled."""
+    ts, L = inputs(50, 9, [10, 32, 32, 6], torch.float64)
+    XV, Ws, bs, gY = split(ts, L)
+    ref_out, ref_grads = cpu_op(XV, Ws, bs, gY, "tanh", None)
+    out, grads, plan, _ = fused(XV, Ws, bs, gY, per_block=per_block)
+    assert plan.S == min(per_block, 128 // 9)
+    for o, r in zip(out + grads, ref_out + ref_grads):
+        torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,math", [(torch.float64, "fma"), (torch.float32, "fma"),
+                                        (torch.float32, "tf32"), (torch.float32, "tf32x3")])
+def test_emulated_results_do_not_depend_on_thread_order(dtype, math):
+    """No races between barriers: the threads of every phase run forward, reversed and
+    shuffled give bit-identical outputs and gradients (a missing __syncthreads between a
+    shared-memory write and another thread's read would not)."""
+    ts, L = inputs(20, 7, [13, 64, 40, 9], dtype)
+    XV, Ws, bs, gY = split(ts, L)
+    kw = dict(math=math, per_block=5)
+    first = fused(XV, Ws, bs, gY, **kw)
+    for order, seed in (("reverse", 0), ("shuffled", 1), ("shuffled", 2)):
+        again = fused(XV, Ws, bs, gY, order=order, seed=seed, **kw)
+        for a, b in zip(first[0] + first[1], again[0] + again[1]):
+            assert torch.equal(a, b), order
+
+
+@pytest.mark.parametrize("B,R,widths", SHAPES_F32)
+@pytest.mark.parametrize("math", ["fma", "tf32x3"])
+def test_emulated_float32_error_within_pytorch_float32_error(B, R, widths, math):
+    """Against float64, the fused float32 error is at most 4× the error of the same network in
+    plain PyTorch float32 (+ a floor for exact zeros), for the output and every gradient; with
+    FMAs and with 3×TF32."""
+    ts, L = inputs(B, R, widths, torch.float64)
+    XV, Ws, bs, gY = split(ts, L)
+
+    def plain(dtype):
+        args = [t.to(dtype).requires_grad_() for t in (XV, *Ws, *bs)]
+        Y = reference(args[0], args[1:1 + L], args[1 + L:], "tanh")
+        return [Y.detach(), *torch.autograd.grad((Y * gY.to(dtype)).sum(), args)]
+
+    with matmul_precision("float32"):
+        exact, torch_f32 = plain(torch.float64), plain(torch.float32)
+    f = lambda t: t.float()  # noqa: E731
+    out, grads, plan, _ = fused(f(XV), [f(W) for W in Ws], [f(b) for b in bs], f(gY),
+                                math=math)
+    ours = [out[0]] + grads
+    assert plan.math == emu.MATH[math]
+    for i, (e, p, o) in enumerate(zip(exact, torch_f32, ours)):
+        err_torch = (p.double() - e).norm() / e.norm()
+        err_ours = (o.double() - e).norm() / e.norm()
+        assert err_ours <= 4 * err_torch + 1e-6, (i, float(err_ours), float(err_torch))
+
+
+@pytest.mark.parametrize("B,R,widths", SHAPES + [IMAGE])
+def test_emulated_tf32_every_layer_is_a_tf32_gemm(B, R, widths):
+    """With the tensor-core math, every layer's saved Z_l is the GEMM of the TF32-rounded layer
+    input (the op's own A_{l-1}) and weight, within float32 accumulation error, element by
+    element; the epilogue gives A and Y from Z as the FMA path does."""
+    XV = torch.randn(B, R, widths[0])
+    Ws, bs = make_mlp(widths, dtype=torch.float32)
+    Y, Z, A, dA, plan, stats = emu.forward(XV, Ws, bs, "tanh", math="tf32")
+    assert plan.math == emu.MATH["tf32"] and stats.mma > 0
+    assert_layers_are_tf32_gemms(XV, Ws, bs, Y, Z, A, dA)
+
+
+@pytest.mark.parametrize("B,R,n_in,n_out", [(12, 22, 21, 44), (2, 21, 512, 784),
+                                            (37, 5, 11, 3), (3, 128, 5, 4), (50, 1, 128, 70)])
+def test_emulated_tf32_input_gradient_is_a_tf32_gemm(B, R, n_in, n_out):
+    """The backward's GEMM (grad_XV = grad_Y · W of one linear layer) on the tensor cores:
+    the TF32 GEMM within float32 accumulation error, element by element."""
+    XV = torch.randn(B, R, n_in)
+    (W,), (b,) = make_mlp([n_in, n_out], dtype=torch.float32)
+    gY = torch.randn(B, R, n_out)
+    _, Z, A, _, _, _ = emu.forward(XV, [W], [b], "tanh", math="tf32")
+    gXV, *_ = emu.backward(gY, XV, [W], Z, A, "tanh", math="tf32")
+    exact, bound = tf32_gemm_bound(gY, W.T)
+    err = (gXV.double() - exact).abs()
+    assert (err <= bound).all(), f"error up to {float((err / bound).max()):.1f}× the bound"
+
+
+@pytest.mark.parametrize("B,R,widths", SHAPES_F32)
+def test_emulated_tf32_network_error_is_tf32_sized(B, R, widths):
+    """A whole network with TF32: output and gradients off the float64 answer by no more than
+    TF32's rounding allows (a norm error below 1e-2), the output by more than float32's."""
+    ts, L = inputs(B, R, widths, torch.float64)
+    XV, Ws, bs, gY = split(ts, L)
+    exact_out, exact_grads = cpu_op(XV, Ws, bs, gY, "tanh", None)
+    f = lambda t: t.float()  # noqa: E731
+    out, grads, _, _ = fused(f(XV), [f(W) for W in Ws], [f(b) for b in bs], f(gY), math="tf32")
+    errs = [float((o.double() - e).norm() / e.norm())
+            for e, o in zip([exact_out[0]] + exact_grads, [out[0]] + grads)]
+    assert max(errs) < 1e-2, errs
+    assert errs[0] > 1e-5, errs
