@@ -26,7 +26,9 @@
 # kernels on the tensor cores). MLP_METHODS the MLP benchmark's methods (default: all, the
 # TF32 and 3×TF32 ones included). Stage tf32_per_layer (not in the default list) reruns the
 # TF32 step with per-layer conditioners (TF32_PL_METHODS, TF32_PL_S), for a same-run comparison
-# with a TF32_MLP_PATH=fused tf32 stage. The step and profile JSON is rewritten after every
+# with a TF32_MLP_PATH=fused tf32 stage; stage tf32_async (not in the default list either) the
+# fused TF32 step with the cp.async weight pipeline (INJFLOW_MLP_PIPELINE=async,
+# TF32_ASYNC_METHODS). The step and profile JSON is rewritten after every
 # method, so a stage stopped by its time limit keeps what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -99,6 +101,12 @@ run_tf32() {
     --configs "${TF32_CONFIGS:-MINIBOONE,IMAGE}" ${TF32_METHODS:+--methods "$TF32_METHODS"} \
     ${TF32_MLP_PATH:+--mlp-path "$TF32_MLP_PATH"} \
     --budget "${STEP_BUDGET:-1.0}" --json "$RES/step_tf32.json" 2>&1 | quiet
+}
+run_tf32_async() {  # the TF32 step with the fused conditioners' cp.async weight pipeline
+  INJFLOW_MLP_PIPELINE=async timeout "${TF32_S:-90}" $PY bench/step.py --device cuda --tf32 \
+    --mlp-path fused --configs "${TF32_CONFIGS:-MINIBOONE,IMAGE}" \
+    --methods "${TF32_ASYNC_METHODS:-ours_exact_graph,ours_exact_compiled_graph}" \
+    --budget "${STEP_BUDGET:-1.0}" --json "$RES/step_tf32_async.json" 2>&1 | quiet
 }
 run_tf32_per_layer() {  # the TF32 step with per-layer conditioners, beside a fused tf32 stage
   timeout "${TF32_PL_S:-90}" $PY bench/step.py --device cuda --tf32 --mlp-path per_layer \

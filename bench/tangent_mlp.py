@@ -13,12 +13,15 @@ Methods (same weights, same dense upstream gradient):
   (``torch.backends.cuda.matmul.allow_tf32``: cuBLAS and inductor's GEMMs, and the fused
   kernels' mma path); ``ours_fused_tf32x3``: the fused kernels with 3×TF32
   (``INJFLOW_MLP_MATH=tf32x3``), float32-level accuracy on the tensor cores. Their ``err`` is
-  against float64, so TF32's ~1e-3 shows there.
+  against float64, so TF32's ~1e-3 shows there;
+- ``ours_fused_async``, ``ours_fused_async_tf32`` (CUDA): the fused kernels with the weight
+  staged by cp.async into three shared-memory buffers (``INJFLOW_MLP_PIPELINE=async``) instead
+  of through registers; the same arithmetic as ``ours_fused`` / ``ours_fused_tf32``.
 On CUDA every method is captured in a CUDA graph (forward + backward) and the replays are
 timed, since at these sizes a step is launch-bound; ``--eager`` times plain launches instead.
 TFLOP/s counts the three GEMMs per layer (forward, input gradient, weight gradient).
-With ``--sweep`` the fused methods (FMA and TF32) also run at 1..8 samples per block (the
-launch plan's INJFLOW_MLP_SAMPLES_PER_BLOCK).
+With ``--sweep`` the fused methods (FMA and TF32, both pipelines) also run at 1..8 samples per
+block (the launch plan's INJFLOW_MLP_SAMPLES_PER_BLOCK).
 
     python bench/tangent_mlp.py [--device cpu|cuda] [--dtype float32|float64] [--quick]
                                 [--eager] [--sweep] [--json PATH]
@@ -53,6 +56,8 @@ QUICK_CASES = {"TINY": (64, 3, [3, 16, 16, 6])}
 METHODS = ["plain", "plain_compiled", "ours_per_layer", "ours_fused", "ours_auto"]
 TF32_METHODS = ["plain_compiled_tf32", "ours_per_layer_tf32", "ours_fused_tf32",
                 "ours_fused_tf32x3"]
+ASYNC_METHODS = ["ours_fused_async"]  # CUDA, any dtype
+ASYNC_TF32_METHODS = ["ours_fused_async_tf32"]  # CUDA, float32
 
 
 plain_mlp = plain_tangent_mlp
@@ -61,22 +66,27 @@ plain_mlp = plain_tangent_mlp
 @contextmanager
 def arithmetic(method):
     """The float32 matmul arithmetic a method runs (and is captured) under: TF32 allowed for
-    ``*_tf32``, the fused kernels' 3×TF32 for ``*_tf32x3``, full float32 otherwise."""
-    old_env = os.environ.get("INJFLOW_MLP_MATH")
-    if method.endswith("_tf32x3"):
-        os.environ["INJFLOW_MLP_MATH"] = "tf32x3"
+    ``*_tf32``, the fused kernels' 3×TF32 for ``*_tf32x3``, full float32 otherwise; and the
+    fused kernels' weight pipeline (cp.async for ``*_async*``)."""
+    env = {"INJFLOW_MLP_MATH": "tf32x3" if method.endswith("_tf32x3") else None,
+           "INJFLOW_MLP_PIPELINE": "async" if "_async" in method else None}
+    old = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
+        if v is not None:
+            os.environ[k] = v
     try:
         with matmul_precision("tf32" if method.endswith("_tf32") else "float32"):
             yield
     finally:
-        if old_env is None:
-            os.environ.pop("INJFLOW_MLP_MATH", None)
-        else:
-            os.environ["INJFLOW_MLP_MATH"] = old_env
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def forward_fn(method):
-    method = method.removesuffix("_tf32x3").removesuffix("_tf32")
+    method = method.removesuffix("_tf32x3").removesuffix("_tf32").removesuffix("_async")
     if method == "plain":
         return plain_mlp
     if method == "plain_compiled":
@@ -164,7 +174,8 @@ def run_case(name, B, K, widths, methods, device, dtype, args):
             for base in bases:
                 if row.get(f"{base}_ms") and method != base:
                     row[f"{method}_speedup_vs_{base}"] = row[f"{base}_ms"] / row[f"{method}_ms"]
-    swept = [m for m in ("ours_fused", "ours_fused_tf32") if m in methods]
+    swept = [m for m in ("ours_fused", "ours_fused_tf32", "ours_fused_async",
+                         "ours_fused_async_tf32") if m in methods]
     for method in swept if args.sweep and device.type == "cuda" else []:
         sweep = {}
         with arithmetic(method):
@@ -181,7 +192,7 @@ def run_case(name, B, K, widths, methods, device, dtype, args):
                     sweep[per_block] = f"{type(e).__name__}: {str(e)[:120]}"
                 finally:
                     del os.environ["INJFLOW_MLP_SAMPLES_PER_BLOCK"]
-        key = "fused" if method == "ours_fused" else "fused_tf32"
+        key = method.removeprefix("ours_")
         row[f"{key}_ms_by_samples_per_block"] = sweep
         print(f"  {name} {key} by samples per block: " + ", ".join(
             f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in sweep.items()),
@@ -211,8 +222,9 @@ def main(argv=None):
     add_common_args(p)
     p.add_argument("--cases", default=None, help="comma-separated names of " + ",".join(CASES))
     p.add_argument("--methods", default=None,
-                   help="comma-separated, of " + ",".join(METHODS + TF32_METHODS) + " (default: "
-                   "all; the TF32 ones on CUDA in float32 only)")
+                   help="comma-separated, of " + ",".join(
+                       METHODS + TF32_METHODS + ASYNC_METHODS + ASYNC_TF32_METHODS) +
+                   " (default: all; the async ones on CUDA, the TF32 ones on CUDA in float32)")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per method")
     p.add_argument("--eager", action="store_true", help="CUDA: time eager launches, not graphs")
     p.add_argument("--sweep", action="store_true",
@@ -225,8 +237,9 @@ def main(argv=None):
     if args.methods:
         methods = args.methods.split(",")
     else:
-        methods = METHODS + (TF32_METHODS if device.type == "cuda" and dtype == torch.float32
-                             else [])
+        cuda, f32 = device.type == "cuda", dtype == torch.float32
+        methods = (METHODS + (TF32_METHODS if cuda and f32 else [])
+                   + (ASYNC_METHODS if cuda else []) + (ASYNC_TF32_METHODS if cuda and f32 else []))
     env = environment(device)
     warm_up_capture(device)
     rows = []

@@ -327,7 +327,8 @@ def cmd_bench(args) -> int:
     device = _device(args.device)
     path = args.json or f"injflow-bench-{device}.json"
     run_bench(device, getattr(torch, args.dtype), quick=args.quick, budget=args.budget,
-              json_path=path, mlp_path=args.mlp_path, precision=args.precision)
+              json_path=path, mlp_path=args.mlp_path, precision=args.precision,
+              mlp_pipeline=args.mlp_pipeline)
     return 0
 
 
@@ -485,6 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--mlp-path", default="auto", choices=["auto", "per_layer", "fused"],
                    help="the conditioners' tangent_mlp path of ours (fused: the CUDA kernels "
                         "that keep a whole conditioner on chip)")
+    b.add_argument("--mlp-pipeline", default=None, choices=["registers", "async"],
+                   help="with --mlp-path fused: how the fused kernels stage their weights "
+                        "(async: cp.async into three shared-memory buffers, sm_80+; default: "
+                        "registers, or INJFLOW_MLP_PIPELINE)")
     b.add_argument("--precision", default=None, choices=["float32", "tf32"],
                    help="CUDA: the float32 GEMMs of ours and plain PyTorch alike; tf32 = TF32 "
                         "tensor cores (cuBLAS and the fused kernels). Default: torch's setting")

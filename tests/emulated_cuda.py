@@ -24,6 +24,7 @@ SOURCES = [ROOT / "tests" / "cuda_emulation" / "tangent_mlp_emulated.cpp",
            ROOT / "csrc" / "cuda" / "tangent_mlp_kernels.cuh",
            ROOT / "csrc" / "activations.h"]
 MATH = {"fma": 0, "tf32": 1, "tf32x3": 2}
+PIPE = {"registers": 0, "async": 1}
 ORDER = {"forward": 0, "reverse": 1, "shuffled": 2}
 ACT_CODES = {None: 0, "tanh": 1, "relu": 2, "leaky_relu": 3, "elu": 4, "softplus": 5,
              "silu": 6, "sigmoid": 7}
@@ -78,6 +79,7 @@ class Plan:
     blocks: int
     smem: int
     math: int
+    pipe: int
 
 
 @dataclass
@@ -131,14 +133,14 @@ def _shapes(XV, Ws):
     return XV, Ws, XV.shape[0], XV.shape[1], [W.shape[1] for W in Ws], [W.shape[0] for W in Ws]
 
 
-def _launch(fn, XV, n_in, n_out, activation, last_activation, slope, math, buffers,
+def _launch(fn, XV, n_in, n_out, activation, last_activation, slope, math, pipe, buffers,
             per_block, order, seed, device):
     """Call emu_mlp_forward or emu_mlp_backward: the shapes, the buffers, the device's facts."""
     B, R, _ = XV.shape
     L = len(n_out)
-    plan_out, stats = (ctypes.c_int64 * 6)(), (ctypes.c_int64 * 3)()
+    plan_out, stats = (ctypes.c_int64 * 7)(), (ctypes.c_int64 * 3)()
     err = ctypes.create_string_buffer(4096)
-    rc = fn(_dtype_code(XV.dtype), MATH[math], ctypes.c_int64(B), R, L, _ints(n_in),
+    rc = fn(_dtype_code(XV.dtype), MATH[math], PIPE[pipe], ctypes.c_int64(B), R, L, _ints(n_in),
             _ints(n_out), _ints(_layer_codes(L, activation, last_activation)),
             ctypes.c_double(slope), *buffers, device["sms"],
             ctypes.c_int64(device["smem_optin"]), ctypes.c_int64(per_block), ORDER[order],
@@ -148,13 +150,14 @@ def _launch(fn, XV, n_in, n_out, activation, last_activation, slope, math, buffe
 
 
 def plan(B, R, widths, dtype=torch.float32, math="fma", backward=False, per_block=0,
-         device=H200):
+         device=H200, pipe="registers"):
     """The fused kernels' launch plan for B samples of R rows through layers `widths`."""
     lib = library()
     n_in, n_out = widths[:-1], widths[1:]
-    out = (ctypes.c_int64 * 6)()
+    out = (ctypes.c_int64 * 7)()
     err = ctypes.create_string_buffer(1024)
-    rc = lib.emu_mlp_plan(_dtype_code(dtype), MATH[math], ctypes.c_int64(B), R, len(n_out),
+    rc = lib.emu_mlp_plan(_dtype_code(dtype), MATH[math], PIPE[pipe], ctypes.c_int64(B), R,
+                          len(n_out),
                           _ints(n_in), _ints(n_out), int(backward), device["sms"],
                           ctypes.c_int64(device["smem_optin"]), ctypes.c_int64(per_block), out,
                           err, len(err))
@@ -163,7 +166,7 @@ def plan(B, R, widths, dtype=torch.float32, math="fma", backward=False, per_bloc
 
 
 def forward(XV, Ws, bs, activation="tanh", last_activation=None, slope=0.0, math="fma",
-            per_block=0, order="forward", seed=0, device=H200):
+            pipe="registers", per_block=0, order="forward", seed=0, device=H200):
     """The fused forward kernel: (Y, Z, A, dA, plan, stats) like torch.ops.injflow.tangent_mlp
     (Y, Z, A, dA: the output (B, R, n_L), every layer's pre-activations (B, R, n_l), hidden
     outputs (B, R, n_l) and σ' at the primal (B, n_l))."""
@@ -173,13 +176,14 @@ def forward(XV, Ws, bs, activation="tanh", last_activation=None, slope=0.0, math
     A = [XV.new_empty(B, R, n) for n in n_out]
     dA = [XV.new_empty(B, n) for n in n_out]
     p, stats = _launch(library().emu_mlp_forward, XV, n_in, n_out, activation, last_activation, slope,
-                       math, [_ptr(XV), _ptrs(Ws), _ptrs(bs), _ptrs(Z), _ptrs(A), _ptrs(dA)],
+                       math, pipe,
+                       [_ptr(XV), _ptrs(Ws), _ptrs(bs), _ptrs(Z), _ptrs(A), _ptrs(dA)],
                        per_block, order, seed, device)
     return A[-1], Z, A[:-1], dA, p, stats
 
 
 def backward(gY, XV, Ws, Z, A, activation="tanh", last_activation=None, slope=0.0, math="fma",
-             per_block=0, order="forward", seed=0, device=H200):
+             pipe="registers", per_block=0, order="forward", seed=0, device=H200):
     """The fused backward kernel and the host's GEMMs after it, as the CUDA op does:
     (grad_XV, grad_Ws, grad_bs, GZ, plan, stats). Z, A: the forward's saved pre-activations
     and hidden outputs; GZ: every layer's pre-activation gradient (B, R, n_l)."""
@@ -192,12 +196,12 @@ def backward(gY, XV, Ws, Z, A, activation="tanh", last_activation=None, slope=0.
     if linear_last:
         GZ[-1] = None
     p = plan(B, R, [n_in[0]] + n_out, XV.dtype, math, backward=True, per_block=per_block,
-             device=device)
+             device=device, pipe=pipe)
     partial = XV.new_empty(p.blocks, sum(n_out))
     gXV = torch.empty_like(XV)
     p, stats = _launch(library().emu_mlp_backward, XV, n_in, n_out, activation, last_activation,
-                       slope, math, [_ptr(gY), _ptrs(Ws), _ptrs(Z), _ptrs(GZ), _ptr(gXV),
-                                     _ptr(partial)], per_block, order, seed, device)
+                       slope, math, pipe, [_ptr(gY), _ptrs(Ws), _ptrs(Z), _ptrs(GZ), _ptr(gXV),
+                                           _ptr(partial)], per_block, order, seed, device)
     if linear_last:
         GZ[-1] = gY
     sums = partial.sum(0)
@@ -211,10 +215,12 @@ def backward(gY, XV, Ws, Z, A, activation="tanh", last_activation=None, slope=0.
 
 
 def selftest(which, order="forward"):
-    """Run one of the emulation's rule-breaking kernels ("shared_overflow",
-    "divergent_barrier", "misaligned", "partial_warp_mma": raise EmulationError; "race":
-    return the order-dependent value it computes)."""
-    kinds = ["shared_overflow", "divergent_barrier", "misaligned", "partial_warp_mma", "race"]
+    """Run one of the emulation's test kernels: "shared_overflow", "divergent_barrier",
+    "misaligned", "partial_warp_mma", "async_never_waited" raise EmulationError; "race"
+    returns the order-dependent value it computes; "async_waited" and "async_not_waited" the
+    sum of 64 ones copied by cp.async and read after (64) or before (NaN) the wait."""
+    kinds = ["shared_overflow", "divergent_barrier", "misaligned", "partial_warp_mma", "race",
+             "async_waited", "async_not_waited", "async_never_waited"]
     value = ctypes.c_double(0)
     err = ctypes.create_string_buffer(1024)
     rc = library().emu_selftest(kinds.index(which), ORDER[order], ctypes.byref(value), err,

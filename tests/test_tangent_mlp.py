@@ -74,6 +74,11 @@ def mlp_math(math):
     return env_var("INJFLOW_MLP_MATH", math)
 
 
+def mlp_pipeline(pipe):
+    """Pin the fused kernels' weight staging: "registers" or "async" (cp.async, sm_80+)."""
+    return env_var("INJFLOW_MLP_PIPELINE", pipe)
+
+
 def tf32(x):
     """float32 values rounded to TF32 (10 mantissa bits, to nearest with ties away from zero,
     as cvt.rna.tf32.f32 does), returned in float64."""
@@ -488,6 +493,43 @@ def test_cuda_fused_tf32_network_error_is_tf32_sized(B, R, widths):
     # 5e-4 - 9e-4 on these shapes); some gradients, e.g. the last bias's, involve no GEMM
     assert errs[0] > 1e-5, f"output error {errs[0]:.1e}: float32-sized, TF32 did not run"
     assert not torch.equal(ours[0], fma[0])
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,math", [(torch.float64, "fma"), (torch.float32, "fma"),
+                                        (torch.float32, "tf32"), (torch.float32, "tf32x3")])
+@pytest.mark.parametrize("per_block", [1, 3])
+def test_cuda_fused_async_pipeline_equals_the_register_pipeline(dtype, math, per_block):
+    """The cp.async weight pipeline (INJFLOW_MLP_PIPELINE=async) gives the register pipeline's
+    outputs and gradients bit for bit (the same arithmetic in the same order), also captured
+    in a CUDA graph; a bad value is an error naming the values it takes."""
+    XV = torch.randn(7, 21, 37, dtype=dtype, device="cuda", requires_grad=True)
+    Ws, bs = make_mlp([37, 200, 130, 19], dtype=dtype, device="cuda", requires_grad=True)
+
+    def step():
+        Y = tangent_mlp(XV, Ws, bs, "tanh", path="fused")
+        return [Y.detach(), *torch.autograd.grad(Y.sin().sum(), [XV, *Ws, *bs])]
+
+    with mlp_math(math), samples_per_block(per_block):
+        with mlp_pipeline("registers"):
+            regs = step()
+        with mlp_pipeline("async"):
+            first = step()
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                step()
+            torch.cuda.current_stream().wait_stream(stream)
+            with torch.cuda.graph(graph):
+                captured = step()
+            graph.replay()
+            torch.cuda.synchronize()
+        with mlp_pipeline("cp.async"), pytest.raises(
+                RuntimeError, match="INJFLOW_MLP_PIPELINE must be registers or async"):
+            step()
+    for a, b, c in zip(regs, first, captured):
+        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 @needs_cuda

@@ -12,6 +12,7 @@ What it cannot show: speed, the real hardware's mma rounding (it sums a tile's e
 products in float64), and memory-ordering effects between threads that run at once on a GPU.
 """
 
+import math
 import os
 
 import emulated_cuda as emu
@@ -79,6 +80,7 @@ def split(ts, L):
     ("divergent_barrier", "deadlock: 32 threads exited, 32 wait at __syncthreads"),
     ("misaligned", "load4: address not 16-byte aligned"),
     ("partial_warp_mma", "deadlock: .* 32 at a warp's mma.sync"),
+    ("async_never_waited", "exited with cp.async copies in flight"),
 ])
 def test_emulation_catches_broken_kernels(which, pattern):
     with pytest.raises(emu.EmulationError, match=pattern):
@@ -91,6 +93,13 @@ def test_emulation_exposes_races_through_thread_order():
     fused kernels give below, mean something)."""
     runs = {order: emu.selftest("race", order) for order in ("forward", "reverse", "shuffled")}
     assert len(set(runs.values())) > 1, runs
+
+
+def test_emulated_cp_async_lands_only_at_the_wait():
+    """cp.async copies reach shared memory when their thread waits for them, so a kernel that
+    reads them after a barrier but before the wait sees the old contents (NaN)."""
+    assert emu.selftest("async_waited") == 64
+    assert math.isnan(emu.selftest("async_not_waited"))
 
 
 def test_emulated_mma_follows_the_ptx_fragment_layout():
@@ -118,6 +127,13 @@ def test_emulated_plan_is_the_ops_plan():
     assert (p.S, p.WM, p.ldm, p.blocks) == (1, 1, 36, 400)
     p = emu.plan(5000, 3, [3, 128, 128, 6], math="tf32")
     assert (p.S, p.WM, p.ldm, p.blocks) == (18, 2, 72, 278)
+    # the cp.async pipeline: the same tiling with three chunk buffers, where they fit
+    p = emu.plan(400, 22, [21, 128, 128, 44], math="tf32", pipe="async")
+    assert (p.S, p.WM, p.pipe) == (1, 1, emu.PIPE["async"])
+    # three chunks of 8 input features (the 64-thread block's depth) instead of one of 16
+    assert p.smem == emu.plan(400, 22, [21, 128, 128, 44], math="tf32").smem + 8 * 136 * 4
+    p = emu.plan(3, 21, [360, 370, 360, 100], dtype=torch.float64, pipe="async")
+    assert p.pipe == emu.PIPE["registers"]  # 238 KB with three buffers: through registers
     with pytest.raises(emu.Unsupported, match="129 rows per sample exceeds 128"):
         emu.plan(2, 129, [3, 4])
     with pytest.raises(emu.Unsupported, match="bytes of shared memory per block, more than"):
@@ -126,48 +142,67 @@ def test_emulated_plan_is_the_ops_plan():
 
 # ----------------------------------------------------------------------------- correctness
 
+@pytest.mark.parametrize("pipe", ["registers", "async"])
 @pytest.mark.parametrize("B,R,widths", SHAPES)
 @pytest.mark.parametrize("activation,last", [("tanh", None), ("silu", "tanh")])
-def test_emulated_fused_matches_cpu_float64(B, R, widths, activation, last):
+def test_emulated_fused_matches_cpu_float64(B, R, widths, activation, last, pipe):
     """Every output of the forward (Y and the saved Z, A, dA) and every gradient equal the CPU
     op's to float64 rounding; outputs start as NaN and every buffer is fenced, so an element
     never written or one written out of bounds fails."""
     ts, L = inputs(B, R, widths, torch.float64)
     XV, Ws, bs, gY = split(ts, L)
     ref_out, ref_grads = cpu_op(XV, Ws, bs, gY, activation, last)
-    out, grads, _, _ = fused(XV, Ws, bs, gY, activation, last)
+    out, grads, _, _ = fused(XV, Ws, bs, gY, activation, last, pipe=pipe)
     for i, (o, r) in enumerate(zip(out + grads, ref_out + ref_grads)):
         assert not o.isnan().any(), f"output {i} has unwritten elements"
         torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10, msg=f"output {i}")
 
 
+@pytest.mark.parametrize("pipe", ["registers", "async"])
 @pytest.mark.parametrize("per_block", [1, 2, 3, 7, 64])
-def test_emulated_fused_any_samples_per_block(per_block):
+def test_emulated_fused_any_samples_per_block(per_block, pipe):
     """The tiling (samples per block, hence 64-, 128- and 256-thread blocks) does not change
     the result; a last block with fewer samples is handled."""
     ts, L = inputs(50, 9, [10, 32, 32, 6], torch.float64)
     XV, Ws, bs, gY = split(ts, L)
     ref_out, ref_grads = cpu_op(XV, Ws, bs, gY, "tanh", None)
-    out, grads, plan, _ = fused(XV, Ws, bs, gY, per_block=per_block)
-    assert plan.S == min(per_block, 128 // 9)
+    out, grads, plan, _ = fused(XV, Ws, bs, gY, per_block=per_block, pipe=pipe)
+    assert plan.S == min(per_block, 128 // 9) and plan.pipe == emu.PIPE[pipe]
     for o, r in zip(out + grads, ref_out + ref_grads):
         torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("pipe", ["registers", "async"])
 @pytest.mark.parametrize("dtype,math", [(torch.float64, "fma"), (torch.float32, "fma"),
                                         (torch.float32, "tf32"), (torch.float32, "tf32x3")])
-def test_emulated_results_do_not_depend_on_thread_order(dtype, math):
+def test_emulated_results_do_not_depend_on_thread_order(dtype, math, pipe):
     """No races between barriers: the threads of every phase run forward, reversed and
     shuffled give bit-identical outputs and gradients (a missing __syncthreads between a
     shared-memory write and another thread's read would not)."""
     ts, L = inputs(20, 7, [13, 64, 40, 9], dtype)
     XV, Ws, bs, gY = split(ts, L)
-    kw = dict(math=math, per_block=5)
+    kw = dict(math=math, per_block=5, pipe=pipe)
     first = fused(XV, Ws, bs, gY, **kw)
     for order, seed in (("reverse", 0), ("shuffled", 1), ("shuffled", 2)):
         again = fused(XV, Ws, bs, gY, order=order, seed=seed, **kw)
         for a, b in zip(first[0] + first[1], again[0] + again[1]):
             assert torch.equal(a, b), order
+
+
+@pytest.mark.parametrize("per_block", [1, 3])
+@pytest.mark.parametrize("dtype,math", [(torch.float64, "fma"), (torch.float32, "fma"),
+                                        (torch.float32, "tf32"), (torch.float32, "tf32x3")])
+def test_emulated_async_pipeline_equals_the_register_pipeline(dtype, math, per_block):
+    """The cp.async weight pipeline changes where the weight waits, not the arithmetic: every
+    output and gradient is bit-identical to the register pipeline's (the same k order), on a
+    wide network (several column passes, a width that is not a multiple of a chunk)."""
+    ts, L = inputs(7, 21, [37, 200, 130, 19], dtype)
+    XV, Ws, bs, gY = split(ts, L)
+    regs = fused(XV, Ws, bs, gY, math=math, per_block=per_block)
+    asyn = fused(XV, Ws, bs, gY, math=math, per_block=per_block, pipe="async")
+    assert asyn[2].pipe == emu.PIPE["async"] and regs[2].pipe == emu.PIPE["registers"]
+    for a, b in zip(regs[0] + regs[1], asyn[0] + asyn[1]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("B,R,widths", SHAPES_F32)
@@ -197,28 +232,30 @@ def test_emulated_float32_error_within_pytorch_float32_error(B, R, widths, math)
         assert err_ours <= 4 * err_torch + 1e-6, (i, float(err_ours), float(err_torch))
 
 
+@pytest.mark.parametrize("pipe", ["registers", "async"])
 @pytest.mark.parametrize("B,R,widths", SHAPES + [IMAGE])
-def test_emulated_tf32_every_layer_is_a_tf32_gemm(B, R, widths):
+def test_emulated_tf32_every_layer_is_a_tf32_gemm(B, R, widths, pipe):
     """With the tensor-core math, every layer's saved Z_l is the GEMM of the TF32-rounded layer
     input (the op's own A_{l-1}) and weight, within float32 accumulation error, element by
     element; the epilogue gives A and Y from Z as the FMA path does."""
     XV = torch.randn(B, R, widths[0])
     Ws, bs = make_mlp(widths, dtype=torch.float32)
-    Y, Z, A, dA, plan, stats = emu.forward(XV, Ws, bs, "tanh", math="tf32")
+    Y, Z, A, dA, plan, stats = emu.forward(XV, Ws, bs, "tanh", math="tf32", pipe=pipe)
     assert plan.math == emu.MATH["tf32"] and stats.mma > 0
     assert_layers_are_tf32_gemms(XV, Ws, bs, Y, Z, A, dA)
 
 
+@pytest.mark.parametrize("pipe", ["registers", "async"])
 @pytest.mark.parametrize("B,R,n_in,n_out", [(12, 22, 21, 44), (2, 21, 512, 784),
                                             (37, 5, 11, 3), (3, 128, 5, 4), (50, 1, 128, 70)])
-def test_emulated_tf32_input_gradient_is_a_tf32_gemm(B, R, n_in, n_out):
+def test_emulated_tf32_input_gradient_is_a_tf32_gemm(B, R, n_in, n_out, pipe):
     """The backward's GEMM (grad_XV = grad_Y · W of one linear layer) on the tensor cores:
     the TF32 GEMM within float32 accumulation error, element by element."""
     XV = torch.randn(B, R, n_in)
     (W,), (b,) = make_mlp([n_in, n_out], dtype=torch.float32)
     gY = torch.randn(B, R, n_out)
-    _, Z, A, _, _, _ = emu.forward(XV, [W], [b], "tanh", math="tf32")
-    gXV, *_ = emu.backward(gY, XV, [W], Z, A, "tanh", math="tf32")
+    _, Z, A, _, _, _ = emu.forward(XV, [W], [b], "tanh", math="tf32", pipe=pipe)
+    gXV, *_ = emu.backward(gY, XV, [W], Z, A, "tanh", math="tf32", pipe=pipe)
     exact, bound = tf32_gemm_bound(gY, W.T)
     err = (gXV.double() - exact).abs()
     assert (err <= bound).all(), f"error up to {float((err / bound).max()):.1f}× the bound"

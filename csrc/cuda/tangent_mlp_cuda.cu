@@ -29,6 +29,11 @@
 //   tile, head·head + head·tail + tail·head): float32-level accuracy on the tensor cores. Only
 //   through INJFLOW_MLP_MATH=tf32x3 (benchmarks) until a GPU run shows it pays.
 //
+// Weight staging (MlpPipe, see mlp_pipe): kPipeRegisters (the default) holds the next chunk of
+// the weight in registers while the current one is used, two barriers per chunk; kPipeAsync
+// (INJFLOW_MLP_PIPELINE=async, sm_80+) keeps two chunks in flight with cp.async into three
+// shared-memory buffers, one barrier per chunk (item 2 of the H200 profile's list; unmeasured).
+//
 // Status (bench/RESULTS.md, "Fused tangent MLP", H200): the FMA kernels are correct, but slower
 // than the per-layer path at every measured size (MINIBOONE forward 105 µs and backward 124 µs
 // per conditioner, ~10 TFLOP/s; the per-layer cuBLAS path is faster), so the fused path runs
@@ -70,13 +75,26 @@ const DeviceFacts& device_facts(int device) {
   return facts[device];
 }
 
+// How the fused kernels stage the weights: INJFLOW_MLP_PIPELINE = registers (the default: the
+// next chunk's loads held in registers) | async (cp.async into three chunk buffers, sm_80+;
+// not yet measured on a GPU, so opt-in).
+int mlp_pipe() {
+  if (const char* env = std::getenv("INJFLOW_MLP_PIPELINE")) {
+    const std::string v(env);
+    if (v == "async") return kPipeAsync;
+    TORCH_CHECK(v.empty() || v == "registers",
+                "INJFLOW_MLP_PIPELINE must be registers or async (or unset), got '", v, "'");
+  }
+  return kPipeRegisters;
+}
+
 // The launch plan on this device (plan_mlp); INJFLOW_MLP_SAMPLES_PER_BLOCK pins the samples
 // per block (benchmarks, tests).
 MlpPlan plan_on_device(int64_t B, int64_t R, int width0, int width1, size_t elem, int math,
                        int device) {
   int64_t per_block = 0;
   if (const char* env = std::getenv("INJFLOW_MLP_SAMPLES_PER_BLOCK")) per_block = std::atoll(env);
-  return plan_mlp(B, R, width0, width1, elem, math, device_facts(device), per_block);
+  return plan_mlp(B, R, width0, width1, elem, math, mlp_pipe(), device_facts(device), per_block);
 }
 
 // The arithmetic of the fused kernels for this call (see the top of the file): float64 and
@@ -106,14 +124,14 @@ void require_fused(const MlpPlan& plan, const char* op) {
               plan.why_not, "; use path=0 (auto) or 1 (per layer)");
 }
 
-template <typename T, template <typename, int, int> class KernelOf>
+template <typename T, template <typename, int, int, int> class KernelOf>
 void launch(const MlpPlan& plan, const MlpArgs<T>& args, int device, cudaStream_t stream) {
-  static std::once_flag flags[3][kMathCount][64];
+  static std::once_flag flags[3][kMathCount][kPipeCount][64];
   const int which = plan.WM == 4 ? 0 : (plan.WM == 2 ? 1 : 2);
   const size_t optin = device_facts(device).smem_optin;
   const bool launched = dispatch_kernel<T, KernelOf>(plan, [&](auto kernel, int threads) {
     // raise the kernel's shared-memory limit to the device maximum, once per device
-    std::call_once(flags[which][plan.math][device % 64], [&] {
+    std::call_once(flags[which][plan.math][plan.pipe][device % 64], [&] {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(optin)));
     });

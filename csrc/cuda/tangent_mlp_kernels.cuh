@@ -38,6 +38,13 @@ constexpr int kChunkStride = kPassCols + 4;  // padded row of a staged chunk (16
 constexpr int kMaxLayers = 8;
 constexpr int kMaxRows = 128;  // rows per block at WM = 4
 
+// How the weight reaches shared memory (RegisterStaging, AsyncStaging below).
+enum MlpPipe : int { kPipeRegisters = 0, kPipeAsync = 1, kPipeCount = 2 };
+constexpr int kAsyncStages = 3;  // chunk buffers of the cp.async pipeline
+// input features per chunk there: 16, 8 in the 64-thread block (whose lanes would otherwise
+// issue 32 copies per chunk, and spill)
+constexpr int async_depth(int threads) { return threads >= 128 ? 16 : 8; }
+
 template <typename T>
 struct MlpLayerArgs {
   const T* W;   // (n_out, n_in)
@@ -83,6 +90,45 @@ __device__ __forceinline__ void store4(double* p, const double* v) {
   INJFLOW_EMU_CHECK_ALIGNED(p, 16, "store4");
   *reinterpret_cast<double2*>(p) = make_double2(v[0], v[1]);
   *reinterpret_cast<double2*>(p + 2) = make_double2(v[2], v[3]);
+}
+
+// cp.async (sm_80+) of one 4- or 8-byte element from global to shared memory, zero-filled when
+// !valid (src-size 0); then commit the thread's copies as a group, and wait until at most N of
+// its groups are in flight. Code built for an older architecture copies synchronously.
+template <typename T>
+__device__ __forceinline__ void cp_async_elem(T* dst, const T* src, bool valid) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "cp.async of 4 or 8 bytes");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const int src_bytes = valid ? static_cast<int>(sizeof(T)) : 0;
+  if constexpr (sizeof(T) == 4)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(addr), "l"(src),
+                 "r"(src_bytes));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(addr), "l"(src),
+                 "r"(src_bytes));
+#elif defined(INJFLOW_CUDA_EMULATION)
+  ::injflow_emu::cp_async(dst, src, sizeof(T), valid ? sizeof(T) : 0);
+#else
+  *dst = valid ? *src : T(0);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::);
+#elif defined(INJFLOW_CUDA_EMULATION)
+  ::injflow_emu::cp_async_commit();
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#elif defined(INJFLOW_CUDA_EMULATION)
+  ::injflow_emu::cp_async_wait(N);
+#endif
 }
 
 // A lane's rows and columns in the block: row i < 8 is r_base + (i < 4 ? i : 12 + i), column
@@ -206,10 +252,15 @@ struct WeightChunk {
   static constexpr int PER_THREAD = DEPTH * kPassCols / THREADS;
   T v[PER_THREAD];
 
-  __device__ __forceinline__ static void coords(int e, bool out_major, int& kk, int& cc) {
+  // element e of this thread in a chunk of `depth` input features
+  __device__ __forceinline__ static void coords_at(int e, int depth, bool out_major, int& kk,
+                                                   int& cc) {
     const int idx = threadIdx.x + e * THREADS;
-    if (out_major) { kk = idx % DEPTH; cc = idx / DEPTH; }    // consecutive k of one row
+    if (out_major) { kk = idx % depth; cc = idx / depth; }    // consecutive k of one row
     else { cc = idx % kPassCols; kk = idx / kPassCols; }       // consecutive c
+  }
+  __device__ __forceinline__ static void coords(int e, bool out_major, int& kk, int& cc) {
+    coords_at(e, DEPTH, out_major, kk, cc);
   }
   __device__ __forceinline__ void load(const T* __restrict__ W, bool out_major, int Kd, int N,
                                        int k0, int c0) {
@@ -232,38 +283,108 @@ struct WeightChunk {
   }
 };
 
-// The weight staging both block GEMMs share: per pass of kPassCols output columns (from c0),
-// begin(), then the weight staged chunk by chunk into shared memory, the next chunk's loads in
-// flight while step(k0, kc) uses the current one (input features k0 .. k0 + kc), then
-// end(c0). Every thread of the block runs it (it holds the block's barriers).
-template <typename Chunk, typename T, typename Begin, typename Step, typename End>
-__device__ __forceinline__ void staged_weight_passes(const T* __restrict__ W, bool out_major,
-                                                     int Kd, int N, T* chunk, Begin begin,
-                                                     Step step, End end) {
-  for (int c0 = 0; c0 < N; c0 += kPassCols) {
-    begin();
-    Chunk next;
-    if (Kd > 0) next.load(W, out_major, Kd, N, 0, c0);
-    for (int k0 = 0; k0 < Kd; k0 += Chunk::DEPTH) {
-      __syncthreads();  // the previous chunk is consumed
-      next.store(chunk, out_major);
-      __syncthreads();
-      if (k0 + Chunk::DEPTH < Kd) next.load(W, out_major, Kd, N, k0 + Chunk::DEPTH, c0);
-      step(k0, min(Chunk::DEPTH, Kd - k0));
+// The weight staging both block GEMMs share (MlpPipe picks one of the two below): per pass of
+// kPassCols output columns (from c0), begin(), then the weight staged chunk by chunk into
+// shared memory, while step(k0, kc, chunk) uses the staged chunk (input features k0 .. k0 + kc,
+// chunk[kk · STRIDE + cc] = W(k0 + kk, c0 + cc)), then end(c0). Every thread of the block runs
+// it (it holds the block's barriers).
+//
+// kPipeRegisters: one chunk buffer; the next chunk's loads in flight in registers while the
+// current one is used, two barriers per chunk.
+template <typename T, int THREADS, int STRIDE>
+struct RegisterStaging {
+  using Chunk = WeightChunk<T, THREADS, STRIDE>;
+  static constexpr int DEPTH = Chunk::DEPTH;
+  static constexpr int ROWS = kChunk;  // shared-memory rows of chunk buffer (smem_bytes)
+
+  template <typename Begin, typename Step, typename End>
+  __device__ __forceinline__ static void passes(const T* __restrict__ W, bool out_major, int Kd,
+                                                int N, T* chunk, Begin begin, Step step,
+                                                End end) {
+    for (int c0 = 0; c0 < N; c0 += kPassCols) {
+      begin();
+      Chunk next;
+      if (Kd > 0) next.load(W, out_major, Kd, N, 0, c0);
+      for (int k0 = 0; k0 < Kd; k0 += DEPTH) {
+        __syncthreads();  // the previous chunk is consumed
+        next.store(chunk, out_major);
+        __syncthreads();
+        if (k0 + DEPTH < Kd) next.load(W, out_major, Kd, N, k0 + DEPTH, c0);
+        step(k0, min(DEPTH, Kd - k0), static_cast<const T*>(chunk));
+      }
+      end(c0);
     }
-    end(c0);
   }
-}
+};
+
+// kPipeAsync (sm_80+): kAsyncStages chunk buffers filled by cp.async straight from global
+// memory (no registers held), kAsyncStages - 1 chunks in flight while one is used, one barrier
+// per chunk (and one per pass). Element copies with zero fill outside W.
+template <typename T, int THREADS, int STRIDE>
+struct AsyncStaging {
+  static constexpr int DEPTH = async_depth(THREADS);
+  static constexpr int STAGES = kAsyncStages;
+  static constexpr int ROWS = STAGES * DEPTH;
+  static constexpr int PER_THREAD = DEPTH * kPassCols / THREADS;
+  static_assert(DEPTH * kPassCols % THREADS == 0, "whole chunks per thread");
+
+  // this thread's copies of chunk (k0, c0) into buf, then one commit (also when past Kd: the
+  // group counting stays uniform)
+  __device__ __forceinline__ static void issue(const T* __restrict__ W, bool out_major, int Kd,
+                                               int N, int k0, int c0, T* buf) {
+    if (k0 < Kd) {
+#pragma unroll
+      for (int e = 0; e < PER_THREAD; ++e) {
+        int kk, cc;
+        WeightChunk<T, THREADS, STRIDE>::coords_at(e, DEPTH, out_major, kk, cc);
+        const int k = k0 + kk, c = c0 + cc;
+        const bool inside = k < Kd && c < N;
+        const T* src = inside ? (out_major ? W + (int64_t)c * Kd + k : W + (int64_t)k * N + c)
+                              : W;
+        cp_async_elem(buf + kk * STRIDE + cc, src, inside);
+      }
+    }
+    cp_async_commit();
+  }
+
+  template <typename Begin, typename Step, typename End>
+  __device__ __forceinline__ static void passes(const T* __restrict__ W, bool out_major, int Kd,
+                                                int N, T* chunk, Begin begin, Step step,
+                                                End end) {
+    const int n = (Kd + DEPTH - 1) / DEPTH;
+    for (int c0 = 0; c0 < N; c0 += kPassCols) {
+      __syncthreads();  // every thread is done with the previous pass's (or GEMM's) chunks
+      begin();
+#pragma unroll
+      for (int s = 0; s + 1 < STAGES; ++s)
+        issue(W, out_major, Kd, N, s * DEPTH, c0, chunk + s * DEPTH * STRIDE);
+      for (int i = 0; i < n; ++i) {
+        cp_async_wait<STAGES - 2>();  // this thread's copies of chunk i have landed
+        __syncthreads();  // everyone's have; and everyone is done with chunk i - 1
+        const int ahead = i + STAGES - 1;  // into the buffer chunk i - 1 used
+        issue(W, out_major, Kd, N, ahead * DEPTH, c0, chunk + (ahead % STAGES) * DEPTH * STRIDE);
+        step(i * DEPTH, min(DEPTH, Kd - i * DEPTH),
+             static_cast<const T*>(chunk + (i % STAGES) * DEPTH * STRIDE));
+      }
+      cp_async_wait<0>();
+      end(c0);
+    }
+  }
+};
+
+template <typename T, int THREADS, int STRIDE, int PIPE>
+using Staging = typename std::conditional<PIPE == kPipeAsync, AsyncStaging<T, THREADS, STRIDE>,
+                                          RegisterStaging<T, THREADS, STRIDE>>::type;
 
 // out[r][c] = Σ_k in[k][r] · W(k, c) for r < M, c < N (M <= 32·WM), with in transposed
 // ([Kd][ldm] in shared memory) and W(k, c) as in WeightChunk. The result is handed to
 // store(tile, c0, acc) per column pass. The caller synchronises before reading what store
 // wrote. Rows past M are computed from padding rows and never stored as results.
-template <typename T, int WM, typename Store>
+template <typename T, int WM, int PIPE, typename Store>
 __device__ __forceinline__ void block_gemm(const T* in, int ldm, int M, int Kd, int N,
                                            const T* __restrict__ W, bool out_major, T* chunk,
                                            Store store) {
-  using Chunk = WeightChunk<T, 64 * WM>;
+  using Stage = Staging<T, 64 * WM, kChunkStride, PIPE>;
   const LaneTile tile;
   const bool active = tile.r_base < M;
   T acc[8][8];
@@ -273,10 +394,10 @@ __device__ __forceinline__ void block_gemm(const T* in, int ldm, int M, int Kd, 
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[i][j] = T(0);
   };
-  auto step = [&](int k0, int kc) {
+  auto step = [&](int k0, int kc, const T* staged) {
     if (!active) return;
     const T* a_col = in + k0 * ldm + tile.r_base;
-    const T* w_row = chunk + tile.c_base;
+    const T* w_row = staged + tile.c_base;
 #pragma unroll 2
     for (int kk = 0; kk < kc; ++kk) {
       T a[8], w[8];
@@ -293,7 +414,7 @@ __device__ __forceinline__ void block_gemm(const T* in, int ldm, int M, int Kd, 
   auto end = [&](int c0) {
     if (active) store(tile, c0, acc);
   };
-  staged_weight_passes<Chunk>(W, out_major, Kd, N, chunk, begin, step, end);
+  Stage::passes(W, out_major, Kd, N, chunk, begin, step, end);
 }
 
 // block_gemm on the tensor cores (float32, MATH = kMathTf32 or kMathTf32x3): the same
@@ -301,12 +422,12 @@ __device__ __forceinline__ void block_gemm(const T* in, int ldm, int M, int Kd, 
 // `in` rows and the chunk's rows are padded to ≡ 8 (mod 32) words (plan_mlp, kMmaChunkStride).
 // Input features past Kd are read as zero (the chunk holds zeros there too), so whatever the
 // shared memory holds beyond a layer's width never reaches a result.
-template <int WM, int MATH, typename Store>
+template <int WM, int MATH, int PIPE, typename Store>
 __device__ __forceinline__ void block_gemm_mma(const float* in, int ldm, int M, int Kd, int N,
                                                const float* __restrict__ W, bool out_major,
                                                float* chunk, Store store) {
-  using Chunk = WeightChunk<float, 64 * WM, kMmaChunkStride>;
-  static_assert(Chunk::DEPTH % 8 == 0, "a weight chunk must hold whole k-steps of 8");
+  using Stage = Staging<float, 64 * WM, kMmaChunkStride, PIPE>;
+  static_assert(Stage::DEPTH % 8 == 0, "a weight chunk must hold whole k-steps of 8");
   const MmaLane lane;
   const bool active = lane.warp_row < M;
   float acc[2][8][4];
@@ -318,11 +439,11 @@ __device__ __forceinline__ void block_gemm_mma(const float* in, int ldm, int M, 
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[mt][nt][r] = 0.f;
   };
-  auto step = [&](int k0, int kc) {
+  auto step = [&](int k0, int kc, const float* staged) {
     if (!active) return;
     const float* a_chunk = in + (int64_t)k0 * ldm;
 #pragma unroll
-    for (int ks = 0; ks < Chunk::DEPTH; ks += 8) {
+    for (int ks = 0; ks < Stage::DEPTH; ks += 8) {
       if (ks < kc) {
         float a[2][4], b[8][2];
 #pragma unroll
@@ -336,8 +457,8 @@ __device__ __forceinline__ void block_gemm_mma(const float* in, int ldm, int M, 
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
           for (int r = 0; r < 2; ++r)
-            b[nt][r] = chunk[(ks + lane.t + 4 * r) * kMmaChunkStride + lane.warp_col + nt * 8 +
-                             lane.g];
+            b[nt][r] = staged[(ks + lane.t + 4 * r) * kMmaChunkStride + lane.warp_col + nt * 8 +
+                              lane.g];
         mma_k_step<MATH>(acc, a, b);
       }
     }
@@ -345,24 +466,26 @@ __device__ __forceinline__ void block_gemm_mma(const float* in, int ldm, int M, 
   auto end = [&](int c0) {
     if (active) store(lane, c0, acc);
   };
-  staged_weight_passes<Chunk>(W, out_major, Kd, N, chunk, begin, step, end);
+  Stage::passes(W, out_major, Kd, N, chunk, begin, step, end);
 }
 
 // The layer GEMMs of the kernels: FMAs, or (float32) the tensor cores.
-template <typename T, int WM, int MATH, typename Store>
+// The layer GEMMs of the kernels: FMAs, or (float32) the tensor cores; the weight staged
+// through registers or by cp.async (PIPE).
+template <typename T, int WM, int MATH, int PIPE, typename Store>
 __device__ __forceinline__ void layer_gemm(const T* in, int ldm, int M, int Kd, int N,
                                            const T* __restrict__ W, bool out_major, T* chunk,
                                            Store store) {
   if constexpr (MATH == kMathFma) {
-    block_gemm<T, WM>(in, ldm, M, Kd, N, W, out_major, chunk, store);
+    block_gemm<T, WM, PIPE>(in, ldm, M, Kd, N, W, out_major, chunk, store);
   } else {
     static_assert(std::is_same<T, float>::value, "the tensor-core path is float32 only");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     // code built for an architecture without mma.sync TF32 (run through PTX on a newer
     // device): FMAs (the plan's padded strides suit them too)
-    block_gemm<T, WM>(in, ldm, M, Kd, N, W, out_major, chunk, store);
+    block_gemm<T, WM, PIPE>(in, ldm, M, Kd, N, W, out_major, chunk, store);
 #else
-    block_gemm_mma<WM, MATH>(in, ldm, M, Kd, N, W, out_major, chunk, store);
+    block_gemm_mma<WM, MATH, PIPE>(in, ldm, M, Kd, N, W, out_major, chunk, store);
 #endif
   }
 }
@@ -452,7 +575,7 @@ __device__ __forceinline__ T* shared_base() {
 #endif
 }
 
-template <typename T, int WM, int MATH>
+template <typename T, int WM, int MATH, int PIPE>
 __global__ void __launch_bounds__(64 * WM) mlp_forward_kernel(const MlpArgs<T> p) {
   constexpr int THREADS = 64 * WM;
   const int ldm = p.ldm, R = p.R, L = p.L, tid = threadIdx.x;
@@ -481,8 +604,8 @@ __global__ void __launch_bounds__(64 * WM) mlp_forward_kernel(const MlpArgs<T> p
     T* A = ly.A + row0 * n;
     T* dA = ly.dA + s0 * n;
     if (l + 1 < L) {
-      layer_gemm<T, WM, MATH>(buf_in, ldm, M, ly.n_in, n, ly.W, true, chunk,
-                        SharedStore<T>{buf_out, ldm, n});
+      layer_gemm<T, WM, MATH, PIPE>(buf_in, ldm, M, ly.n_in, n, ly.W, true, chunk,
+                                    SharedStore<T>{buf_out, ldm, n});
       __syncthreads();
       for (int j = tid; j < n; j += THREADS) {
         const T bj = ly.b[j];
@@ -507,7 +630,8 @@ __global__ void __launch_bounds__(64 * WM) mlp_forward_kernel(const MlpArgs<T> p
       __syncthreads();
       T* t = buf_in; buf_in = buf_out; buf_out = t;
     } else {
-      layer_gemm<T, WM, MATH>(buf_in, ldm, M, ly.n_in, n, ly.W, true, chunk, GlobalStore<T>{Z, M, n});
+      layer_gemm<T, WM, MATH, PIPE>(buf_in, ldm, M, ly.n_in, n, ly.W, true, chunk,
+                                    GlobalStore<T>{Z, M, n});
       __syncthreads();  // Z of this block's rows is written (and visible to the block)
       for (int j = tid; j < n; j += THREADS) {
         const T bj = ly.b[j];
@@ -555,7 +679,7 @@ __device__ __forceinline__ void grad_preact_block(T* g, int ldm, const T* Z, T* 
   }
 }
 
-template <typename T, int WM, int MATH>
+template <typename T, int WM, int MATH, int PIPE>
 __global__ void __launch_bounds__(64 * WM) mlp_backward_kernel(const MlpArgs<T> p) {
   constexpr int THREADS = 64 * WM;
   const int ldm = p.ldm, R = p.R, L = p.L, tid = threadIdx.x;
@@ -596,16 +720,16 @@ __global__ void __launch_bounds__(64 * WM) mlp_backward_kernel(const MlpArgs<T> 
     if (l > 0) {
       const MlpLayerArgs<T>& prev = p.layer[l - 1];
       const int n = ly.n_in;
-      layer_gemm<T, WM, MATH>(buf_g, ldm, M, ly.n_out, n, ly.W, false, chunk,
-                        SharedStore<T>{buf_h, ldm, n});
+      layer_gemm<T, WM, MATH, PIPE>(buf_g, ldm, M, ly.n_out, n, ly.W, false, chunk,
+                                    SharedStore<T>{buf_h, ldm, n});
       __syncthreads();
       grad_preact_block(buf_h, ldm, prev.Z + row0 * n, prev.GZ + row0 * n, S, R, n, prev.act,
                         p.slope, partial + prev.bias_offset);
       __syncthreads();
       T* t = buf_g; buf_g = buf_h; buf_h = t;
     } else {
-      layer_gemm<T, WM, MATH>(buf_g, ldm, M, ly.n_out, ly.n_in, ly.W, false, chunk,
-                        GlobalStore<T>{p.out + row0 * ly.n_in, M, ly.n_in});
+      layer_gemm<T, WM, MATH, PIPE>(buf_g, ldm, M, ly.n_out, ly.n_in, ly.W, false, chunk,
+                                    GlobalStore<T>{p.out + row0 * ly.n_in, M, ly.n_in});
     }
   }
 }
@@ -613,7 +737,7 @@ __global__ void __launch_bounds__(64 * WM) mlp_backward_kernel(const MlpArgs<T> 
 // ------------------------------------------------------------------------------- launch plan
 
 struct MlpPlan {
-  int S = 0, WM = 0, ldm = 0, math = kMathFma;
+  int S = 0, WM = 0, ldm = 0, math = kMathFma, pipe = kPipeRegisters;
   size_t smem = 0;
   int64_t blocks = 0;
   std::string why_not;  // empty when the fused kernels can run
@@ -631,11 +755,13 @@ inline int warps_for_rows(int M) { return M > 64 ? 4 : (M > 32 ? 2 : 1); }
 // for the FMA path's vector loads, ≡ 8 for the tensor-core fragments (kMmaPad).
 inline int buffer_ldm(int WM, int math) { return WM * kWarpRows + (math == kMathFma ? 4 : kMmaPad); }
 
-// Two activation buffers (width0 and width1 features of ldm rows) and one weight chunk.
-inline size_t smem_bytes(int width0, int width1, int WM, size_t elem, int math) {
+// Two activation buffers (width0 and width1 features of ldm rows) and the weight chunk
+// buffers of the pipeline (RegisterStaging::ROWS or AsyncStaging::ROWS rows).
+inline size_t smem_bytes(int width0, int width1, int WM, size_t elem, int math, int pipe) {
   const int ldm = buffer_ldm(WM, math);
   const int chunk_stride = math == kMathFma ? kChunkStride : kMmaChunkStride;
-  return ((size_t)(width0 + width1) * ldm + (size_t)kChunk * chunk_stride) * elem;
+  const int chunk_rows = pipe == kPipeAsync ? kAsyncStages * async_depth(64 * WM) : kChunk;
+  return ((size_t)(width0 + width1) * ldm + (size_t)chunk_rows * chunk_stride) * elem;
 }
 
 struct DeviceFacts {
@@ -646,9 +772,24 @@ struct DeviceFacts {
 // Samples per block: `per_block` if positive (benchmarks and tests pin it), else the most that
 // still give every multiprocessor of `dev` two blocks (one sample per block when the batch is
 // smaller), as many as fit (rows <= 128, shared memory). B samples of R rows; width0, width1:
-// the features of the two activation buffers (buffer_widths); elem: bytes per value.
+// the features of the two activation buffers (buffer_widths); elem: bytes per value. The
+// cp.async pipeline (pipe = kPipeAsync) needs sm_80 and more shared memory; without either,
+// the plan stages through registers.
 inline MlpPlan plan_mlp(int64_t B, int64_t R, int width0, int width1, size_t elem, int math,
-                        const DeviceFacts& dev, int64_t per_block) {
+                        int pipe, const DeviceFacts& dev, int64_t per_block) {
+  if (pipe == kPipeAsync) {
+    if (dev.major >= 8) {
+      MlpPlan plan = plan_mlp(B, R, width0, width1, elem, math, kPipeRegisters, dev, per_block);
+      if (!plan.why_not.empty()) return plan;
+      // the same tiling with the async pipeline's chunk buffers, if they fit
+      if (smem_bytes(width0, width1, plan.WM, elem, math, kPipeAsync) <= dev.smem_optin) {
+        plan.pipe = kPipeAsync;
+        plan.smem = smem_bytes(width0, width1, plan.WM, elem, math, kPipeAsync);
+      }
+      return plan;
+    }
+    pipe = kPipeRegisters;
+  }
   if (R > kMaxRows)
     return unsupported("1+K = " + std::to_string(R) + " rows per sample exceeds " +
                        std::to_string(kMaxRows));
@@ -657,7 +798,7 @@ inline MlpPlan plan_mlp(int64_t B, int64_t R, int width0, int width1, size_t ele
   target = std::min<int64_t>({target, kMaxRows / R, std::max<int64_t>(B, 1)});
   for (int64_t S = target; S >= 1; --S) {
     const int WM = warps_for_rows(static_cast<int>(S * R));
-    const size_t bytes = smem_bytes(width0, width1, WM, elem, math);
+    const size_t bytes = smem_bytes(width0, width1, WM, elem, math, pipe);
     if (bytes <= dev.smem_optin) {
       MlpPlan plan;
       plan.S = static_cast<int>(S);
@@ -672,7 +813,7 @@ inline MlpPlan plan_mlp(int64_t B, int64_t R, int width0, int width1, size_t ele
   const int WM = warps_for_rows(static_cast<int>(R));
   return unsupported("widths of " + std::to_string(width0) + " and " + std::to_string(width1) +
                      " features at 1+K = " + std::to_string(R) + " need " +
-                     std::to_string(smem_bytes(width0, width1, WM, elem, math)) +
+                     std::to_string(smem_bytes(width0, width1, WM, elem, math, pipe)) +
                      " bytes of shared memory per block, more than the device's " +
                      std::to_string(dev.smem_optin));
 }
@@ -689,25 +830,30 @@ inline std::pair<int, int> buffer_widths(const std::vector<int>& n_out, int n_in
   return {std::max(hidden, first), hidden};
 }
 
-template <typename T, int WM, int MATH>
+template <typename T, int WM, int MATH, int PIPE>
 struct ForwardKernel {
-  static auto get() { return &mlp_forward_kernel<T, WM, MATH>; }
+  static auto get() { return &mlp_forward_kernel<T, WM, MATH, PIPE>; }
 };
-template <typename T, int WM, int MATH>
+template <typename T, int WM, int MATH, int PIPE>
 struct BackwardKernel {
-  static auto get() { return &mlp_backward_kernel<T, WM, MATH>; }
+  static auto get() { return &mlp_backward_kernel<T, WM, MATH, PIPE>; }
 };
 
-// run(kernel, threads) with the kernel instance of the plan (its WM and math); false when the
-// plan's math is not one of T's (the tensor-core math is float32 only).
-template <typename T, template <typename, int, int> class KernelOf, typename Run>
+// run(kernel, threads) with the kernel instance of the plan (its WM, math and pipeline); false
+// when the plan's math is not one of T's (the tensor-core math is float32 only).
+template <typename T, template <typename, int, int, int> class KernelOf, typename Run>
 bool dispatch_kernel(const MlpPlan& plan, Run run) {
-  auto by_warps = [&](auto math_tag) {
-    constexpr int MATH = decltype(math_tag)::value;
-    if (plan.WM == 4) run(KernelOf<T, 4, MATH>::get(), 256);
-    else if (plan.WM == 2) run(KernelOf<T, 2, MATH>::get(), 128);
-    else run(KernelOf<T, 1, MATH>::get(), 64);
+  auto by_pipe = [&](auto math_tag, auto pipe_tag) {
+    constexpr int MATH = decltype(math_tag)::value, PIPE = decltype(pipe_tag)::value;
+    if (plan.WM == 4) run(KernelOf<T, 4, MATH, PIPE>::get(), 256);
+    else if (plan.WM == 2) run(KernelOf<T, 2, MATH, PIPE>::get(), 128);
+    else run(KernelOf<T, 1, MATH, PIPE>::get(), 64);
     return true;
+  };
+  auto by_warps = [&](auto math_tag) {
+    if (plan.pipe == kPipeAsync)
+      return by_pipe(math_tag, std::integral_constant<int, kPipeAsync>{});
+    return by_pipe(math_tag, std::integral_constant<int, kPipeRegisters>{});
   };
   if constexpr (std::is_same<T, float>::value) {
     if (plan.math == kMathTf32) return by_warps(std::integral_constant<int, kMathTf32>{});

@@ -19,6 +19,8 @@ both on their GPU with the wheel alone.
 from __future__ import annotations
 
 import math
+import os
+from contextlib import contextmanager
 
 import torch
 
@@ -168,15 +170,33 @@ def _step_case(name, D, d, B, hidden, device, dtype, budget, mlp_path) -> dict:
     return row
 
 
+@contextmanager
+def _env(name: str, value: str | None):
+    """The environment variable ``name`` set to ``value`` for a block (None: left as it is)."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
 def run_bench(device="cpu", dtype=torch.float32, quick=False, budget=None,
               json_path: str | None = None, verbose: bool = True, mlp_path: str = "auto",
-              precision: str | None = None) -> dict:
+              precision: str | None = None, mlp_pipeline: str | None = None) -> dict:
     """Run every benchmark on ``device``; print the tables (``verbose``) and write JSON to
     ``json_path``. Returns the results. Raises if ours and plain PyTorch disagree (relative
     error above 1e-3 in float32, 1e-2 with TF32, 1e-8 in float64), before anything is reported
     as a speed-up. ``mlp_path``: ours' conditioner path ("auto", "per_layer", "fused" (CUDA));
     ``precision``: None (torch's setting), "float32" or "tf32", the float32 GEMMs of ours and
-    of plain PyTorch alike (CUDA; :func:`injflow_ext.step.matmul_precision`, which checks it)."""
+    of plain PyTorch alike (CUDA; :func:`injflow_ext.step.matmul_precision`, which checks it);
+    ``mlp_pipeline``: None (the default), "registers" or "async", how the fused kernels stage
+    their weights (``INJFLOW_MLP_PIPELINE``; with ``mlp_path="fused"`` only)."""
     device = torch.device(device)
     if mlp_path not in MLP_PATHS:
         raise ValueError(f"injflow bench: mlp_path must be one of {list(MLP_PATHS)}, got "
@@ -184,11 +204,17 @@ def run_bench(device="cpu", dtype=torch.float32, quick=False, budget=None,
     if mlp_path == "fused" and device.type != "cuda":
         raise ValueError(f"injflow bench: mlp_path='fused' runs the CUDA kernels; got device "
                          f"{device} (use --device cuda, or --mlp-path auto on the CPU)")
+    if mlp_pipeline not in (None, "registers", "async"):
+        raise ValueError(f"injflow bench: mlp_pipeline must be 'registers' or 'async', got "
+                         f"{mlp_pipeline!r}")
+    if mlp_pipeline is not None and mlp_path != "fused":
+        raise ValueError(f"injflow bench: mlp_pipeline is how the fused kernels stage their "
+                         f"weights; it needs mlp_path='fused', got {mlp_path!r}")
     budget = budget if budget is not None else (0.2 if quick else 1.0)
     # two TF32 computations of the same thing differ by TF32's rounding (2^-11 per operand)
     tf32 = precision == "tf32" and device.type == "cuda" and dtype == torch.float32
     tol = (1e-2 if tf32 else 1e-3) if dtype == torch.float32 else 1e-8
-    with matmul_precision(precision):
+    with matmul_precision(precision), _env("INJFLOW_MLP_PIPELINE", mlp_pipeline):
         ops = bench_gram_logdet(device, dtype, budget, quick) + \
             bench_tangent_mlp(device, dtype, budget, quick, mlp_path)
         steps = bench_step(device, dtype, budget, quick, mlp_path)
@@ -200,7 +226,8 @@ def run_bench(device="cpu", dtype=torch.float32, quick=False, budget=None,
                                  f"relative error {err:.2e} > {tol:.0e}")
     env = environment(device)
     result = {"benchmark": "injflow bench", "dtype": str(dtype).replace("torch.", ""),
-              "mlp_path": mlp_path, "precision": precision, "tf32": tf32,
+              "mlp_path": mlp_path, "mlp_pipeline": mlp_pipeline, "precision": precision,
+              "tf32": tf32,
               "environment": env, "metric": "median ms of forward + backward",
               "ops": ops, "step": steps}
     if verbose:

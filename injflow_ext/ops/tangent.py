@@ -110,6 +110,9 @@ def tangent_mlp(XV: torch.Tensor, weights, biases=None, activation: str | None =
             accumulation) when it is on, float32 FMAs otherwise; ``INJFLOW_MLP_MATH=fma |
             tf32 | tf32x3`` overrides it (3×TF32: float32-level accuracy on the tensor
             cores; for benchmarks until measured). Float64 always uses FMAs.
+            ``INJFLOW_MLP_PIPELINE=async`` stages the weights with cp.async (sm_80+, three
+            shared-memory buffers) instead of through registers: the same results bit for
+            bit; unmeasured, so opt-in.
     Returns:
         ``(B, 1+K, n_L)``: row 0 the network at ``x``, rows k its Jacobian times tangent k.
     """

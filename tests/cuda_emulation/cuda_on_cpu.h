@@ -12,6 +12,9 @@
 // - memory: dynamic shared memory is exactly the launch's size, filled with NaN bytes and
 //   fenced by guard bytes that must stay untouched; global buffers are fenced the same way by
 //   the caller (GuardedBuffer); 16-byte vector accesses must be aligned;
+// - cp.async: a copy lands in shared memory only when its thread waits for its group
+//   (cp.async.wait_group), so a read before the wait and the barrier sees the old contents;
+//   the destination must be shared memory, and no copy may be in flight when a thread exits;
 // - the tensor cores: mma.sync.m16n8k8 (TF32) is computed from the 32 lanes' fragments as the
 //   PTX ISA lays them out ("Matrix Fragments for mma.m16n8k8"), independently of the kernels'
 //   own fragment code (MmaLane), with the low 13 bits of every operand ignored, as the
@@ -30,6 +33,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <random>
@@ -57,6 +61,13 @@ struct alignas(16) Double2 {
   double x, y;
 };
 
+// One element copy of cp.async: src_bytes of src, then zeros up to bytes.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  size_t bytes, src_bytes;
+};
+
 // One GPU thread of the running block.
 struct Fiber {
   jmp_buf resume;
@@ -67,6 +78,8 @@ struct Fiber {
   const unsigned* wait_on = nullptr;  // a generation counter to advance before it may go on
   unsigned wait_gen = 0;
   const char* wait_what = nullptr;
+  std::vector<AsyncCopy> uncommitted;          // cp.async copies not yet committed
+  std::deque<std::vector<AsyncCopy>> in_flight;  // committed groups, oldest first
 };
 
 // A warp's collective state: arrivals at the current mma and the 32 lanes' fragments.
@@ -88,6 +101,7 @@ struct Block {
   jmp_buf scheduler;
   Fiber* current = nullptr;
   unsigned char* smem = nullptr;
+  size_t smem_size = 0;
   const std::function<void()>* body = nullptr;
   std::string error;
   int64_t mma_count = 0, barrier_count = 0;
@@ -195,6 +209,36 @@ inline void mma_m16n8k8_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32
   ++blk->mma_count;
 }
 
+// cp.async.ca.shared.global of `bytes` (src_bytes of them from src, zeros after): queued until
+// the thread waits for it.
+inline void cp_async(void* dst, const void* src, size_t bytes, size_t src_bytes) {
+  Block* b = running();
+  const auto* d = static_cast<unsigned char*>(dst);
+  if (d < b->smem || d + bytes > b->smem + b->smem_size)
+    fail("cp.async: destination outside the dynamic shared memory");
+  check_aligned(dst, bytes, "cp.async destination");
+  if (src_bytes > 0) check_aligned(src, bytes, "cp.async source");
+  b->current->uncommitted.push_back({dst, src, bytes, src_bytes});
+}
+
+inline void cp_async_commit() {
+  Fiber* f = running()->current;
+  f->in_flight.push_back(std::move(f->uncommitted));
+  f->uncommitted.clear();
+}
+
+// cp.async.wait_group n: every group of this thread but the newest n has landed.
+inline void cp_async_wait(int n) {
+  Fiber* f = running()->current;
+  while (f->in_flight.size() > static_cast<size_t>(n)) {
+    for (const AsyncCopy& c : f->in_flight.front()) {
+      std::memcpy(c.dst, c.src, c.src_bytes);
+      std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
+    }
+    f->in_flight.pop_front();
+  }
+}
+
 inline void fiber_main() {
   Block* b = running();
   try {
@@ -202,6 +246,9 @@ inline void fiber_main() {
   } catch (const std::exception& e) {
     fail(std::string("exception: ") + e.what());
   }
+  bool in_flight = !b->current->uncommitted.empty();
+  for (const auto& group : b->current->in_flight) in_flight = in_flight || !group.empty();
+  if (in_flight) fail("exited with cp.async copies in flight");
   b->current->done = true;
   _longjmp(b->scheduler, 1);
 }
@@ -241,6 +288,7 @@ inline LaunchStats launch(unsigned grid, unsigned threads, size_t smem_bytes,
     b.warps.resize(threads / 32);
     std::memset(shared.data(), 0xff, shared.size());  // NaN bytes, as unwritten memory might be
     b.smem = base;
+    b.smem_size = smem_bytes;
     for (unsigned t = 0; t < threads; ++t) {
       Fiber& f = b.fibers[t];
       f.tid = t;

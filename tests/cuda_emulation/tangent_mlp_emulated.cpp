@@ -17,6 +17,7 @@ using namespace injflow::fused_mlp;
 namespace {
 
 struct Device {
+  int pipe;  // MlpPipe asked for (the plan may fall back to kPipeRegisters)
   int sms;
   int64_t smem_optin;
   int64_t per_block;  // samples per block (0: the plan's choice)
@@ -36,7 +37,7 @@ MlpPlan plan_for(int dtype, int math, int64_t B, int R, int L, const int* n_in, 
   const auto widths = buffer_widths(outs, n_in[0], backward);
   if (widths_out) *widths_out = widths;
   const DeviceFacts facts{dev.sms, 9, static_cast<size_t>(dev.smem_optin)};
-  return plan_mlp(B, R, widths.first, widths.second, dtype == 0 ? 4 : 8, math, facts,
+  return plan_mlp(B, R, widths.first, widths.second, dtype == 0 ? 4 : 8, math, dev.pipe, facts,
                   dev.per_block);
 }
 
@@ -47,6 +48,7 @@ void plan_out(const MlpPlan& plan, int64_t* out) {
   out[3] = plan.blocks;
   out[4] = static_cast<int64_t>(plan.smem);
   out[5] = plan.math;
+  out[6] = plan.pipe;
 }
 
 // Copies of the caller's arrays in guarded buffers (outputs poisoned with NaN), copied back
@@ -85,7 +87,7 @@ struct Buffers {
   }
 };
 
-template <typename T, template <typename, int, int> class KernelOf>
+template <typename T, template <typename, int, int, int> class KernelOf>
 int run(const MlpPlan& plan, const MlpArgs<T>& args, const Device& dev, Buffers& bufs,
         int64_t* stats_out, char* err, int errlen) {
   injflow_emu::LaunchStats stats;
@@ -222,6 +224,25 @@ void racy() {
     for (int i = 0; i < 64; ++i) racy_sum += s[i];
   }
 }
+// cp.async of 64 ones into shared memory, read back after a barrier: with the wait for the
+// copies (64), without it (NaN: they have not landed), or never waited for at all (an error).
+const std::vector<float> kOnes(64, 1.f);
+float async_sum = 0;
+template <int MODE>  // 0 waited, 1 not waited before the read, 2 never waited
+void async_copy() {
+  float* s = shared_base<float>();
+  const unsigned t = threadIdx.x;
+  cp_async_elem(s + t, kOnes.data() + t, true);
+  cp_async_commit();
+  if (MODE == 0) cp_async_wait<0>();
+  __syncthreads();
+  if (t == 0) {
+    async_sum = 0;
+    for (int i = 0; i < 64; ++i) async_sum += s[i];
+  }
+  if (MODE == 1) cp_async_wait<0>();
+}
+
 // One m16n8k8 through MmaLane's fragment code (the kernels' own): C = A·B of small integers
 // (exact in TF32), A 16 × 8 and B 8 × 8 row-major, C 16 × 8.
 const float* mma_a = nullptr;
@@ -246,23 +267,24 @@ void one_mma() {
 
 extern "C" {
 
-int emu_mlp_plan(int dtype, int math, int64_t B, int R, int L, const int* n_in, const int* n_out,
-                 int backward, int sms, int64_t smem_optin, int64_t per_block, int64_t* plan_o,
-                 char* err, int errlen) {
-  const Device dev{sms, smem_optin, per_block, 0, 0};
+int emu_mlp_plan(int dtype, int math, int pipe, int64_t B, int R, int L, const int* n_in,
+                 const int* n_out, int backward, int sms, int64_t smem_optin, int64_t per_block,
+                 int64_t* plan_o, char* err, int errlen) {
+  const Device dev{pipe, sms, smem_optin, per_block, 0, 0};
   const MlpPlan plan = plan_for(dtype, math, B, R, L, n_in, n_out, backward != 0, dev, nullptr);
   if (!plan.why_not.empty()) return report(err, errlen, plan.why_not, 1);
   plan_out(plan, plan_o);
   return 0;
 }
 
-// dtype: 0 float32, 1 float64; math: kMathFma, kMathTf32, kMathTf32x3; A[L - 1] is Y.
-int emu_mlp_forward(int dtype, int math, int64_t B, int R, int L, const int* n_in,
+// dtype: 0 float32, 1 float64; math: kMathFma, kMathTf32, kMathTf32x3; pipe: kPipeRegisters,
+// kPipeAsync; A[L - 1] is Y.
+int emu_mlp_forward(int dtype, int math, int pipe, int64_t B, int R, int L, const int* n_in,
                     const int* n_out, const int* acts, double slope, const void* XV,
                     const void* const* W, const void* const* b, void* const* Z, void* const* A,
                     void* const* dA, int sms, int64_t smem_optin, int64_t per_block, int order,
                     uint64_t seed, int64_t* plan_o, int64_t* stats_o, char* err, int errlen) {
-  const Device dev{sms, smem_optin, per_block, order, seed};
+  const Device dev{pipe, sms, smem_optin, per_block, order, seed};
   if (dtype == 0)
     return forward<float>(math, B, R, L, n_in, n_out, acts, slope, XV, W, b, Z, A, dA, dev,
                           plan_o, stats_o, err, errlen);
@@ -271,12 +293,12 @@ int emu_mlp_forward(int dtype, int math, int64_t B, int R, int L, const int* n_i
 }
 
 // GZ[l] null for a linear last layer; partial: (plan's blocks, Σ n_out) bias partial sums.
-int emu_mlp_backward(int dtype, int math, int64_t B, int R, int L, const int* n_in,
+int emu_mlp_backward(int dtype, int math, int pipe, int64_t B, int R, int L, const int* n_in,
                      const int* n_out, const int* acts, double slope, const void* gY,
                      const void* const* W, const void* const* Z, void* const* GZ, void* gXV,
                      void* partial, int sms, int64_t smem_optin, int64_t per_block, int order,
                      uint64_t seed, int64_t* plan_o, int64_t* stats_o, char* err, int errlen) {
-  const Device dev{sms, smem_optin, per_block, order, seed};
+  const Device dev{pipe, sms, smem_optin, per_block, order, seed};
   if (dtype == 0)
     return backward<float>(math, B, R, L, n_in, n_out, acts, slope, gY, W, Z, GZ, gXV, partial,
                            dev, plan_o, stats_o, err, errlen);
@@ -285,18 +307,21 @@ int emu_mlp_backward(int dtype, int math, int64_t B, int R, int L, const int* n_
 }
 
 // Rule-breaking kernels (which: 0 shared overflow, 1 divergent barrier, 2 misaligned load,
-// 3 an mma by half a warp) give 2 and the check's message; 4 (a race) gives 0 and the sum it
-// computed in *value, which depends on `order`.
+// 3 an mma by half a warp, 7 exit with cp.async copies in flight) give 2 and the check's
+// message; the others give 0 and what they computed in *value: 4 (a race) a sum that depends
+// on `order`; 5, 6 the sum of 64 ones copied by cp.async, read after the wait (64) or before
+// it (NaN).
 int emu_selftest(int which, int order, double* value, char* err, int errlen) {
   void (*kernels[])() = {overflow_shared, divergent_barrier, misaligned_load, partial_warp_mma,
-                         racy};
+                         racy, async_copy<0>, async_copy<1>, async_copy<2>};
+  racy_sum = async_sum = 0;
   try {
     injflow_emu::launch(1, 64, 64 * sizeof(float), kernels[which],
                         static_cast<injflow_emu::Order>(order), 7);
   } catch (const std::exception& e) {
     return report(err, errlen, e.what(), 2);
   }
-  *value = racy_sum;
+  *value = which == 4 ? racy_sum : async_sum;
   return 0;
 }
 
