@@ -295,7 +295,6 @@ template <typename T, int THREADS, int STRIDE>
 struct RegisterStaging {
   using Chunk = WeightChunk<T, THREADS, STRIDE>;
   static constexpr int DEPTH = Chunk::DEPTH;
-  static constexpr int ROWS = kChunk;  // shared-memory rows of chunk buffer (smem_bytes)
 
   template <typename Begin, typename Step, typename End>
   __device__ __forceinline__ static void passes(const T* __restrict__ W, bool out_major, int Kd,
@@ -324,7 +323,6 @@ template <typename T, int THREADS, int STRIDE>
 struct AsyncStaging {
   static constexpr int DEPTH = async_depth(THREADS);
   static constexpr int STAGES = kAsyncStages;
-  static constexpr int ROWS = STAGES * DEPTH;
   static constexpr int PER_THREAD = DEPTH * kPassCols / THREADS;
   static_assert(DEPTH * kPassCols % THREADS == 0, "whole chunks per thread");
 
@@ -753,10 +751,13 @@ inline int warps_for_rows(int M) { return M > 64 ? 4 : (M > 32 ? 2 : 1); }
 
 // Row stride of the shared-memory activation buffers: 16-byte multiples; ≡ 4 (mod 32) words
 // for the FMA path's vector loads, ≡ 8 for the tensor-core fragments (kMmaPad).
-inline int buffer_ldm(int WM, int math) { return WM * kWarpRows + (math == kMathFma ? 4 : kMmaPad); }
+inline int buffer_ldm(int WM, int math) {
+  return WM * kWarpRows + (math == kMathFma ? 4 : kMmaPad);
+}
 
-// Two activation buffers (width0 and width1 features of ldm rows) and the weight chunk
-// buffers of the pipeline (RegisterStaging::ROWS or AsyncStaging::ROWS rows).
+// Two activation buffers (width0 and width1 features of ldm rows) and the pipeline's weight
+// chunk buffers: kChunk rows (RegisterStaging), kAsyncStages chunks of async_depth rows
+// (AsyncStaging).
 inline size_t smem_bytes(int width0, int width1, int WM, size_t elem, int math, int pipe) {
   const int ldm = buffer_ldm(WM, math);
   const int chunk_stride = math == kMathFma ? kChunkStride : kMmaChunkStride;
