@@ -31,6 +31,12 @@ ACT_CODES = {None: 0, "tanh": 1, "relu": 2, "leaky_relu": 3, "elu": 4, "softplus
 H200 = {"sms": 132, "smem_optin": 232448}  # what the plan reads from the device
 
 _lib = None
+_kernels = None
+KERNEL_SOURCES = [ROOT / "tests" / "cuda_emulation" / "kernels_emulated.cpp",
+                  ROOT / "tests" / "cuda_emulation" / "cuda_on_cpu.h",
+                  *sorted((ROOT / "csrc").glob("*.h")),
+                  *sorted((ROOT / "csrc" / "cuda").glob("*_kernels.cuh")),
+                  ROOT / "csrc" / "cuda" / "emulation_hooks.cuh"]
 
 
 def compiler():
@@ -68,6 +74,26 @@ def library():
         getattr(lib, name).restype = ctypes.c_int
     _lib = lib
     return lib
+
+
+def kernels():
+    """The kernels of cg, gram_logdet and the tangent ops under the emulation, behind the CUDA
+    ops' host code (tests/cuda_emulation/kernels_emulated.cpp), as a torch extension of CPU
+    tensors: cg_init, cg_step (returns the new state), gram_logdet, gram_logdet_backward,
+    tangent_linear, tangent_linear_backward (+ deterministic), tangent_coupling,
+    tangent_coupling_backward, and set_order(order, seed) for the thread order of later
+    launches. Built once per source version (about a minute)."""
+    global _kernels
+    if _kernels is None:
+        if compiler() is None:
+            raise RuntimeError("no C++ compiler (set CXX) to build the CUDA emulation")
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in KERNEL_SOURCES)).hexdigest()
+        _kernels = torch.utils.cpp_extension.load(
+            name=f"injflow_cuda_emulation_{digest[:12]}", sources=[str(KERNEL_SOURCES[0])],
+            extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests" / "cuda_emulation")],
+            extra_cflags=["-O2", "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",
+                          "-Wno-unknown-pragmas"], verbose=False)
+    return _kernels
 
 
 @dataclass

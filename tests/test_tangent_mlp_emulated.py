@@ -79,7 +79,7 @@ def split(ts, L):
     ("shared_overflow", "shared memory written past its end"),
     ("divergent_barrier", "deadlock: 32 threads exited, 32 wait at __syncthreads"),
     ("misaligned", "load4: address not 16-byte aligned"),
-    ("partial_warp_mma", "deadlock: .* 32 at a warp's mma.sync"),
+    ("partial_warp_mma", r"deadlock: .* 32 at a warp collective \(mma.sync"),
     ("async_never_waited", "exited with cp.async copies in flight"),
 ])
 def test_emulation_catches_broken_kernels(which, pattern):

@@ -4,7 +4,8 @@
 // shared-memory layout and tensor-core fragments then run, thread by thread, without a GPU
 // (docs/design.md, "Checking the CUDA kernels without a GPU"). Device code here uses only what
 // that emulation provides: threadIdx/blockIdx/blockDim, __syncthreads, dynamic shared memory
-// through shared_base(), float4/double2 and the two TF32 primitives to_tf32 and mma_tf32.
+// through shared_base(), float4/double2, the two TF32 primitives to_tf32 and mma_tf32 and the
+// cp.async ones.
 #pragma once
 
 #include <algorithm>
@@ -16,12 +17,7 @@
 #include <vector>
 
 #include "../activations.h"
-
-#ifdef INJFLOW_CUDA_EMULATION
-#define INJFLOW_EMU_CHECK_ALIGNED(p, bytes, what) ::injflow_emu::check_aligned(p, bytes, what)
-#else
-#define INJFLOW_EMU_CHECK_ALIGNED(p, bytes, what) ((void)0)
-#endif
+#include "emulation_hooks.cuh"
 
 namespace injflow {
 namespace fused_mlp {
@@ -565,12 +561,7 @@ struct GlobalStore {
 
 template <typename T>
 __device__ __forceinline__ T* shared_base() {
-#ifdef INJFLOW_CUDA_EMULATION
-  return reinterpret_cast<T*>(::injflow_emu::dynamic_shared());
-#else
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  return reinterpret_cast<T*>(smem_raw);
-#endif
+  return dynamic_shared<T>();
 }
 
 template <typename T, int WM, int MATH, int PIPE>

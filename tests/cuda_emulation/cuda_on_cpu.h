@@ -1,10 +1,11 @@
-// Just enough of CUDA, on the CPU, to run the fused tangent_mlp kernels
-// (csrc/cuda/tangent_mlp_kernels.cuh) thread by thread without a GPU.
+// Just enough of CUDA, on the CPU, to run the library's CUDA kernels (csrc/cuda/*_kernels.cuh)
+// thread by thread without a GPU.
 //
 // Every thread of a block is a fiber (ucontext for its first start, _setjmp/_longjmp after);
 // one scheduler runs them on the calling thread and switches only where a GPU thread may wait:
-// __syncthreads and the warp-wide mma.sync. Blocks run one after another. What it checks, on
-// top of the results themselves:
+// __syncthreads and the warp-wide collectives (mma.sync, __shfl_xor_sync). Blocks run one
+// after another, so __shared__ variables are function statics and atomics plain updates. What
+// it checks, on top of the results themselves:
 // - barriers: a block whose threads cannot all arrive (some exited, or wait elsewhere) is a
 //   reported deadlock, not a hang;
 // - races between barriers: the threads of a phase run in the order asked for (forward,
@@ -15,12 +16,14 @@
 // - cp.async: a copy lands in shared memory only when its thread waits for its group
 //   (cp.async.wait_group), so a read before the wait and the barrier sees the old contents;
 //   the destination must be shared memory, and no copy may be in flight when a thread exits;
+// - warp shuffles: __shfl_xor_sync needs the whole warp, each lane gets its partner's value;
 // - the tensor cores: mma.sync.m16n8k8 (TF32) is computed from the 32 lanes' fragments as the
 //   PTX ISA lays them out ("Matrix Fragments for mma.m16n8k8"), independently of the kernels'
 //   own fragment code (MmaLane), with the low 13 bits of every operand ignored, as the
 //   hardware does; all 32 lanes must take part; cvt.rna.tf32.f32 rounds to nearest, ties away
 //   from zero.
-// Not emulated: warp-synchronous tricks, atomics, anything the kernels above do not use.
+// Not emulated: warp-synchronous code without collectives, other shuffles and warp votes,
+// anything the kernels do not use. Static __shared__ variables are not NaN-filled per block.
 #pragma once
 
 #undef _FORTIFY_SOURCE  // glibc's checked longjmp refuses jumps between fiber stacks
@@ -50,8 +53,9 @@
 
 namespace injflow_emu {
 
-struct Dim3 {
-  unsigned x = 0, y = 0, z = 0;
+struct Dim3 {  // CUDA's dim3
+  unsigned x, y, z;
+  Dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
 struct alignas(16) Float4 {
@@ -88,13 +92,15 @@ struct Warp {
   uint32_t a[32][4];
   uint32_t b[32][2];
   float* c[32];
+  uint64_t shfl_in[32], shfl_out[32];
+  int shfl_mask[32];
 };
 
 enum Order { kForward = 0, kReverse = 1, kShuffled = 2 };
 
 struct Block {
   unsigned threads = 0;
-  Dim3 block_idx, grid_dim;
+  Dim3 block_dim, block_idx, grid_dim;
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
   unsigned bar_arrived = 0, bar_gen = 0;
@@ -112,9 +118,13 @@ inline Block*& running() {
   return block;
 }
 
-inline Dim3 thread_idx() { return {running()->current->tid, 0, 0}; }
+inline Dim3 thread_idx() {
+  const Block* b = running();
+  const unsigned t = b->current->tid, bx = b->block_dim.x, by = b->block_dim.y;
+  return {t % bx, (t / bx) % by, t / (bx * by)};
+}
 inline Dim3 block_idx() { return running()->block_idx; }
-inline Dim3 block_dim() { return {running()->threads, 1, 1}; }
+inline Dim3 block_dim() { return running()->block_dim; }
 inline Dim3 grid_dim() { return running()->grid_dim; }
 inline unsigned char* dynamic_shared() { return running()->smem; }
 
@@ -123,7 +133,8 @@ inline unsigned char* dynamic_shared() { return running()->smem; }
 [[noreturn]] inline void fail(const std::string& what) {
   Block* b = running();
   if (b->error.empty())
-    b->error = "block " + std::to_string(b->block_idx.x) + ", thread " +
+    b->error = "block " + std::to_string(b->block_idx.x) + "," + std::to_string(b->block_idx.y) +
+               ", thread " +
                std::to_string(b->current->tid) + ": " + what;
   b->current->done = true;
   _longjmp(b->scheduler, 1);
@@ -239,6 +250,35 @@ inline void cp_async_wait(int n) {
   }
 }
 
+// __shfl_xor_sync(mask, v, lane_mask): every lane of the warp (the full mask) exchanges v with
+// lane ^ lane_mask.
+template <typename T>
+inline T shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+  static_assert(sizeof(T) <= 8, "shuffles of up to 8 bytes");
+  Block* blk = running();
+  const unsigned tid = blk->current->tid, lane = tid % 32;
+  if (mask != 0xffffffffu || blk->threads - (tid - lane) < 32)
+    fail("__shfl_xor_sync: only whole warps with the full mask are emulated");
+  Warp& w = blk->warps[tid / 32];
+  w.shfl_in[lane] = 0;
+  std::memcpy(&w.shfl_in[lane], &v, sizeof(T));
+  w.shfl_mask[lane] = lane_mask;
+  const unsigned gen = w.gen;
+  if (++w.arrived < 32) {
+    wait_for(&w.gen, gen, "__shfl_xor_sync");
+  } else {
+    for (int l = 0; l < 32; ++l) {
+      if (w.shfl_mask[l] != lane_mask) fail("__shfl_xor_sync: lanes disagree on the lane mask");
+      w.shfl_out[l] = w.shfl_in[(l ^ lane_mask) & 31];
+    }
+    w.arrived = 0;
+    ++w.gen;
+  }
+  T out;
+  std::memcpy(&out, &w.shfl_out[lane], sizeof(T));
+  return out;
+}
+
 inline void fiber_main() {
   Block* b = running();
   try {
@@ -257,14 +297,17 @@ struct LaunchStats {
   int64_t blocks = 0, barriers = 0, mma = 0;
 };
 
-// Runs body() as `threads` threads of each of `grid` blocks with `smem_bytes` of dynamic
-// shared memory. Throws std::runtime_error naming the block and thread on a failed check.
-inline LaunchStats launch(unsigned grid, unsigned threads, size_t smem_bytes,
+// Runs body() as the block_dim threads of each block of grid_dim (x fastest, as CUDA numbers
+// them) with `smem_bytes` of dynamic shared memory. Throws std::runtime_error naming the block
+// and thread on a failed check.
+inline LaunchStats launch(Dim3 grid_dim, Dim3 block_dim, size_t smem_bytes,
                           const std::function<void()>& body, Order order = kForward,
                           uint64_t seed = 0) {
-  if (threads == 0 || threads % 32 != 0 || threads > 1024)
+  const unsigned threads = block_dim.x * block_dim.y * block_dim.z;
+  const uint64_t grid = uint64_t(grid_dim.x) * grid_dim.y * grid_dim.z;
+  if (threads == 0 || threads > 1024)
     throw std::runtime_error("launch: " + std::to_string(threads) +
-                             " threads per block (a multiple of 32, at most 1024)");
+                             " threads per block (1 to 1024)");
   constexpr size_t kStack = 256 << 10, kGuard = 4096;
   std::unique_ptr<char[]> stacks(new char[kStack * threads]);
   // guard bytes before and after the dynamic shared memory; 256-byte aligned, like CUDA's
@@ -278,14 +321,16 @@ inline LaunchStats launch(unsigned grid, unsigned threads, size_t smem_bytes,
   struct Reset {
     ~Reset() { running() = nullptr; }
   } reset;
-  for (unsigned blk = 0; blk < grid; ++blk) {
+  for (uint64_t blk = 0; blk < grid; ++blk) {
     b = Block{};
     b.threads = threads;
-    b.block_idx = {blk, 0, 0};
-    b.grid_dim = {grid, 1, 1};
+    b.block_dim = block_dim;
+    b.block_idx = {unsigned(blk % grid_dim.x), unsigned(blk / grid_dim.x % grid_dim.y),
+                   unsigned(blk / (uint64_t(grid_dim.x) * grid_dim.y))};
+    b.grid_dim = grid_dim;
     b.body = &body;
     b.fibers.resize(threads);
-    b.warps.resize(threads / 32);
+    b.warps.resize((threads + 31) / 32);
     std::memset(shared.data(), 0xff, shared.size());  // NaN bytes, as unwritten memory might be
     b.smem = base;
     b.smem_size = smem_bytes;
@@ -325,12 +370,12 @@ inline LaunchStats launch(unsigned grid, unsigned threads, size_t smem_bytes,
         for (const Fiber& f : b.fibers) {
           if (f.done) continue;
           if (f.wait_what == std::string("__syncthreads")) ++at_barrier;
-          else ++at_mma;
+          else ++at_mma;  // a warp collective
         }
         b.error = "block " + std::to_string(blk) + ": deadlock: " +
                   std::to_string(threads - live) + " threads exited, " +
                   std::to_string(at_barrier) + " wait at __syncthreads, " +
-                  std::to_string(at_mma) + " at a warp's mma.sync";
+                  std::to_string(at_mma) + " at a warp collective (mma.sync, shuffle)";
       }
     }
     if (!b.error.empty()) throw std::runtime_error(b.error);
@@ -346,6 +391,13 @@ inline LaunchStats launch(unsigned grid, unsigned threads, size_t smem_bytes,
     stats.mma += b.mma_count;
   }
   return stats;
+}
+
+// The common 1-D launch: `grid` blocks of `threads` threads.
+inline LaunchStats launch(unsigned grid, unsigned threads, size_t smem_bytes,
+                          const std::function<void()>& body, Order order = kForward,
+                          uint64_t seed = 0) {
+  return launch(Dim3{grid, 1, 1}, Dim3{threads, 1, 1}, smem_bytes, body, order, seed);
 }
 
 // A global-memory buffer fenced by NaN guard bytes: checked() says whether the guards are
@@ -390,3 +442,20 @@ inline uint32_t __float_as_uint(float f) { return ::injflow_emu::as_bits(f); }
 inline float __uint_as_float(uint32_t u) { return ::injflow_emu::as_float(u); }
 [[noreturn]] inline void __trap() { ::injflow_emu::fail("__trap()"); }
 inline int min(int a, int b) { return a < b ? a : b; }
+#define __shared__ static
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+  return ::injflow_emu::shfl_xor_sync(mask, v, lane_mask);
+}
+template <typename T>
+inline T atomicAdd(T* address, T v) {  // the block's threads run one at a time
+  const T old = *address;
+  *address = old + v;
+  return old;
+}
+using dim3 = ::injflow_emu::Dim3;
+// the device math functions the kernels call unqualified, with their float overloads
+using std::exp;
+using std::isfinite;
+using std::log;
+using std::sqrt;

@@ -1,0 +1,202 @@
+"""The CUDA kernels of cg, gram_logdet and the tangent ops without a GPU: their source
+(csrc/cuda/*_kernels.cuh) compiled for the CPU under the CUDA emulation of
+tests/cuda_emulation/, behind the CUDA ops' host code (tests/emulated_cuda.py, ``kernels()``),
+against the CPU ops: the same checks the CUDA tests make on a GPU, plus what only the emulation
+sees (every barrier reached, whole warps at every shuffle, no write outside a buffer, no
+element left unwritten, results that do not depend on the order threads run in).
+"""
+
+import os
+
+import emulated_cuda as emu
+import pytest
+import torch
+
+from injflow_ext.ops import ACTIVATIONS, COUPLING_SCALES
+
+pytestmark = pytest.mark.skipif(
+    emu.compiler() is None and not os.environ.get("INJFLOW_REQUIRE_CUDA_EMULATION"),
+    reason="needs a C++ compiler to build the CUDA emulation")
+
+ORDERS = [("forward", 0), ("reverse", 0), ("shuffled", 1)]
+
+
+@pytest.fixture(scope="module")
+def k():
+    kernels = emu.kernels()
+    yield kernels
+    kernels.set_order(0, 0)
+
+
+def close(a, b, dtype):
+    tol = 1e-11 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def close_normwise(a, b, dtype):
+    """Per batch element, ‖a − b‖ ≤ tol · ‖b‖: two factorisations that sum in different
+    orders agree to a few units of rounding in norm (float32: measured ~1e-7), not in every
+    small element."""
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    err = (a - b).flatten(1).norm(dim=1)
+    assert (err <= tol * b.flatten(1).norm(dim=1)).all(), err
+
+
+def in_every_order(k, fn):
+    """fn() with the threads of every launch run forward, reversed and shuffled: the results
+    (a list of tensors) must be bit-identical; returns them."""
+    results = []
+    for order, seed in ORDERS:
+        k.set_order(emu.ORDER[order], seed)
+        results.append(fn())
+    k.set_order(0, 0)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    return results[0]
+
+
+# ---------------------------------------------------------------------------- gram_logdet
+
+def gram_inputs(B, D, d, dtype):
+    """J (B, D, d) with batch elements of different scales, the last one with a zero column
+    (an exactly singular G, whose zero pivot takes the jitter path whatever the summation
+    order; equal columns would leave a pivot of rounding size and either sign)."""
+    J = torch.randn(B, D, d, dtype=torch.float64)
+    J[0] *= 1e3
+    if d > 1:
+        J[-1, :, 1] = 0
+    return J.to(dtype)
+
+
+@pytest.mark.parametrize("dtype,acc64", [(torch.float64, False), (torch.float32, True),
+                                         (torch.float32, False)])
+@pytest.mark.parametrize("D,d", [(30, 1), (90, 5), (200, 64), (200, 65), (100, 70)])
+def test_emulated_gram_logdet_matches_cpu(k, dtype, acc64, D, d):
+    """logdet, jitter, status and the factor L of the CUDA kernel (G in shared memory for
+    d <= 64, in global memory above; J staged in tiles of 1024 elements; the jitter retry
+    for a singular G) equal the CPU op's, and so does the backward; in every thread order."""
+    J = gram_inputs(3, D, d, dtype)
+    out = in_every_order(k, lambda: k.gram_logdet(J, acc64, 1e-2))
+    ref = torch.ops.injflow.gram_logdet(J, acc64, 1e-2)
+    assert torch.equal(out[2], ref[2])  # status
+    assert out[2].tolist() == [0, 0, 1 if d > 1 else 0]  # the singular one jittered
+    factor_dtype = out[3].dtype
+    close(out[0].to(factor_dtype), ref[0].to(factor_dtype), factor_dtype)  # logdet
+    close(out[1], ref[1], factor_dtype)  # jitter
+    close_normwise(out[3], ref[3], factor_dtype)  # L
+    grad = torch.randn(3, dtype=torch.float64).to(dtype)
+    g = in_every_order(k, lambda: [k.gram_logdet_backward(grad, J, out[3], out[2])])[0]
+    close_normwise(g, torch.ops.injflow.gram_logdet_backward(grad, J, ref[3], ref[2]), dtype)
+
+
+def test_emulated_gram_logdet_reports_failure(k):
+    """A zero or non-finite J fails with status 2, a zero factor and a zero gradient, as on
+    the CPU."""
+    J = torch.randn(3, 20, 4, dtype=torch.float64)
+    J[1] = 0
+    J[2, 0, 0] = float("nan")
+    out = k.gram_logdet(J, False, 1e-2)
+    ref = torch.ops.injflow.gram_logdet(J, False, 1e-2)
+    assert out[2].tolist() == ref[2].tolist() == [0, 2, 2]
+    assert torch.equal(out[3][1:], torch.zeros_like(out[3][1:]))
+    torch.testing.assert_close(out[0], ref[0], equal_nan=True)
+    g = k.gram_logdet_backward(torch.ones(3, dtype=torch.float64), J, out[3], out[2])
+    assert torch.equal(g[1:], torch.zeros_like(g[1:]))
+
+
+# --------------------------------------------------------------------------------------- cg
+
+def spd(N, d, dtype):
+    A = torch.randn(N, d, d, dtype=torch.float64)
+    return (A @ A.transpose(1, 2) / d + torch.eye(d)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("d", [7, 45])
+def test_emulated_cg_matches_cpu(k, dtype, K, d):
+    """cg_init and cg_step iterated to convergence, with a zero right-hand side (converged at
+    once) and a system that is not SPD (breakdown), in every thread order. K > 1 (a thread per
+    system, the CPU's per-system code) gives the CPU's state bit for bit. K = 1 (a warp per
+    system, its dot products by shuffle reductions) sums in another order: the same statuses,
+    solutions equal norm-wise, iteration counts within 2 (CG's residual is not monotone, so
+    rounding can move the first crossing of the tolerance; tests/test_cg.py says the same of
+    a GPU)."""
+    N = 40  # several blocks of 4 warps (K = 1) or 128 threads
+    A = spd(N, d, dtype)
+    A[1] = -A[1]  # negative curvature: breakdown
+    b = torch.randn(N, d, K, dtype=dtype)
+    b[2] = 0
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p, rs, tol2, status, it = in_every_order(k, lambda: k.cg_init(r, b, 1e-6, 0.0))
+    ref_state = list(torch.ops.injflow.cg_init(r, b, 1e-6, 0.0))
+    for o, c in zip([p, rs, tol2, status, it], ref_state):
+        assert torch.equal(o, c)
+    cpu = [x.clone(), r.clone(), ref_state[0], torch.zeros_like(b), ref_state[1], ref_state[2],
+           ref_state[3], ref_state[4]]
+    state = [x, r, p, torch.zeros_like(b), rs, status, it]
+    for _ in range(3 * d):
+        def step(s=state):
+            return k.cg_step(s[0], s[1], s[2], s[3], A, s[4], tol2, s[5], s[6])
+        state = in_every_order(k, step)
+        cx, cr, cp, cAp, crs, ctol, cst, cit = cpu
+        torch.ops.injflow.cg_step(cx, cr, cp, cAp, A, crs, ctol, cst, cit)
+    xs, _, _, _, _, sts, its = state
+    assert torch.equal(sts, cpu[6])
+    assert sts[1].eq(2).all() and sts[2].eq(1).all() and its[2].eq(0).all()
+    assert sts[3:].eq(1).all()  # the rest converged
+    if K > 1:
+        for o, c in zip(state, [cpu[i] for i in (0, 1, 2, 3, 4, 6, 7)]):
+            assert torch.equal(o, c)
+        return
+    assert (its - cpu[7]).abs().max() <= 2
+    ok = sts.flatten() == 1
+    rel = (xs - cpu[0]).norm(dim=1)[ok] / cpu[0].norm(dim=1)[ok].clamp(min=1e-30)
+    assert rel.max() < (1e-9 if dtype == torch.float64 else 1e-4), rel.max()
+
+
+# ------------------------------------------------------------------------------ tangent ops
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "leaky_relu", "softplus", "silu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_emulated_tangent_linear_matches_cpu(k, activation, dtype):
+    """The epilogue kernel (forward) and both backward kernels (with the bias sum's 32 × 8
+    blocks, shared partial sums and atomic adds, or the deterministic one) under the op's own
+    composite, against the CPU op."""
+    act = ACTIVATIONS[activation]
+    B, R, n_in, n = 70, 4, 13, 40  # several feature blocks and row blocks
+    XV = torch.randn(B, R, n_in, dtype=dtype)
+    W = torch.randn(n, n_in, dtype=dtype) / n_in ** 0.5
+    b = torch.randn(n, dtype=dtype)
+    out = in_every_order(k, lambda: k.tangent_linear(XV, W, b, act, 0.1))
+    ref = torch.ops.injflow.tangent_linear(XV, W, b, act, 0.1)
+    for o, r in zip(out, ref):
+        close(o, r, dtype)
+    gY = torch.randn_like(out[0])
+    ref_g = torch.ops.injflow.tangent_linear_backward(gY, XV, W, ref[1], ref[0], ref[2], act,
+                                                      0.1)
+    for deterministic in (False, True):
+        def backward(deterministic=deterministic):
+            return k.tangent_linear_backward(gY, XV, W, out[1], out[0], out[2], act, 0.1, False,
+                                             deterministic)
+        for o, r in zip(in_every_order(k, backward), ref_g):
+            close(o, r, dtype)
+
+
+@pytest.mark.parametrize("scale", list(COUPLING_SCALES))
+@pytest.mark.parametrize("m", [9, 300])
+def test_emulated_tangent_coupling_matches_cpu(k, scale, m):
+    """The coupling kernel (a block per batch row, threads striding over features, the
+    log-determinant by a shared-memory tree) and its backward, against the CPU op."""
+    code = COUPLING_SCALES[scale]
+    XV = torch.randn(5, 3, m, dtype=torch.float64)
+    ST = torch.randn(5, 3, 2 * m, dtype=torch.float64)
+    out = in_every_order(k, lambda: k.tangent_coupling(XV, ST, code))
+    for o, r in zip(out, torch.ops.injflow.tangent_coupling(XV, ST, code)):
+        close(o, r, torch.float64)
+    gY, gl = torch.randn_like(XV), torch.randn(5, dtype=torch.float64)
+    g = in_every_order(k, lambda: k.tangent_coupling_backward(gY, gl, XV, ST, code))
+    for o, r in zip(g, torch.ops.injflow.tangent_coupling_backward(gY, gl, XV, ST, code)):
+        close(o, r, torch.float64)
