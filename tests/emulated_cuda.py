@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,10 @@ def kernels():
         if compiler() is None:
             raise RuntimeError("no C++ compiler (set CXX) to build the CUDA emulation")
         digest = hashlib.sha256(b"".join(p.read_bytes() for p in KERNEL_SOURCES)).hexdigest()
+        # torch runs `ninja` from PATH: the one pip installed beside this Python will do
+        bin_dir = os.path.dirname(sys.executable)
+        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
         _kernels = torch.utils.cpp_extension.load(
             name=f"injflow_cuda_emulation_{digest[:12]}", sources=[str(KERNEL_SOURCES[0])],
             extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests" / "cuda_emulation")],

@@ -42,14 +42,20 @@ def close_normwise(a, b, dtype):
     assert (err <= tol * b.flatten(1).norm(dim=1)).all(), err
 
 
-def in_every_order(k, fn):
-    """fn() with the threads of every launch run forward, reversed and shuffled: the results
-    (a list of tensors) must be bit-identical; returns them."""
+def every_order(k, fn):
+    """fn() (a list of tensors) with the threads of every block, and the blocks of every
+    launch, run forward, reversed and shuffled."""
     results = []
     for order, seed in ORDERS:
         k.set_order(emu.ORDER[order], seed)
         results.append(fn())
     k.set_order(0, 0)
+    return results
+
+
+def in_every_order(k, fn):
+    """fn() in every order (every_order): the results must be bit-identical; returns them."""
+    results = every_order(k, fn)
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
@@ -164,7 +170,7 @@ def test_emulated_cg_matches_cpu(k, dtype, K, d):
 def test_emulated_tangent_linear_matches_cpu(k, activation, dtype):
     """The epilogue kernel (forward) and both backward kernels (with the bias sum's 32 × 8
     blocks, shared partial sums and atomic adds, or the deterministic one) under the op's own
-    composite, against the CPU op."""
+    composite, against the CPU op; the deterministic backward bit-identical in every order."""
     act = ACTIVATIONS[activation]
     B, R, n_in, n = 70, 4, 13, 40  # several feature blocks and row blocks
     XV = torch.randn(B, R, n_in, dtype=dtype)
@@ -181,8 +187,32 @@ def test_emulated_tangent_linear_matches_cpu(k, activation, dtype):
         def backward(deterministic=deterministic):
             return k.tangent_linear_backward(gY, XV, W, out[1], out[0], out[2], act, 0.1, False,
                                              deterministic)
-        for o, r in zip(in_every_order(k, backward), ref_g):
-            close(o, r, dtype)
+        results = (in_every_order(k, backward),) if deterministic else every_order(k, backward)
+        for g in results:
+            for o, r in zip(g, ref_g):
+                close(o, r, dtype)
+
+
+def test_emulated_atomic_bias_sum_depends_on_block_order(k):
+    """The emulation sees what the bias kernel's comment says: its atomic adds make the bias
+    gradient depend on the order the blocks run in (by rounding), while the deterministic
+    path's does not."""
+    B, R, n = 300, 3, 40
+    XV = torch.randn(B, R, 13)
+    W, b = torch.randn(n, 13) / 13 ** 0.5, torch.randn(n)
+    Y, Z, dA = k.tangent_linear(XV, W, b, 1, 0.0)
+    gY = torch.randn_like(Y)
+
+    def bias_grads(deterministic):
+        return [r[2] for r in every_order(k, lambda: k.tangent_linear_backward(
+            gY, XV, W, Z, Y, dA, 1, 0.0, False, deterministic))]
+
+    atomic = bias_grads(False)
+    assert any(not torch.equal(atomic[0], other) for other in atomic[1:])
+    for other in atomic[1:]:
+        close(other, atomic[0], torch.float32)
+    deterministic = bias_grads(True)
+    assert all(torch.equal(deterministic[0], other) for other in deterministic[1:])
 
 
 @pytest.mark.parametrize("scale", list(COUPLING_SCALES))

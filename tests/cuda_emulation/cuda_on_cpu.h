@@ -8,8 +8,8 @@
 // it checks, on top of the results themselves:
 // - barriers: a block whose threads cannot all arrive (some exited, or wait elsewhere) is a
 //   reported deadlock, not a hang;
-// - races between barriers: the threads of a phase run in the order asked for (forward,
-//   reverse, shuffled), so results that depend on it differ between runs;
+// - races: the threads of a phase, and the blocks of a launch, run in the order asked for
+//   (forward, reverse, shuffled), so results that depend on it differ between runs;
 // - memory: dynamic shared memory is exactly the launch's size, filled with NaN bytes and
 //   fenced by guard bytes that must stay untouched; global buffers are fenced the same way by
 //   the caller (GuardedBuffer); 16-byte vector accesses must be aligned;
@@ -321,7 +321,12 @@ inline LaunchStats launch(Dim3 grid_dim, Dim3 block_dim, size_t smem_bytes,
   struct Reset {
     ~Reset() { running() = nullptr; }
   } reset;
-  for (uint64_t blk = 0; blk < grid; ++blk) {
+  // blocks one after another, in the order asked for too (results that depend on it mean the
+  // blocks race, e.g. atomics adding in a different order)
+  std::vector<uint64_t> blocks(grid);
+  for (uint64_t i = 0; i < grid; ++i) blocks[i] = order == kReverse ? grid - 1 - i : i;
+  if (order == kShuffled) std::shuffle(blocks.begin(), blocks.end(), rng);
+  for (const uint64_t blk : blocks) {
     b = Block{};
     b.threads = threads;
     b.block_dim = block_dim;
