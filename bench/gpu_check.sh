@@ -16,7 +16,8 @@
 #   (find csrc setup.py -type f | sort | xargs cat | sha256sum | cut -c1-16) > .devbuild/csrc.sha
 # Each stage has a time limit (seconds, environment): TEST_S, STEP_S, TF32_S, OPS_S, PROFILE_S,
 # MLP_S, STEP_PL_S. STAGES (default "tests mlp step step_per_layer tf32 ops profile") selects and
-# orders the stages after the build; TEST_K (default "cuda") the tests (pytest -k);
+# orders the stages after the build; TEST_K (default "cuda and not emulated": the CUDA tests,
+# not the CPU emulation's, which CI runs) the tests (pytest -k);
 # MLP_CASES the MLP benchmark's cases (bench/tangent_mlp.py, with --sweep); STEP_MLP_PATH the
 # step benchmark's --mlp-path; step_per_layer reruns the step benchmark with the conditioners'
 # per-layer path (STEP_PL_CONFIGS, STEP_PL_METHODS), for the fused MLP's same-run comparison;
@@ -73,7 +74,7 @@ $PY -c "import injflow_ext, json; print(json.dumps(injflow_ext.build_info()))" |
 run_tests() {
   local xdist=""
   $PY -c "import xdist" 2>/dev/null && xdist="-n ${TEST_WORKERS:-8}"
-  timeout "${TEST_S:-150}" $PY -m pytest tests -q -rfE -k "${TEST_K:-cuda}" -p no:cacheprovider $xdist \
+  timeout "${TEST_S:-150}" $PY -m pytest tests -q -rfE -k "${TEST_K:-cuda and not emulated}" -p no:cacheprovider $xdist \
     --junitxml="$RES/cuda_tests.xml" 2>&1 | grep -v "^DEBUG" | tail -40
 }
 # drop the warnings torch.compile prints (deprecations, inductor's algorithm-selection notes)
