@@ -29,7 +29,10 @@ PIPE = {"registers": 0, "async": 1}
 ORDER = {"forward": 0, "reverse": 1, "shuffled": 2}
 ACT_CODES = {None: 0, "tanh": 1, "relu": 2, "leaky_relu": 3, "elu": 4, "softplus": 5,
              "silu": 6, "sigmoid": 7}
-H200 = {"sms": 132, "smem_optin": 232448}  # what the plan reads from the device
+# what the plan reads from the device: multiprocessors, compute capability, shared memory
+H200 = {"sms": 132, "major": 9, "smem_optin": 232448}
+A100 = {"sms": 108, "major": 8, "smem_optin": 166912}
+T4 = {"sms": 40, "major": 7, "smem_optin": 65536}
 
 _lib = None
 _kernels = None
@@ -173,7 +176,7 @@ def _launch(fn, XV, n_in, n_out, activation, last_activation, slope, math, pipe,
     err = ctypes.create_string_buffer(4096)
     rc = fn(_dtype_code(XV.dtype), MATH[math], PIPE[pipe], ctypes.c_int64(B), R, L, _ints(n_in),
             _ints(n_out), _ints(_layer_codes(L, activation, last_activation)),
-            ctypes.c_double(slope), *buffers, device["sms"],
+            ctypes.c_double(slope), *buffers, device["sms"], device["major"],
             ctypes.c_int64(device["smem_optin"]), ctypes.c_int64(per_block), ORDER[order],
             ctypes.c_uint64(seed), plan_out, stats, err, len(err))
     _check(rc, err)
@@ -188,10 +191,9 @@ def plan(B, R, widths, dtype=torch.float32, math="fma", backward=False, per_bloc
     out = (ctypes.c_int64 * 7)()
     err = ctypes.create_string_buffer(1024)
     rc = lib.emu_mlp_plan(_dtype_code(dtype), MATH[math], PIPE[pipe], ctypes.c_int64(B), R,
-                          len(n_out),
-                          _ints(n_in), _ints(n_out), int(backward), device["sms"],
-                          ctypes.c_int64(device["smem_optin"]), ctypes.c_int64(per_block), out,
-                          err, len(err))
+                          len(n_out), _ints(n_in), _ints(n_out), int(backward), device["sms"],
+                          device["major"], ctypes.c_int64(device["smem_optin"]),
+                          ctypes.c_int64(per_block), out, err, len(err))
     _check(rc, err)
     return Plan(*out)
 

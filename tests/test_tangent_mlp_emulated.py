@@ -134,6 +134,13 @@ def test_emulated_plan_is_the_ops_plan():
     assert p.smem == emu.plan(400, 22, [21, 128, 128, 44], math="tf32").smem + 8 * 136 * 4
     p = emu.plan(3, 21, [360, 370, 360, 100], dtype=torch.float64, pipe="async")
     assert p.pipe == emu.PIPE["registers"]  # 238 KB with three buffers: through registers
+    # other devices: fewer multiprocessors, less shared memory; no cp.async below sm_80
+    p = emu.plan(5000, 3, [3, 128, 128, 6], device=emu.A100)
+    assert (p.S, p.WM, p.blocks) == (23, 4, 218)  # 5000 // (2 · 108) samples per block
+    p = emu.plan(400, 22, [21, 128, 128, 44], pipe="async", device=emu.T4)
+    assert p.pipe == emu.PIPE["registers"] and p.smem <= emu.T4["smem_optin"]
+    with pytest.raises(emu.Unsupported, match="more than the device's 65536"):
+        emu.plan(2, 21, [392, 512, 512, 784], device=emu.T4)  # the IMAGE conditioner
     with pytest.raises(emu.Unsupported, match="129 rows per sample exceeds 128"):
         emu.plan(2, 129, [3, 4])
     with pytest.raises(emu.Unsupported, match="bytes of shared memory per block, more than"):

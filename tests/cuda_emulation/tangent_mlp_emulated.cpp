@@ -18,7 +18,7 @@ namespace {
 
 struct Device {
   int pipe;  // MlpPipe asked for (the plan may fall back to kPipeRegisters)
-  int sms;
+  int sms, major;
   int64_t smem_optin;
   int64_t per_block;  // samples per block (0: the plan's choice)
   int order;          // injflow_emu::Order
@@ -36,7 +36,7 @@ MlpPlan plan_for(int dtype, int math, int64_t B, int R, int L, const int* n_in, 
   const std::vector<int> outs(n_out, n_out + L);
   const auto widths = buffer_widths(outs, n_in[0], backward);
   if (widths_out) *widths_out = widths;
-  const DeviceFacts facts{dev.sms, 9, static_cast<size_t>(dev.smem_optin)};
+  const DeviceFacts facts{dev.sms, dev.major, static_cast<size_t>(dev.smem_optin)};
   return plan_mlp(B, R, widths.first, widths.second, dtype == 0 ? 4 : 8, math, dev.pipe, facts,
                   dev.per_block);
 }
@@ -268,9 +268,9 @@ void one_mma() {
 extern "C" {
 
 int emu_mlp_plan(int dtype, int math, int pipe, int64_t B, int R, int L, const int* n_in,
-                 const int* n_out, int backward, int sms, int64_t smem_optin, int64_t per_block,
-                 int64_t* plan_o, char* err, int errlen) {
-  const Device dev{pipe, sms, smem_optin, per_block, 0, 0};
+                 const int* n_out, int backward, int sms, int major, int64_t smem_optin,
+                 int64_t per_block, int64_t* plan_o, char* err, int errlen) {
+  const Device dev{pipe, sms, major, smem_optin, per_block, 0, 0};
   const MlpPlan plan = plan_for(dtype, math, B, R, L, n_in, n_out, backward != 0, dev, nullptr);
   if (!plan.why_not.empty()) return report(err, errlen, plan.why_not, 1);
   plan_out(plan, plan_o);
@@ -282,9 +282,10 @@ int emu_mlp_plan(int dtype, int math, int pipe, int64_t B, int R, int L, const i
 int emu_mlp_forward(int dtype, int math, int pipe, int64_t B, int R, int L, const int* n_in,
                     const int* n_out, const int* acts, double slope, const void* XV,
                     const void* const* W, const void* const* b, void* const* Z, void* const* A,
-                    void* const* dA, int sms, int64_t smem_optin, int64_t per_block, int order,
-                    uint64_t seed, int64_t* plan_o, int64_t* stats_o, char* err, int errlen) {
-  const Device dev{pipe, sms, smem_optin, per_block, order, seed};
+                    void* const* dA, int sms, int major, int64_t smem_optin, int64_t per_block,
+                    int order, uint64_t seed, int64_t* plan_o, int64_t* stats_o, char* err,
+                    int errlen) {
+  const Device dev{pipe, sms, major, smem_optin, per_block, order, seed};
   if (dtype == 0)
     return forward<float>(math, B, R, L, n_in, n_out, acts, slope, XV, W, b, Z, A, dA, dev,
                           plan_o, stats_o, err, errlen);
@@ -296,9 +297,10 @@ int emu_mlp_forward(int dtype, int math, int pipe, int64_t B, int R, int L, cons
 int emu_mlp_backward(int dtype, int math, int pipe, int64_t B, int R, int L, const int* n_in,
                      const int* n_out, const int* acts, double slope, const void* gY,
                      const void* const* W, const void* const* Z, void* const* GZ, void* gXV,
-                     void* partial, int sms, int64_t smem_optin, int64_t per_block, int order,
-                     uint64_t seed, int64_t* plan_o, int64_t* stats_o, char* err, int errlen) {
-  const Device dev{pipe, sms, smem_optin, per_block, order, seed};
+                     void* partial, int sms, int major, int64_t smem_optin, int64_t per_block,
+                     int order, uint64_t seed, int64_t* plan_o, int64_t* stats_o, char* err,
+                     int errlen) {
+  const Device dev{pipe, sms, major, smem_optin, per_block, order, seed};
   if (dtype == 0)
     return backward<float>(math, B, R, L, n_in, n_out, acts, slope, gY, W, Z, GZ, gXV, partial,
                            dev, plan_o, stats_o, err, errlen);
