@@ -230,3 +230,51 @@ def test_emulated_tangent_coupling_matches_cpu(k, scale, m):
     g = in_every_order(k, lambda: k.tangent_coupling_backward(gY, gl, XV, ST, code))
     for o, r in zip(g, torch.ops.injflow.tangent_coupling_backward(gY, gl, XV, ST, code)):
         close(o, r, torch.float64)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "elu", "sigmoid"])
+def test_emulated_tangent_epilogue_matches_cpu(k, activation):
+    """tangent_epilogue (the CUDA op under tangent_conv2d: the epilogue kernel on
+    pre-activations computed elsewhere) and its backward, through the op's own composites."""
+    act = ACTIVATIONS[activation]
+    Z = torch.randn(33, 4, 50, dtype=torch.float64)
+    b = torch.randn(50, dtype=torch.float64)
+    out = in_every_order(k, lambda: k.tangent_epilogue(Z, b, act, 0.5))
+    ref = torch.ops.injflow.tangent_epilogue(Z, b, act, 0.5)
+    for o, r in zip(out, ref):
+        close(o, r, torch.float64)
+    gY = torch.randn_like(Z)
+    ref_g = torch.ops.injflow.tangent_epilogue_backward(gY, ref[1], ref[0], ref[2], act, 0.5)
+    for deterministic in (False, True):
+        g = k.tangent_epilogue_backward(gY, out[1], out[0], out[2], act, 0.5, deterministic)
+        for o, r in zip(g, ref_g):
+            close(o, r, torch.float64)
+
+
+@pytest.mark.parametrize("last", [None, "tanh"])
+@pytest.mark.parametrize("input_only", [False, True])
+def test_emulated_tangent_mlp_per_layer_matches_cpu(k, last, input_only):
+    """The CUDA tangent_mlp's default path (one tangent_linear per layer, kernels emulated)
+    forward and backward against the CPU op, with input_only (only grad_XV wanted: the weight
+    GEMMs skipped, zero weight and bias gradients)."""
+    widths = [11, 32, 32, 7]
+    XV = torch.randn(20, 5, widths[0], dtype=torch.float64)
+    Ws = [torch.randn(b, a, dtype=torch.float64) / a ** 0.5
+          for a, b in zip(widths[:-1], widths[1:])]
+    bs = [torch.randn(b, dtype=torch.float64) for b in widths[1:]]
+    L, act, last_code = len(Ws), ACTIVATIONS["tanh"], ACTIVATIONS[last] if last else 0
+    out = k.tangent_mlp(XV, Ws, bs, act, 0.0, last_code)
+    Y, Z, A, dA = out[0], out[1:1 + L], out[1 + L:2 * L], out[2 * L:]
+    ref = torch.ops.injflow.tangent_mlp.default(XV, Ws, bs, act, 0.0, last_code, 1)
+    for o, r in zip([Y, *Z, *A, *dA], [ref[0], *ref[1], *ref[2], *ref[3]]):
+        close(o, r, torch.float64)
+    gY = torch.randn_like(Y)
+    g = k.tangent_mlp_backward(gY, XV, Ws, Y, Z, A, dA, act, 0.0, last_code, input_only, False)
+    ref_g = torch.ops.injflow.tangent_mlp_backward.default(gY, XV, Ws, *ref, act, 0.0, last_code,
+                                                           1, False)
+    close(g[0], ref_g[0], torch.float64)
+    for o, r in zip(g[1:], [*ref_g[1], *ref_g[2]]):
+        if input_only:
+            assert torch.equal(o, torch.zeros_like(r))
+        else:
+            close(o, r, torch.float64)

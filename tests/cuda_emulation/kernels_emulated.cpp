@@ -11,6 +11,7 @@
 
 #include "cg.h"
 #include "gram_logdet.h"
+#include "tangent_mlp.h"
 #include "tangent_ops.h"
 // the emulation after ATen: its CUDA names must not reach torch's headers
 #include "cuda_on_cpu.h"
@@ -272,10 +273,24 @@ void linear_grad_preact_emulated(const at::Tensor& gY, const at::Tensor& Z, cons
   });
 }
 
+// tangent_linear_cuda and tangent_linear_backward_cuda with the emulated kernels
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_emulated(
+    const at::Tensor& XV, const at::Tensor& W, const c10::optional<at::Tensor>& b, int64_t act,
+    double slope) {
+  return tangent_linear_composite(XV, W, b, act, slope, &linear_epilogue_emulated);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tangent_linear_backward_emulated(
+    const at::Tensor& gY, const at::Tensor& XV, const at::Tensor& W, const at::Tensor& Z,
+    const at::Tensor& Y, const at::Tensor& dA, int64_t act, double slope, bool input_only) {
+  return tangent_linear_backward_composite(gY, XV, W, Z, Y, dA, act, slope, input_only,
+                                           &linear_grad_preact_emulated);
+}
+
 std::vector<at::Tensor> emu_tangent_linear(const at::Tensor& XV, const at::Tensor& W,
                                            const c10::optional<at::Tensor>& b, int64_t act,
                                            double slope) {
-  auto [Y, Z, dA] = tangent_linear_composite(XV, W, b, act, slope, &linear_epilogue_emulated);
+  auto [Y, Z, dA] = tangent_linear_emulated(XV, W, b, act, slope);
   return {Y, Z, dA};
 }
 
@@ -285,10 +300,60 @@ std::vector<at::Tensor> emu_tangent_linear_backward(const at::Tensor& gY, const 
                                                     int64_t act, double slope, bool input_only,
                                                     bool deterministic) {
   settings.deterministic = deterministic;
-  auto [gXV, gW, gb] = tangent_linear_backward_composite(gY, XV, W, Z, Y, dA, act, slope,
-                                                         input_only,
-                                                         &linear_grad_preact_emulated);
+  auto [gXV, gW, gb] = tangent_linear_backward_emulated(gY, XV, W, Z, Y, dA, act, slope,
+                                                        input_only);
   return {gXV, gW, gb};
+}
+
+// tangent_epilogue_cuda and its backward (the op under tangent_conv2d) with the emulated
+// kernels
+std::vector<at::Tensor> emu_tangent_epilogue(const at::Tensor& Z,
+                                             const c10::optional<at::Tensor>& b, int64_t act,
+                                             double slope) {
+  auto [Y, Zb, dA] = tangent_epilogue_composite(Z, b, act, slope, &linear_epilogue_emulated);
+  return {Y, Zb, dA};
+}
+
+std::vector<at::Tensor> emu_tangent_epilogue_backward(const at::Tensor& gY, const at::Tensor& Z,
+                                                      const at::Tensor& Y, const at::Tensor& dA,
+                                                      int64_t act, double slope,
+                                                      bool deterministic) {
+  settings.deterministic = deterministic;
+  auto [GZ, gb] = tangent_epilogue_backward_composite(gY, Z, Y, dA, act, slope,
+                                                      &linear_grad_preact_emulated);
+  return {GZ, gb};
+}
+
+// The CUDA tangent_mlp's per-layer path (the default, path 0 or 1) with the emulated kernels:
+// Y, then every layer's Z, the hidden A and every dA.
+std::vector<at::Tensor> emu_tangent_mlp(const at::Tensor& XV, std::vector<at::Tensor> weights,
+                                        std::vector<at::Tensor> biases, int64_t act, double slope,
+                                        int64_t last_act) {
+  check_tangent_mlp_args(XV, weights, biases, act, last_act, kMlpPerLayer);
+  auto [Y, Z, A, dA] = tangent_mlp_per_layer(XV, weights, biases, act, slope, last_act,
+                                             &tangent_linear_emulated);
+  std::vector<at::Tensor> out{Y};
+  for (auto* list : {&Z, &A, &dA}) out.insert(out.end(), list->begin(), list->end());
+  return out;
+}
+
+// Its backward (input_only: only grad_XV wanted): grad_XV, then every grad_W and grad_b.
+std::vector<at::Tensor> emu_tangent_mlp_backward(const at::Tensor& gY, const at::Tensor& XV,
+                                                 std::vector<at::Tensor> weights,
+                                                 const at::Tensor& Y, std::vector<at::Tensor> Z,
+                                                 std::vector<at::Tensor> A,
+                                                 std::vector<at::Tensor> dA, int64_t act,
+                                                 double slope, int64_t last_act, bool input_only,
+                                                 bool deterministic) {
+  settings.deterministic = deterministic;
+  check_tangent_mlp_backward_args(gY, XV, weights, Y, Z, A, dA, act, last_act, kMlpPerLayer);
+  auto [gXV, gW, gb] = tangent_mlp_backward_per_layer(gY, XV, weights, Y, Z, A, dA, act, slope,
+                                                      last_act, input_only,
+                                                      &tangent_linear_backward_emulated);
+  std::vector<at::Tensor> out{gXV};
+  out.insert(out.end(), gW.begin(), gW.end());
+  out.insert(out.end(), gb.begin(), gb.end());
+  return out;
 }
 
 std::vector<at::Tensor> emu_tangent_coupling(const at::Tensor& XV_in, const at::Tensor& ST_in,
@@ -353,6 +418,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gram_logdet_backward", &emu_gram_logdet_backward);
   m.def("tangent_linear", &emu_tangent_linear);
   m.def("tangent_linear_backward", &emu_tangent_linear_backward);
+  m.def("tangent_epilogue", &emu_tangent_epilogue);
+  m.def("tangent_epilogue_backward", &emu_tangent_epilogue_backward);
+  m.def("tangent_mlp", &emu_tangent_mlp);
+  m.def("tangent_mlp_backward", &emu_tangent_mlp_backward);
   m.def("tangent_coupling", &emu_tangent_coupling);
   m.def("tangent_coupling_backward", &emu_tangent_coupling_backward);
 }
