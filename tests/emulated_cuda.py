@@ -84,9 +84,11 @@ def kernels():
     """The kernels of cg, gram_logdet and the tangent ops under the emulation, behind the CUDA
     ops' host code (tests/cuda_emulation/kernels_emulated.cpp), as a torch extension of CPU
     tensors: cg_init, cg_step (returns the new state), gram_logdet, gram_logdet_backward,
-    tangent_linear, tangent_linear_backward (+ deterministic), tangent_coupling,
-    tangent_coupling_backward, and set_order(order, seed) for the thread order of later
-    launches. Built once per source version (about a minute)."""
+    tangent_linear, tangent_linear_backward (+ deterministic), tangent_epilogue,
+    tangent_epilogue_backward (+ deterministic), tangent_mlp and tangent_mlp_backward (the
+    per-layer path; flat lists of tensors), tangent_coupling, tangent_coupling_backward, and
+    set_order(order, seed) for the thread and block order of later launches. Built once per
+    source version (about a minute)."""
     global _kernels
     if _kernels is None:
         if compiler() is None:
