@@ -49,7 +49,6 @@
 #include <cstdlib>
 #include <mutex>
 #include <string>
-#include <type_traits>
 
 #include "../tangent_mlp.h"
 #include "../tangent_ops.h"

@@ -4,13 +4,12 @@
 // shared-memory layout and tensor-core fragments then run, thread by thread, without a GPU
 // (docs/design.md, "Checking the CUDA kernels without a GPU"). Device code here uses only what
 // that emulation provides: threadIdx/blockIdx/blockDim, __syncthreads, dynamic shared memory
-// through shared_base(), float4/double2, the two TF32 primitives to_tf32 and mma_tf32 and the
+// through dynamic_shared(), float4/double2, the two TF32 primitives to_tf32 and mma_tf32 and the
 // cp.async ones.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -559,31 +558,43 @@ struct GlobalStore {
   }
 };
 
-template <typename T>
-__device__ __forceinline__ T* shared_base() {
-  return dynamic_shared<T>();
+// The block's samples s0 .. s0 + S of the batch: M = S·R rows from row0 = s0·R.
+struct BlockRows {
+  int64_t s0, row0;
+  int S, M;
+  template <typename T>
+  __device__ __forceinline__ explicit BlockRows(const MlpArgs<T>& p) {
+    s0 = (int64_t)blockIdx.x * p.S;
+    S = static_cast<int>(p.B - s0 < p.S ? p.B - s0 : p.S);
+    M = S * p.R;
+    row0 = s0 * p.R;
+  }
+};
+
+// The block's M rows of a row-major (·, n) matrix at src (its first row), transposed into
+// shared memory: dst[c·ldm + r].
+template <int THREADS, typename T>
+__device__ __forceinline__ void load_rows_transposed(const T* src, int M, int n, T* dst,
+                                                     int ldm) {
+  for (int idx = threadIdx.x; idx < M * n; idx += THREADS) {
+    const int r = idx / n, c = idx - r * n;
+    dst[c * ldm + r] = src[idx];
+  }
 }
 
 template <typename T, int WM, int MATH, int PIPE>
 __global__ void __launch_bounds__(64 * WM) mlp_forward_kernel(const MlpArgs<T> p) {
   constexpr int THREADS = 64 * WM;
   const int ldm = p.ldm, R = p.R, L = p.L, tid = threadIdx.x;
-  T* buf_in = shared_base<T>();
+  T* buf_in = dynamic_shared<T>();
   T* buf_out = buf_in + p.width0 * ldm;
   T* chunk = buf_out + p.width1 * ldm;
-  const int64_t s0 = (int64_t)blockIdx.x * p.S;
-  const int S = static_cast<int>(p.B - s0 < p.S ? p.B - s0 : p.S);
-  const int M = S * R;
-  const int64_t row0 = s0 * R;
+  const BlockRows rows(p);
+  const int64_t s0 = rows.s0, row0 = rows.row0;
+  const int S = rows.S, M = rows.M;
 
-  {  // the block's rows of XV, transposed into shared memory
-    const int n = p.layer[0].n_in;
-    const T* x = p.in + row0 * n;
-    for (int idx = tid; idx < M * n; idx += THREADS) {
-      const int r = idx / n, c = idx - r * n;
-      buf_in[c * ldm + r] = x[idx];
-    }
-  }
+  // the block's rows of XV, transposed into shared memory
+  load_rows_transposed<THREADS>(p.in + row0 * p.layer[0].n_in, M, p.layer[0].n_in, buf_in, ldm);
   __syncthreads();
 
   for (int l = 0; l < L; ++l) {
@@ -674,23 +685,18 @@ __global__ void __launch_bounds__(64 * WM) mlp_backward_kernel(const MlpArgs<T> 
   const int ldm = p.ldm, R = p.R, L = p.L, tid = threadIdx.x;
   // width0 holds the last layer's output gradient (and any hidden width), width1 the hidden
   // widths: the buffers swap roles after the first layer
-  T* buf_g = shared_base<T>();
+  T* buf_g = dynamic_shared<T>();
   T* buf_h = buf_g + p.width0 * ldm;
   T* chunk = buf_h + p.width1 * ldm;
-  const int64_t s0 = (int64_t)blockIdx.x * p.S;
-  const int S = static_cast<int>(p.B - s0 < p.S ? p.B - s0 : p.S);
-  const int M = S * R;
-  const int64_t row0 = s0 * R;
+  const BlockRows rows(p);
+  const int64_t row0 = rows.row0;
+  const int S = rows.S, M = rows.M;
   T* partial = p.bias_partial + (int64_t)blockIdx.x * p.bias_stride;
 
   {  // the last layer: GZ_L from grad_Y
     const MlpLayerArgs<T>& ly = p.layer[L - 1];
     const int n = ly.n_out;
-    const T* gy = p.in + row0 * n;
-    for (int idx = tid; idx < M * n; idx += THREADS) {
-      const int r = idx / n, c = idx - r * n;
-      buf_g[c * ldm + r] = gy[idx];
-    }
+    load_rows_transposed<THREADS>(p.in + row0 * n, M, n, buf_g, ldm);
     __syncthreads();
     if (ly.GZ != nullptr) {
       grad_preact_block(buf_g, ldm, ly.Z + row0 * n, ly.GZ + row0 * n, S, R, n, ly.act, p.slope,
