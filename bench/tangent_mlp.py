@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_common_args, environment, median_time, print_table, write_results  # noqa: E402
 
 from injflow_ext import tangent_mlp  # noqa: E402
+from injflow_ext.benchmarks import env_var  # noqa: E402
 from injflow_ext.benchmarks.plain_reference import plain_tangent_mlp  # noqa: E402
 from injflow_ext.step import matmul_precision  # noqa: E402
 
@@ -68,21 +69,10 @@ def arithmetic(method):
     """The float32 matmul arithmetic a method runs (and is captured) under: TF32 allowed for
     ``*_tf32``, the fused kernels' 3×TF32 for ``*_tf32x3``, full float32 otherwise; and the
     fused kernels' weight pipeline (cp.async for ``*_async*``)."""
-    env = {"INJFLOW_MLP_MATH": "tf32x3" if method.endswith("_tf32x3") else None,
-           "INJFLOW_MLP_PIPELINE": "async" if "_async" in method else None}
-    old = {k: os.environ.get(k) for k in env}
-    for k, v in env.items():
-        if v is not None:
-            os.environ[k] = v
-    try:
-        with matmul_precision("tf32" if method.endswith("_tf32") else "float32"):
-            yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with env_var("INJFLOW_MLP_MATH", "tf32x3" if method.endswith("_tf32x3") else None), \
+            env_var("INJFLOW_MLP_PIPELINE", "async" if "_async" in method else None), \
+            matmul_precision("tf32" if method.endswith("_tf32") else "float32"):
+        yield
 
 
 def forward_fn(method):

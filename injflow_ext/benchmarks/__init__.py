@@ -33,7 +33,7 @@ from ..step import TrainStep, matmul_precision
 from . import plain_reference
 from .timing import environment, median_time, print_table, write_json
 
-__all__ = ["run_bench", "STEP_CONFIGS"]
+__all__ = ["run_bench", "env_var", "STEP_CONFIGS"]
 
 BETA = 50.0
 # name: (D, d, batch, hidden) — the paper's tabular sizes (bench/step.py has more)
@@ -171,7 +171,7 @@ def _step_case(name, D, d, B, hidden, device, dtype, budget, mlp_path) -> dict:
 
 
 @contextmanager
-def _env(name: str, value: str | None):
+def env_var(name: str, value: str | None):
     """The environment variable ``name`` set to ``value`` for a block (None: left as it is)."""
     old = os.environ.get(name)
     if value is not None:
@@ -214,7 +214,7 @@ def run_bench(device="cpu", dtype=torch.float32, quick=False, budget=None,
     # two TF32 computations of the same thing differ by TF32's rounding (2^-11 per operand)
     tf32 = precision == "tf32" and device.type == "cuda" and dtype == torch.float32
     tol = (1e-2 if tf32 else 1e-3) if dtype == torch.float32 else 1e-8
-    with matmul_precision(precision), _env("INJFLOW_MLP_PIPELINE", mlp_pipeline):
+    with matmul_precision(precision), env_var("INJFLOW_MLP_PIPELINE", mlp_pipeline):
         ops = bench_gram_logdet(device, dtype, budget, quick) + \
             bench_tangent_mlp(device, dtype, budget, quick, mlp_path)
         steps = bench_step(device, dtype, budget, quick, mlp_path)

@@ -35,29 +35,20 @@ void run(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) 
                       settings.seed);
 }
 
-// Tensors inside larger buffers whose other bytes are 0xff (NaN for floats); check() says
-// whether those guard bytes survived.
+// Tensors in injflow_emu::GuardedBuffers (NaN-filled, fenced); check() fails if a kernel wrote
+// outside one.
 struct Guards {
-  static constexpr int64_t kGuard = 256;  // elements on each side
-  std::vector<std::pair<at::Tensor, int64_t>> buffers;
+  std::vector<std::unique_ptr<injflow_emu::GuardedBuffer>> buffers;
 
   at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    const int64_t n = c10::multiply_integers(sizes);
-    at::Tensor buf = at::empty({n + 2 * kGuard}, options);
-    std::memset(buf.data_ptr(), 0xff, buf.nbytes());
-    buffers.emplace_back(buf, n);
-    return buf.narrow(0, kGuard, n).view(sizes);
+    const size_t bytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
+    buffers.push_back(std::make_unique<injflow_emu::GuardedBuffer>(nullptr, bytes, true));
+    return at::from_blob(buffers.back()->data(), sizes, options);
   }
   at::Tensor copy(const at::Tensor& t) { return empty(t.sizes(), t.options()).copy_(t); }
   void check(const char* op) const {
-    for (const auto& [buf, n] : buffers) {
-      const auto* p = static_cast<const unsigned char*>(buf.data_ptr());
-      const size_t head = kGuard * buf.element_size(), tail = (kGuard + n) * buf.element_size();
-      for (size_t i = 0; i < buf.nbytes(); ++i) {
-        const bool guard = i < head || i >= tail;
-        TORCH_CHECK(!guard || p[i] == 0xff, op, " (emulated): a kernel wrote outside a buffer");
-      }
-    }
+    for (const auto& buf : buffers)
+      TORCH_CHECK(buf->checked(), op, " (emulated): a kernel wrote outside a buffer");
   }
 };
 

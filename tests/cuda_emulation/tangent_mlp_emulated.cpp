@@ -191,7 +191,7 @@ int backward(int math, int64_t B, int R, int L, const int* n_in, const int* n_ou
 // Kernels that break one rule each, so that the tests can see every check of the emulation
 // fail (see emu_selftest).
 void overflow_shared() {
-  float* s = shared_base<float>();
+  float* s = injflow::dynamic_shared<float>();
   s[threadIdx.x + 64] = 1.f;  // the launch gives 64 floats
 }
 void divergent_barrier() {
@@ -199,7 +199,7 @@ void divergent_barrier() {
 }
 void misaligned_load() {
   float v[4];
-  load4(shared_base<float>() + 1, v);
+  load4(injflow::dynamic_shared<float>() + 1, v);
 }
 void partial_warp_mma() {
   if (threadIdx.x % 32 < 16) {
@@ -212,7 +212,7 @@ void partial_warp_mma() {
 // depends on the order the threads run in
 float racy_sum = 0;
 void racy() {
-  float* s = shared_base<float>();
+  float* s = injflow::dynamic_shared<float>();
   const unsigned t = threadIdx.x;
   s[t] = float(t);
   if (t == 0) s[63] = 0.f;
@@ -230,7 +230,7 @@ const std::vector<float> kOnes(64, 1.f);
 float async_sum = 0;
 template <int MODE>  // 0 waited, 1 not waited before the read, 2 never waited
 void async_copy() {
-  float* s = shared_base<float>();
+  float* s = injflow::dynamic_shared<float>();
   const unsigned t = threadIdx.x;
   cp_async_elem(s + t, kOnes.data() + t, true);
   cp_async_commit();
