@@ -21,11 +21,18 @@ The training loop (``training.Trainer``) is the only user. What lives here:
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+# Before any process group exists: torch.distributed.nn (which DistributedDataParallel imports)
+# binds ``group.WORLD`` as the default argument of its functions when it is first imported.
+# Imported after init_process_group, it would hold the group for the life of the process, and
+# DistContext.close could not free it.
+import torch.distributed.nn  # noqa: F401
 
 __all__ = ["DistContext", "init_from_env", "shard", "launched_distributed"]
 
@@ -82,8 +89,17 @@ class DistContext:
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
     def close(self) -> None:
-        """Leave the process group (started by :func:`init_from_env`)."""
+        """Leave the process group (started by :func:`init_from_env`) and stop its threads.
+
+        The caller drops its DistributedDataParallel model first; the garbage collection here
+        frees what reference cycles keep of it, so that destroying the group frees the
+        backend, whose destructor joins its worker threads while the interpreter is still
+        whole. A gloo worker left running finishes its last collective on its own time; when
+        that happens during interpreter shutdown, releasing the collective's tensors needs the
+        GIL, and the process aborts ("terminate called without an active exception") after a
+        run that succeeded."""
         if self.enabled and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
 
 

@@ -107,3 +107,44 @@ def test_launch_without_rendezvous_says_what_is_missing(monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(RuntimeError, match="MASTER_ADDR is not set; launch with torchrun"):
         init_from_env("cpu")
+
+
+# Run by torchrun in the test below: the threads of the process after DistContext.close. The
+# model is wrapped in DistributedDataParallel *after* the group exists, as the trainer does, and
+# left in a reference cycle.
+TEARDOWN_SCRIPT = """
+import os, sys, torch
+from injflow_ext.distributed import init_from_env
+def threads():
+    return len(os.listdir("/proc/self/task"))
+ctx = init_from_env("cpu")
+with_group = threads()
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2).double())
+model(torch.randn(5, 3, dtype=torch.float64)).sum().backward()
+ctx.sum({"loss": 1.0})
+ctx.barrier()
+cycle = [model]
+cycle.append(cycle)  # what a reference cycle keeps of the model, close() must still free
+del model, cycle
+ctx.close()
+print(f"rank {ctx.rank}: threads {with_group} with the group, {threads()} after close")
+sys.exit(0 if threads() < with_group else 3)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_close_stops_the_backend_threads(tmp_path):
+    """close() must free the gloo backend, so that its worker threads are joined before the
+    interpreter shuts down: a worker still releasing its last collective's tensors then
+    aborts the process after a run that succeeded (seen as a rare "terminate called without
+    an active exception" at the exit of rank 1). The backend stays alive, and its threads with
+    it, if anything still refers to the group: torch.distributed.nn imported after
+    init_process_group binds it as a default argument, which distributed.py avoids."""
+    script = tmp_path / "teardown.py"
+    script.write_text(TEARDOWN_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert proc.stdout.count("after close") == 2, proc.stdout
