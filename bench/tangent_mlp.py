@@ -16,7 +16,9 @@ Methods (same weights, same dense upstream gradient):
   against float64, so TF32's ~1e-3 shows there;
 - ``ours_fused_async``, ``ours_fused_async_tf32`` (CUDA): the fused kernels with the weight
   staged by cp.async into three shared-memory buffers (``INJFLOW_MLP_PIPELINE=async``) instead
-  of through registers; the same arithmetic as ``ours_fused`` / ``ours_fused_tf32``.
+  of through registers; the same arithmetic as ``ours_fused`` / ``ours_fused_tf32``;
+- ``ours_fused_wgrad`` (CUDA): ``ours_fused`` with the weight gradients of every layer from
+  one split-K kernel (``INJFLOW_MLP_WGRAD=kernel``) instead of one cuBLAS GEMM per layer.
 On CUDA every method is captured in a CUDA graph (forward + backward) and the replays are
 timed, since at these sizes a step is launch-bound; ``--eager`` times plain launches instead.
 TFLOP/s counts the three GEMMs per layer (forward, input gradient, weight gradient).
@@ -59,6 +61,7 @@ TF32_METHODS = ["plain_compiled_tf32", "ours_per_layer_tf32", "ours_fused_tf32",
                 "ours_fused_tf32x3"]
 ASYNC_METHODS = ["ours_fused_async"]  # CUDA, any dtype
 ASYNC_TF32_METHODS = ["ours_fused_async_tf32"]  # CUDA, float32
+WGRAD_METHODS = ["ours_fused_wgrad"]  # CUDA, any dtype
 
 
 plain_mlp = plain_tangent_mlp
@@ -68,15 +71,18 @@ plain_mlp = plain_tangent_mlp
 def arithmetic(method):
     """The float32 matmul arithmetic a method runs (and is captured) under: TF32 allowed for
     ``*_tf32``, the fused kernels' 3×TF32 for ``*_tf32x3``, full float32 otherwise; and the
-    fused kernels' weight pipeline (cp.async for ``*_async*``)."""
+    fused kernels' weight pipeline (cp.async for ``*_async*``) and weight gradients (their own
+    kernel for ``*_wgrad``)."""
     with env_var("INJFLOW_MLP_MATH", "tf32x3" if method.endswith("_tf32x3") else None), \
             env_var("INJFLOW_MLP_PIPELINE", "async" if "_async" in method else None), \
+            env_var("INJFLOW_MLP_WGRAD", "kernel" if "_wgrad" in method else None), \
             matmul_precision("tf32" if method.endswith("_tf32") else "float32"):
         yield
 
 
 def forward_fn(method):
-    method = method.removesuffix("_tf32x3").removesuffix("_tf32").removesuffix("_async")
+    method = (method.removesuffix("_tf32x3").removesuffix("_tf32").removesuffix("_async")
+              .removesuffix("_wgrad"))
     if method == "plain":
         return plain_mlp
     if method == "plain_compiled":
@@ -213,8 +219,10 @@ def main(argv=None):
     p.add_argument("--cases", default=None, help="comma-separated names of " + ",".join(CASES))
     p.add_argument("--methods", default=None,
                    help="comma-separated, of " + ",".join(
-                       METHODS + TF32_METHODS + ASYNC_METHODS + ASYNC_TF32_METHODS) +
-                   " (default: all; the async ones on CUDA, the TF32 ones on CUDA in float32)")
+                       METHODS + TF32_METHODS + ASYNC_METHODS + ASYNC_TF32_METHODS
+                       + WGRAD_METHODS) +
+                   " (default: all; the async and wgrad ones on CUDA, the TF32 ones on CUDA in"
+                   " float32)")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per method")
     p.add_argument("--eager", action="store_true", help="CUDA: time eager launches, not graphs")
     p.add_argument("--sweep", action="store_true",
@@ -229,7 +237,8 @@ def main(argv=None):
     else:
         cuda, f32 = device.type == "cuda", dtype == torch.float32
         methods = (METHODS + (TF32_METHODS if cuda and f32 else [])
-                   + (ASYNC_METHODS if cuda else []) + (ASYNC_TF32_METHODS if cuda and f32 else []))
+                   + (ASYNC_METHODS if cuda else []) + (ASYNC_TF32_METHODS if cuda and f32 else [])
+                   + (WGRAD_METHODS if cuda else []))
     env = environment(device)
     warm_up_capture(device)
     rows = []

@@ -1,7 +1,8 @@
 """The fused tangent_mlp CUDA kernels run on the CPU (tests/cuda_emulation/): builds the
 emulation with the system's C++ compiler once per source version, and calls it with CPU
 tensors the way the CUDA op calls the kernels (csrc/cuda/tangent_mlp_cuda.cu), including the
-host's part after the backward kernel (weight gradients as GEMMs, one bias reduction).
+host's part after the backward kernel (the weight gradients as GEMMs or by their own kernel,
+the bias sums).
 
 Shapes: XV (B, R, n_0) with R = 1 + K rows per sample; Ws[l] (n_{l+1}, n_l); bs[l] (n_{l+1},).
 """
@@ -23,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [ROOT / "tests" / "cuda_emulation" / "tangent_mlp_emulated.cpp",
            ROOT / "tests" / "cuda_emulation" / "cuda_on_cpu.h",
            ROOT / "csrc" / "cuda" / "tangent_mlp_kernels.cuh",
+           ROOT / "csrc" / "cuda" / "mlp_param_grad_kernels.cuh",
+           ROOT / "csrc" / "cuda" / "emulation_hooks.cuh",
            ROOT / "csrc" / "activations.h"]
 MATH = {"fma": 0, "tf32": 1, "tf32x3": 2}
 PIPE = {"registers": 0, "async": 1}
@@ -73,8 +76,8 @@ def library():
             raise RuntimeError("building the CUDA emulation failed:\n" + proc.stderr[-4000:])
         os.replace(tmp, out)
     lib = ctypes.CDLL(str(out))
-    for name in ("emu_mlp_plan", "emu_mlp_forward", "emu_mlp_backward", "emu_selftest",
-                 "emu_one_mma"):
+    for name in ("emu_mlp_plan", "emu_mlp_forward", "emu_mlp_backward", "emu_mlp_param_grads",
+                 "emu_selftest", "emu_one_mma"):
         getattr(lib, name).restype = ctypes.c_int
     _lib = lib
     return lib
@@ -218,10 +221,14 @@ def forward(XV, Ws, bs, activation="tanh", last_activation=None, slope=0.0, math
 
 
 def backward(gY, XV, Ws, Z, A, activation="tanh", last_activation=None, slope=0.0, math="fma",
-             pipe="registers", per_block=0, order="forward", seed=0, device=H200):
-    """The fused backward kernel and the host's GEMMs after it, as the CUDA op does:
+             pipe="registers", per_block=0, order="forward", seed=0, device=H200,
+             wgrad="cublas", wgrad_rows=0):
+    """The fused backward kernel and the host's part after it, as the CUDA op does:
     (grad_XV, grad_Ws, grad_bs, GZ, plan, stats). Z, A: the forward's saved pre-activations
-    and hidden outputs; GZ: every layer's pre-activation gradient (B, R, n_l)."""
+    and hidden outputs; GZ: every layer's pre-activation gradient (B, R, n_l). wgrad: the
+    weight gradients as GEMMs ("cublas", here torch's CPU GEMM) or by mlp_weight_grad_kernel
+    ("kernel", INJFLOW_MLP_WGRAD=kernel; wgrad_rows pins its rows per split); the bias sums
+    are sum_partials_kernel's either way."""
     XV, Ws, B, R, n_in, n_out = _shapes(XV, Ws)
     gY = gY.detach().contiguous()
     Z = [z.detach().contiguous() for z in Z]
@@ -239,14 +246,50 @@ def backward(gY, XV, Ws, Z, A, activation="tanh", last_activation=None, slope=0.
                                            _ptr(partial)], per_block, order, seed, device)
     if linear_last:
         GZ[-1] = gY
-    sums = partial.sum(0)
     inputs = [XV] + [a.detach().contiguous() for a in A]
-    gW, gb, offset = [], [], 0
-    for i in range(L):
-        gW.append(GZ[i].reshape(B * R, n_out[i]).T @ inputs[i].reshape(B * R, n_in[i]))
-        gb.append(sums[offset:offset + n_out[i]])
-        offset += n_out[i]
+    gW, gb, _ = param_grads(GZ, inputs, partial, own_gemm=wgrad == "kernel",
+                            rows_per_split=wgrad_rows, order=order, seed=seed, device=device)
+    if wgrad != "kernel":
+        gW = [GZ[i].reshape(B * R, n_out[i]).T @ inputs[i].reshape(B * R, n_in[i])
+              for i in range(L)]
     return gXV, gW, gb, GZ, p, stats
+
+
+@dataclass
+class GradInfo:
+    """How param_grads ran: mlp_weight_grad_kernel's rows per split, splits (grid.y) and tiles
+    (grid.x), and sum_partials_kernel's blocks."""
+    rows_per_split: int
+    splits: int
+    tiles: int
+    sum_blocks: int
+
+
+def param_grads(GZ, inputs, partial, own_gemm=True, rows_per_split=0, order="forward", seed=0,
+                device=H200):
+    """The fused backward's parameter gradients from every layer's pre-activation gradient
+    GZ[l] (..., n_out_l), the layers' inputs inputs[l] (..., n_in_l) and the backward kernel's
+    bias partials (blocks, Σ n_out): (gW, gb, GradInfo), gW None unless own_gemm (then
+    mlp_weight_grad_kernel's, over all rows)."""
+    GZ = [g.detach().contiguous() for g in GZ]
+    inputs = [a.detach().contiguous() for a in inputs]
+    partial = partial.detach().contiguous()
+    n_out, n_in = [g.shape[-1] for g in GZ], [a.shape[-1] for a in inputs]
+    M = 1
+    for size in GZ[0].shape[:-1]:
+        M *= size
+    gW = [partial.new_empty(o, i) for o, i in zip(n_out, n_in)] if own_gemm else None
+    gb = [partial.new_empty(o) for o in n_out]
+    info = (ctypes.c_int64 * 4)()
+    err = ctypes.create_string_buffer(4096)
+    rc = library().emu_mlp_param_grads(
+        _dtype_code(partial.dtype), ctypes.c_int64(M), len(n_out), _ints(n_in), _ints(n_out),
+        _ptrs(GZ), _ptrs(inputs), _ptr(partial), ctypes.c_int64(partial.shape[0]),
+        _ptrs(gW) if own_gemm else ctypes.c_void_p(0), _ptrs(gb), device["sms"],
+        ctypes.c_int64(rows_per_split), ORDER[order], ctypes.c_uint64(seed), info, err,
+        len(err))
+    _check(rc, err)
+    return gW, gb, GradInfo(*info)
 
 
 def selftest(which, order="forward"):

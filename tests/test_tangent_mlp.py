@@ -79,6 +79,11 @@ def mlp_pipeline(pipe):
     return env_var("INJFLOW_MLP_PIPELINE", pipe)
 
 
+def mlp_wgrad(how):
+    """How the fused backward computes the weight gradients: "cublas" or "kernel"."""
+    return env_var("INJFLOW_MLP_WGRAD", how)
+
+
 def tf32(x):
     """float32 values rounded to TF32 (10 mantissa bits, to nearest with ties away from zero,
     as cvt.rna.tf32.f32 does), returned in float64."""
@@ -530,6 +535,49 @@ def test_cuda_fused_async_pipeline_equals_the_register_pipeline(dtype, math, per
             step()
     for a, b, c in zip(regs, first, captured):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rows", [None, "16"])
+def test_cuda_fused_weight_grad_kernel(dtype, rows):
+    """INJFLOW_MLP_WGRAD=kernel (the weight gradients by mlp_weight_grad_kernel instead of
+    cuBLAS GEMMs): the same gradients as the GEMMs within summation error (float64 1e-10),
+    the other outputs bit for bit, deterministic, also captured in a CUDA graph; a bad value
+    is an error naming the values it takes. rows: INJFLOW_MLP_WGRAD_ROWS (the split)."""
+    XV = torch.randn(23, 21, 37, dtype=dtype, device="cuda", requires_grad=True)
+    Ws, bs = make_mlp([37, 200, 130, 19], dtype=dtype, device="cuda", requires_grad=True)
+    L = len(Ws)
+
+    def step():
+        Y = tangent_mlp(XV, Ws, bs, "tanh", path="fused")
+        return [Y.detach(), *torch.autograd.grad(Y.sin().sum(), [XV, *Ws, *bs])]
+
+    with mlp_math("fma"):
+        with mlp_wgrad("cublas"):
+            gemm = step()
+        with mlp_wgrad("kernel"), env_var("INJFLOW_MLP_WGRAD_ROWS", rows):
+            first, again = step(), step()
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                step()
+            torch.cuda.current_stream().wait_stream(stream)
+            with torch.cuda.graph(graph):
+                captured = step()
+            graph.replay()
+            torch.cuda.synchronize()
+        with mlp_wgrad("triton"), pytest.raises(
+                RuntimeError, match="INJFLOW_MLP_WGRAD must be cublas or kernel"):
+            step()
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for i, (g, k, a, c) in enumerate(zip(gemm, first, again, captured)):
+        assert torch.equal(k, a) and torch.equal(k, c), i
+        if 2 <= i < 2 + L:  # the weight gradients
+            torch.testing.assert_close(k, g, rtol=tol, atol=tol * g.abs().max().item(), msg=str(i))
+        else:
+            assert torch.equal(k, g), i
 
 
 @needs_cuda

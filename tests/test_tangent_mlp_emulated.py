@@ -281,3 +281,84 @@ def test_emulated_tf32_network_error_is_tf32_sized(B, R, widths):
             for e, o in zip([exact_out[0]] + exact_grads, [out[0]] + grads)]
     assert max(errs) < 1e-2, errs
     assert errs[0] > 1e-5, errs
+
+
+# ------------------------------------------------------------------- the parameter gradients
+
+def exact_weight_grads(GZ, ins):
+    """gW_l = GZ_lᵀ A_l over all rows in float64, and the bound on the summation error of each
+    element: (rows + 1) · u · (|GZ_l|ᵀ |A_l|) with u the unit roundoff of GZ's dtype (the
+    kernel adds a split's rows one by one, then the splits)."""
+    u = 2.0**-24 if GZ[0].dtype == torch.float32 else 2.0**-53
+    out = []
+    for g, a in zip(GZ, ins):
+        rows = g.shape[0] * g.shape[1]
+        g2, a2 = g.reshape(rows, g.shape[-1]).double(), a.reshape(rows, a.shape[-1]).double()
+        out.append((g2.T @ a2, (g2.shape[0] + 1) * u * (g2.abs().T @ a2.abs())))
+    return out
+
+
+@pytest.mark.parametrize("B,R,widths", SHAPES)
+@pytest.mark.parametrize("activation,last", [("tanh", None), ("silu", "tanh")])
+def test_emulated_weight_grad_kernel_matches_cpu_float64(B, R, widths, activation, last):
+    """INJFLOW_MLP_WGRAD=kernel: the backward with every weight gradient from
+    mlp_weight_grad_kernel (split over the rows, the splits added by sum_partials_kernel, as
+    are the bias partials) equals the CPU op's to float64 rounding."""
+    ts, L = inputs(B, R, widths, torch.float64)
+    XV, Ws, bs, gY = split(ts, L)
+    _, ref_grads = cpu_op(XV, Ws, bs, gY, activation, last)
+    _, Z, A, _, _, _ = emu.forward(XV, Ws, bs, activation, last)
+    gXV, gW, gb, _, _, _ = emu.backward(gY, XV, Ws, Z, A, activation, last, wgrad="kernel")
+    for i, (o, r) in enumerate(zip([gXV, *gW, *gb], ref_grads)):
+        assert not o.isnan().any(), f"gradient {i} has unwritten elements"
+        torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-10, msg=f"gradient {i}")
+
+
+@pytest.mark.parametrize("rows", [0, 16, 48, 10_000])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_emulated_weight_grad_kernel_any_split(rows, dtype):
+    """Any rows per split (the plan's; one 16-row step; several steps; all rows in one split)
+    over 185 rows (not a multiple of 16), widths that are not multiples of the 64-wide tile
+    and a layer of no inputs: every gW element within the summation error bound of the exact
+    sum, every gb the sum of the bias partials."""
+    B, R, widths = 37, 5, [0, 16, 130, 70, 3]
+    GZ = [torch.randn(B, R, n, dtype=dtype) for n in widths[1:]]
+    ins = [torch.randn(B, R, n, dtype=dtype) for n in widths[:-1]]
+    partial = torch.randn(11, sum(widths[1:]), dtype=dtype)
+    gW, gb, info = emu.param_grads(GZ, ins, partial, rows_per_split=rows)
+    assert info.rows_per_split % 16 == 0 and info.splits == math.ceil(B * R / info.rows_per_split)
+    if rows:
+        assert info.rows_per_split == math.ceil(rows / 16) * 16
+    for (exact, bound), w in zip(exact_weight_grads(GZ, ins), gW):
+        assert w.shape == exact.shape and ((w.double() - exact).abs() <= bound).all()
+    offset = 0
+    for n, b in zip(widths[1:], gb):
+        torch.testing.assert_close(b, partial[:, offset:offset + n].sum(0))
+        offset += n
+
+
+def test_emulated_weight_grad_kernel_on_the_image_conditioner():
+    """The flat-image conditioner's weight gradients (392-512×2-784, 21 rows per sample) in
+    float32: within the float32 summation bound."""
+    B, R, widths = IMAGE
+    GZ = [torch.randn(B, R, n) for n in widths[1:]]
+    ins = [torch.randn(B, R, n) for n in widths[:-1]]
+    gW, _, info = emu.param_grads(GZ, ins, torch.randn(1, sum(widths[1:])))
+    assert info.tiles == 7 * 8 + 8 * 8 + 8 * 13
+    for (exact, bound), w in zip(exact_weight_grads(GZ, ins), gW):
+        assert ((w.double() - exact).abs() <= bound).all()
+
+
+def test_emulated_param_grads_do_not_depend_on_thread_order():
+    """mlp_weight_grad_kernel and sum_partials_kernel give bit-identical gW and gb with their
+    threads and blocks run forward, reversed and shuffled (a missing barrier between staging
+    rows and reading them, or between reading them and staging the next, would not)."""
+    B, R, widths = 20, 7, [13, 64, 100, 9]
+    GZ = [torch.randn(B, R, n) for n in widths[1:]]
+    ins = [torch.randn(B, R, n) for n in widths[:-1]]
+    partial = torch.randn(30, sum(widths[1:]))
+    first = emu.param_grads(GZ, ins, partial, rows_per_split=32)
+    for order, seed in (("reverse", 0), ("shuffled", 1), ("shuffled", 2)):
+        again = emu.param_grads(GZ, ins, partial, rows_per_split=32, order=order, seed=seed)
+        for a, b in zip(first[0] + first[1], again[0] + again[1]):
+            assert torch.equal(a, b), order

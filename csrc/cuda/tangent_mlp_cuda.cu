@@ -14,8 +14,10 @@
 // Backward (mlp_backward_kernel): the same tiling runs the chain GZ_L → gA_{L-1} = GZ_L W_L →
 // GZ_{L-1} → … → gXV = GZ_1 W_1, writing each GZ_l to global memory and the block's partial bias
 // gradient (the sum of its primal rows of GZ_l) to a (blocks, Σ n_l) buffer. The weight
-// gradients gW_l = GZ_lᵀ A_{l-1} are cuBLAS GEMMs over all rows, the bias gradients one sum of
-// the partial buffer: 2 + L launches for the whole backward, deterministic.
+// gradients gW_l = GZ_lᵀ A_{l-1} are cuBLAS GEMMs over all rows, or with INJFLOW_MLP_WGRAD=kernel
+// one launch of mlp_weight_grad_kernel for every layer (mlp_param_grad_kernels.cuh); the bias
+// gradients (and that kernel's split partials) are added up by one sum_partials_kernel:
+// 2 + L launches for the whole backward (3 with the weight-gradient kernel), deterministic.
 //
 // Arithmetic (MlpMath, chosen per call on the host, see mlp_math):
 // - kMathFma: plain float32 (or float64) FMAs, each lane an 8 × 8 tile of outputs, reading its
@@ -52,6 +54,7 @@
 
 #include "../tangent_mlp.h"
 #include "../tangent_ops.h"
+#include "mlp_param_grad_kernels.cuh"
 #include "tangent_mlp_kernels.cuh"
 #include "tangent_ops_cuda.h"
 
@@ -205,6 +208,84 @@ MlpForwardResult tangent_mlp_cuda(const at::Tensor& XV_in, at::TensorList weight
   return {Y, Z, A, dA};
 }
 
+// How the fused backward computes the weight gradients: INJFLOW_MLP_WGRAD = cublas (the
+// default: one GEMM per layer) | kernel (mlp_weight_grad_kernel, every layer in one launch;
+// not yet measured on a GPU, so opt-in).
+bool weight_grad_kernel() {
+  if (const char* env = std::getenv("INJFLOW_MLP_WGRAD")) {
+    const std::string v(env);
+    if (v == "kernel") return true;
+    TORCH_CHECK(v.empty() || v == "cublas",
+                "INJFLOW_MLP_WGRAD must be cublas or kernel (or unset), got '", v, "'");
+  }
+  return false;
+}
+
+// gW_l and gb_l of the fused backward (mlp_param_grad_kernels.cuh) from GZ (every layer's
+// pre-activation gradient, (B, R, n_out)), the layers' inputs (XV, then A_in) and the backward
+// kernel's per-block bias partials (blocks, Σ n_out): the bias sums, and the weight gradients
+// with INJFLOW_MLP_WGRAD=kernel, in one launch of sum_partials_kernel (after one of
+// mlp_weight_grad_kernel); without it the weight gradients are cuBLAS GEMMs.
+void param_grads(const at::Tensor& XV, const std::vector<at::Tensor>& W, at::TensorList A_in,
+                 const std::vector<at::Tensor>& GZ, const at::Tensor& partial,
+                 const std::vector<int>& bias_offset, int64_t M, int device,
+                 std::vector<at::Tensor>& gW, std::vector<at::Tensor>& gb) {
+  const size_t L = W.size();
+  const bool own_gemm = weight_grad_kernel();
+  std::vector<at::Tensor> in(L);
+  for (size_t l = 0; l < L; ++l) {
+    in[l] = l == 0 ? XV : A_in[l - 1].contiguous();
+    gb[l] = at::empty({W[l].size(0)}, XV.options());
+    gW[l] = own_gemm ? at::empty_like(W[l])
+                     : at::mm(GZ[l].view({M, W[l].size(0)}).t(), in[l].view({M, W[l].size(1)}));
+  }
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(XV.scalar_type(), "tangent_mlp_param_grads", [&] {
+    SumArgs<scalar_t> sums{};
+    int sum_blocks = 0;
+    at::Tensor wpartial;
+    if (own_gemm) {
+      GradArgs<scalar_t> args{};
+      args.L = static_cast<int>(L);
+      args.M = M;
+      for (size_t l = 0; l < L; ++l) {
+        auto& ly = args.layer[l];
+        ly.GZ = GZ[l].const_data_ptr<scalar_t>();
+        ly.A = in[l].const_data_ptr<scalar_t>();
+        ly.n_out = static_cast<int>(W[l].size(0));
+        ly.n_in = static_cast<int>(W[l].size(1));
+      }
+      int64_t pinned = 0;
+      if (const char* env = std::getenv("INJFLOW_MLP_WGRAD_ROWS")) pinned = std::atoll(env);
+      const int tiles = weight_grad_layout(args);
+      args.rows_per_split =
+          weight_grad_rows_per_split(M, tiles, device_facts(device).sms, pinned);
+      const int64_t splits = weight_grad_splits(args);
+      wpartial = at::empty({splits, args.stride}, XV.options());
+      args.partial = wpartial.mutable_data_ptr<scalar_t>();
+      if (tiles > 0) {
+        mlp_weight_grad_kernel<scalar_t>
+            <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits)), kGradThreads,
+               weight_grad_smem(sizeof(scalar_t)), stream>>>(args);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      for (size_t l = 0; l < L; ++l)
+        sum_blocks = add_sum_segment(sums, args.partial + args.layer[l].offset, splits,
+                                     args.stride, W[l].numel(),
+                                     gW[l].mutable_data_ptr<scalar_t>());
+    }
+    for (size_t l = 0; l < L; ++l)
+      sum_blocks = add_sum_segment(sums, partial.const_data_ptr<scalar_t>() + bias_offset[l],
+                                   partial.size(0), partial.size(1), W[l].size(0),
+                                   gb[l].mutable_data_ptr<scalar_t>());
+    if (sum_blocks > 0) {
+      sum_partials_kernel<scalar_t><<<static_cast<unsigned>(sum_blocks), kSumCols * kSumLanes,
+                                      sum_partials_smem(sizeof(scalar_t)), stream>>>(sums);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
 MlpBackwardResult tangent_mlp_backward_cuda(const at::Tensor& gY_in, const at::Tensor& XV_in,
                                             at::TensorList weights, const at::Tensor& Y,
                                             at::TensorList Z_in, at::TensorList A_in,
@@ -281,15 +362,7 @@ MlpBackwardResult tangent_mlp_backward_cuda(const at::Tensor& gY_in, const at::T
     }
     return {gXV, gW, gb};
   }
-  const at::Tensor bias_sums = partial.sum(0);  // one reduction for every layer's bias
-  for (size_t l = 0; l < L; ++l) {
-    const int64_t n_out = W[l].size(0), n_in = W[l].size(1);
-    const at::Tensor in = l == 0 ? XV : A_in[l - 1].contiguous();
-    gW[l] = at::mm(GZ[l].view({B * R, n_out}).t(), in.view({B * R, n_in}));
-    // copies: gradients that were views of one tensor would alias each other (a reduction per
-    // layer over the strided slice instead cost ~10 µs each on an H200)
-    gb[l] = bias_sums.narrow(0, bias_offset[l], n_out).clone();
-  }
+  param_grads(XV, W, A_in, GZ, partial, bias_offset, B * R, device, gW, gb);
   return {gXV, gW, gb};
 }
 

@@ -8,6 +8,7 @@
 
 #include "activations.h"
 #include "cuda_on_cpu.h"
+#include "cuda/mlp_param_grad_kernels.cuh"
 #include "cuda/tangent_mlp_kernels.cuh"
 
 #include <cstdio>
@@ -188,6 +189,75 @@ int backward(int math, int64_t B, int R, int L, const int* n_in, const int* n_ou
   return run<T, BackwardKernel>(plan, args, dev, bufs, stats_o, err, errlen);
 }
 
+// The host's part of the fused backward after mlp_backward_kernel (param_grads in
+// tangent_mlp_cuda.cu) over M rows: with gW given (INJFLOW_MLP_WGRAD=kernel),
+// mlp_weight_grad_kernel and then sum_partials_kernel for gW and gb; without, the bias sums
+// alone. inputs[l]: the layer's input (M, n_in[l]); partial: (partial_rows, Σ n_out) the
+// backward kernel's bias partials. info: rows per split, splits, tiles, blocks of the sums.
+template <typename T>
+int param_grads(int64_t M, int L, const int* n_in, const int* n_out, const void* const* GZ,
+                const void* const* inputs, const void* partial, int64_t partial_rows,
+                void* const* gW, void* const* gb, int64_t pinned_rows, const Device& dev,
+                int64_t* info, char* err, int errlen) {
+  Buffers bufs;
+  GradArgs<T> args{};
+  args.L = L;
+  args.M = M;
+  int64_t bias_total = 0;
+  for (int l = 0; l < L; ++l) {
+    auto& ly = args.layer[l];
+    const std::string s = std::to_string(l);
+    ly.GZ = bufs.in<T>(GZ[l], M * n_out[l], "GZ" + s);
+    ly.A = bufs.in<T>(inputs[l], M * n_in[l], "input" + s);
+    ly.n_out = n_out[l];
+    ly.n_in = n_in[l];
+    bias_total += n_out[l];
+  }
+  const T* bias_partial = bufs.in<T>(partial, partial_rows * bias_total, "bias_partial");
+  const auto order = static_cast<injflow_emu::Order>(dev.order);
+  SumArgs<T> sums{};
+  int sum_blocks = 0, tiles = 0;
+  int64_t splits = 0;
+  std::vector<T> weight_partial;
+  try {
+    if (gW != nullptr) {
+      tiles = weight_grad_layout(args);
+      args.rows_per_split = weight_grad_rows_per_split(M, tiles, dev.sms, pinned_rows);
+      splits = weight_grad_splits(args);
+      weight_partial.resize(splits * args.stride);
+      args.partial = bufs.out<T>(weight_partial.data(), weight_partial.size(), "weight_partial");
+      if (tiles > 0)
+        injflow_emu::launch(injflow_emu::Dim3{(unsigned)tiles, (unsigned)splits, 1},
+                            injflow_emu::Dim3{kGradThreads, 1, 1}, weight_grad_smem(sizeof(T)),
+                            [&] { mlp_weight_grad_kernel<T>(args); }, order, dev.seed);
+      for (int l = 0; l < L; ++l)
+        sum_blocks = add_sum_segment(
+            sums, args.partial + args.layer[l].offset, splits, args.stride,
+            (int64_t)n_out[l] * n_in[l],
+            bufs.out<T>(gW[l], (size_t)n_out[l] * n_in[l], "gW" + std::to_string(l)));
+    }
+    int64_t offset = 0;
+    for (int l = 0; l < L; ++l) {
+      sum_blocks = add_sum_segment(sums, bias_partial + offset, partial_rows, bias_total,
+                                   (int64_t)n_out[l],
+                                   bufs.out<T>(gb[l], n_out[l], "gb" + std::to_string(l)));
+      offset += n_out[l];
+    }
+    if (sum_blocks > 0)
+      injflow_emu::launch((unsigned)sum_blocks, kSumCols * kSumLanes, sum_partials_smem(sizeof(T)),
+                          [&] { sum_partials_kernel<T>(sums); }, order, dev.seed);
+  } catch (const std::exception& e) {
+    return report(err, errlen, e.what(), 2);
+  }
+  const std::string bad = bufs.finish();
+  if (!bad.empty()) return report(err, errlen, bad, 2);
+  info[0] = args.rows_per_split;
+  info[1] = splits;
+  info[2] = tiles;
+  info[3] = sum_blocks;
+  return 0;
+}
+
 // Kernels that break one rule each, so that the tests can see every check of the emulation
 // fail (see emu_selftest).
 void overflow_shared() {
@@ -306,6 +376,21 @@ int emu_mlp_backward(int dtype, int math, int pipe, int64_t B, int R, int L, con
                            dev, plan_o, stats_o, err, errlen);
   return backward<double>(math, B, R, L, n_in, n_out, acts, slope, gY, W, Z, GZ, gXV, partial,
                           dev, plan_o, stats_o, err, errlen);
+}
+
+// The parameter gradients after the backward kernel (param_grads above); gW null: only the
+// bias sums. rows_per_split > 0 pins the split (INJFLOW_MLP_WGRAD_ROWS).
+int emu_mlp_param_grads(int dtype, int64_t M, int L, const int* n_in, const int* n_out,
+                        const void* const* GZ, const void* const* inputs, const void* partial,
+                        int64_t partial_rows, void* const* gW, void* const* gb, int sms,
+                        int64_t rows_per_split, int order, uint64_t seed, int64_t* info,
+                        char* err, int errlen) {
+  const Device dev{kPipeRegisters, sms, 9, 0, 0, order, seed};
+  if (dtype == 0)
+    return param_grads<float>(M, L, n_in, n_out, GZ, inputs, partial, partial_rows, gW, gb,
+                              rows_per_split, dev, info, err, errlen);
+  return param_grads<double>(M, L, n_in, n_out, GZ, inputs, partial, partial_rows, gW, gb,
+                             rows_per_split, dev, info, err, errlen);
 }
 
 // Rule-breaking kernels (which: 0 shared overflow, 1 divergent barrier, 2 misaligned load,

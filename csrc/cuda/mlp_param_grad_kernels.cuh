@@ -1,0 +1,193 @@
+// The parameter gradients of the fused tangent_mlp backward (csrc/cuda/tangent_mlp_cuda.cu
+// launches these): after mlp_backward_kernel has written every layer's pre-activation gradient
+// GZ_l (B·R rows) and per-block partial bias sums,
+//   gW_l = GZ_lᵀ A_{l-1}   (A_0 = XV; summed over all M = B·R rows, primal and tangent rows)
+//   gb_l = Σ over the primal rows of GZ_l = the column sums of the bias partial buffer.
+// Two launches for all layers together, deterministic (fixed summation order, no atomics):
+// - mlp_weight_grad_kernel (INJFLOW_MLP_WGRAD=kernel; cuBLAS GEMMs otherwise): split-K over the
+//   rows. Block (tile, split) computes a 64 × 64 tile of one layer's gW over one contiguous
+//   range of rows, staging 16 rows of GZ and A at a time in shared memory; 64 threads, each
+//   8 × 8 outputs strided by 8 (rows ty + 8u, columns tx + 8v), so that a warp's shared loads
+//   hit 4 or 8 consecutive words (no bank conflicts). Writes (splits, Σ n_out·n_in) partials.
+// - sum_partials_kernel: column sums of partial buffers into separate outputs (each layer's gW
+//   from the split partials, each layer's gb from the backward kernel's per-block partials),
+//   rows added in a fixed order.
+// In a header of its own, like tangent_mlp_kernels.cuh, so that it also runs on the CPU under
+// the CUDA emulation of tests/cuda_emulation/ (docs/design.md, "Checking the CUDA kernels
+// without a GPU").
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "emulation_hooks.cuh"
+#include "tangent_mlp_kernels.cuh"
+
+namespace injflow {
+namespace fused_mlp {
+
+constexpr int kGradTile = 64;     // a block's tile of gW: kGradTile × kGradTile outputs
+constexpr int kGradThreads = 64;  // 8 × 8 threads, 8 × 8 outputs each
+constexpr int kGradDepth = 16;    // rows of GZ and A staged in shared memory per step
+
+template <typename T>
+struct GradLayer {
+  const T* GZ;         // (M, n_out) pre-activation gradient (grad_Y for a linear last layer)
+  const T* A;          // (M, n_in) the layer's input (XV for the first layer)
+  int n_out, n_in;
+  int tiles_in;        // tiles across n_in: ceil(n_in / kGradTile)
+  int tile_begin;      // index of the layer's first tile in the launch's grid.x
+  int64_t offset;      // where gW_l (row-major n_out × n_in) starts in a row of the partials
+};
+
+template <typename T>
+struct GradArgs {
+  GradLayer<T> layer[kMaxLayers];
+  int L;
+  int64_t M;               // rows: B·R
+  int64_t rows_per_split;  // rows of one split (grid.y); a multiple of kGradDepth
+  T* partial;              // (splits, stride): each split's sums of every gW_l
+  int64_t stride;          // Σ n_out·n_in
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kGradThreads) mlp_weight_grad_kernel(const GradArgs<T> p) {
+  int l = 0;
+  while (l + 1 < p.L && (int)blockIdx.x >= p.layer[l + 1].tile_begin) ++l;
+  const GradLayer<T>& ly = p.layer[l];
+  const int tile = (int)blockIdx.x - ly.tile_begin;
+  const int o0 = (tile / ly.tiles_in) * kGradTile, i0 = (tile % ly.tiles_in) * kGradTile;
+  const int64_t r_begin = (int64_t)blockIdx.y * p.rows_per_split;
+  const int64_t r_end = r_begin + p.rows_per_split < p.M ? r_begin + p.rows_per_split : p.M;
+  T* Gs = dynamic_shared<T>();          // [kGradDepth][kGradTile]: GZ rows, tile's columns
+  T* As = Gs + kGradDepth * kGradTile;  // [kGradDepth][kGradTile]: A rows, tile's columns
+  const int t = threadIdx.x, ty = t / 8, tx = t % 8;
+  const int o_load = o0 + t, i_load = i0 + t;  // the column this thread stages
+  T acc[8][8];
+  for (int u = 0; u < 8; ++u)
+    for (int v = 0; v < 8; ++v) acc[u][v] = T(0);
+  for (int64_t r0 = r_begin; r0 < r_end; r0 += kGradDepth) {
+    for (int q = 0; q < kGradDepth; ++q) {  // coalesced: thread t reads column t of row r
+      const int64_t r = r0 + q;
+      const bool row_ok = r < r_end;
+      Gs[q * kGradTile + t] = row_ok && o_load < ly.n_out ? ly.GZ[r * ly.n_out + o_load] : T(0);
+      As[q * kGradTile + t] = row_ok && i_load < ly.n_in ? ly.A[r * ly.n_in + i_load] : T(0);
+    }
+    __syncthreads();
+    for (int k = 0; k < kGradDepth; ++k) {
+      T g[8], a[8];
+      for (int u = 0; u < 8; ++u) {
+        g[u] = Gs[k * kGradTile + ty + 8 * u];
+        a[u] = As[k * kGradTile + tx + 8 * u];
+      }
+      for (int u = 0; u < 8; ++u)
+        for (int v = 0; v < 8; ++v) acc[u][v] += g[u] * a[v];
+    }
+    __syncthreads();  // the next step overwrites what this one read
+  }
+  T* out = p.partial + (int64_t)blockIdx.y * p.stride + ly.offset;
+  for (int u = 0; u < 8; ++u) {
+    const int o = o0 + ty + 8 * u;
+    if (o >= ly.n_out) continue;
+    for (int v = 0; v < 8; ++v) {
+      const int i = i0 + tx + 8 * v;
+      if (i < ly.n_in) out[(int64_t)o * ly.n_in + i] = acc[u][v];
+    }
+  }
+}
+
+constexpr int kSumCols = 32;   // sum_partials_kernel: a block sums 32 columns
+constexpr int kSumLanes = 8;   // with 8 threads per column, rows lane, lane + 8, ...
+constexpr int kMaxSegments = 2 * kMaxLayers;
+
+template <typename T>
+struct SumSegment {
+  const T* partial;     // (rows, stride)
+  int64_t rows, stride, count;
+  T* out;               // (count,): out[j] = Σ_r partial[r·stride + j], r in order
+  int block_begin;      // index of the segment's first block
+};
+
+template <typename T>
+struct SumArgs {
+  SumSegment<T> seg[kMaxSegments];
+  int n;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kSumCols * kSumLanes) sum_partials_kernel(const SumArgs<T> p) {
+  int s = 0;
+  while (s + 1 < p.n && (int)blockIdx.x >= p.seg[s + 1].block_begin) ++s;
+  const SumSegment<T>& sg = p.seg[s];
+  const int c = threadIdx.x % kSumCols, lane = threadIdx.x / kSumCols;
+  const int64_t j = (int64_t)((int)blockIdx.x - sg.block_begin) * kSumCols + c;
+  T sum = T(0);
+  if (j < sg.count)
+    for (int64_t r = lane; r < sg.rows; r += kSumLanes) sum += sg.partial[r * sg.stride + j];
+  T* lanes = dynamic_shared<T>();  // [kSumLanes][kSumCols]
+  lanes[lane * kSumCols + c] = sum;
+  __syncthreads();
+  if (lane == 0 && j < sg.count) {
+    T total = lanes[c];
+    for (int q = 1; q < kSumLanes; ++q) total += lanes[q * kSumCols + c];
+    sg.out[j] = total;
+  }
+}
+
+inline size_t weight_grad_smem(size_t elem) { return 2 * kGradDepth * kGradTile * elem; }
+inline size_t sum_partials_smem(size_t elem) { return kSumLanes * kSumCols * elem; }
+
+// Rows per split of mlp_weight_grad_kernel for M rows and `tiles` output tiles on a device of
+// `sms` multiprocessors: about four blocks per multiprocessor (64-thread blocks, so several
+// fit), in multiples of kGradDepth; `pinned` > 0 pins it (tests, benchmarks).
+inline int64_t weight_grad_rows_per_split(int64_t M, int tiles, int sms, int64_t pinned) {
+  int64_t rows;
+  if (pinned > 0) {
+    rows = pinned;
+  } else {
+    const int64_t target = std::max<int64_t>(1, 4 * (int64_t)std::max(1, sms));
+    const int64_t splits = std::max<int64_t>(1, (target + tiles - 1) / std::max(1, tiles));
+    rows = (std::max<int64_t>(M, 1) + splits - 1) / splits;
+  }
+  return (rows + kGradDepth - 1) / kGradDepth * kGradDepth;
+}
+
+// Lays out the layers of args (their n_out, n_in set) in the grid and the partial buffer:
+// fills tiles_in, tile_begin, offset and stride; returns the tiles (grid.x).
+template <typename T>
+inline int weight_grad_layout(GradArgs<T>& args) {
+  int tiles = 0;
+  int64_t offset = 0;
+  for (int l = 0; l < args.L; ++l) {
+    GradLayer<T>& ly = args.layer[l];
+    ly.tiles_in = (ly.n_in + kGradTile - 1) / kGradTile;
+    ly.tile_begin = tiles;
+    ly.offset = offset;
+    tiles += ly.tiles_in * ((ly.n_out + kGradTile - 1) / kGradTile);
+    offset += (int64_t)ly.n_out * ly.n_in;
+  }
+  args.stride = offset;
+  return tiles;
+}
+
+// The splits (grid.y) of args' M rows and rows_per_split.
+template <typename T>
+inline int64_t weight_grad_splits(const GradArgs<T>& args) {
+  return (args.M + args.rows_per_split - 1) / args.rows_per_split;
+}
+
+// Appends the segment out[j] = Σ_r partial[r·stride + j] (j < count) to args; returns the
+// blocks of sum_partials_kernel so far.
+template <typename T>
+inline int add_sum_segment(SumArgs<T>& args, const T* partial, int64_t rows, int64_t stride,
+                           int64_t count, T* out) {
+  int blocks = args.n == 0 ? 0
+                           : args.seg[args.n - 1].block_begin +
+                                 (int)((args.seg[args.n - 1].count + kSumCols - 1) / kSumCols);
+  args.seg[args.n] = SumSegment<T>{partial, rows, stride, count, out, blocks};
+  ++args.n;
+  return blocks + (int)((count + kSumCols - 1) / kSumCols);
+}
+
+}  // namespace fused_mlp
+}  // namespace injflow
