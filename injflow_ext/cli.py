@@ -328,7 +328,7 @@ def cmd_bench(args) -> int:
     path = args.json or f"injflow-bench-{device}.json"
     run_bench(device, getattr(torch, args.dtype), quick=args.quick, budget=args.budget,
               json_path=path, mlp_path=args.mlp_path, precision=args.precision,
-              mlp_pipeline=args.mlp_pipeline)
+              mlp_pipeline=args.mlp_pipeline, mlp_wgrad=args.mlp_wgrad)
     return 0
 
 
@@ -490,6 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --mlp-path fused: how the fused kernels stage their weights "
                         "(async: cp.async into three shared-memory buffers, sm_80+; default: "
                         "registers, or INJFLOW_MLP_PIPELINE)")
+    b.add_argument("--mlp-wgrad", default=None, choices=["cublas", "kernel"],
+                   help="with --mlp-path fused: how the backward computes the weight gradients "
+                        "(kernel: one split-K kernel for every layer; default: cublas, one GEMM "
+                        "per layer, or INJFLOW_MLP_WGRAD)")
     b.add_argument("--precision", default=None, choices=["float32", "tf32"],
                    help="CUDA: the float32 GEMMs of ours and plain PyTorch alike; tf32 = TF32 "
                         "tensor cores (cuBLAS and the fused kernels). Default: torch's setting")

@@ -86,10 +86,14 @@ def test_injflow_bench_conditioner_path_and_precision(tmp_path, capsys):
     assert res["mlp_path"] == "per_layer" and res["precision"] == "float32"
     assert res["tf32"] is False  # TF32 is a CUDA setting
     assert "conditioners per_layer" in capsys.readouterr().out
-    assert res["mlp_pipeline"] is None
+    assert res["mlp_pipeline"] is None and res["mlp_wgrad"] is None
     assert main(["bench", "--device", "cpu", "--quick", "--mlp-path", "fused"]) == 2
     assert "mlp_path='fused' runs the CUDA kernels" in capsys.readouterr().err
     # the weight pipeline is the fused kernels' setting
     assert main(["bench", "--device", "cpu", "--quick", "--mlp-pipeline", "async"]) == 2
     assert "mlp_pipeline is how the fused kernels stage their weights; it needs " \
+           "mlp_path='fused', got 'auto'" in capsys.readouterr().err
+    # so is how the backward computes the weight gradients
+    assert main(["bench", "--device", "cpu", "--quick", "--mlp-wgrad", "kernel"]) == 2
+    assert "mlp_wgrad is how the fused backward computes the weight gradients; it needs " \
            "mlp_path='fused', got 'auto'" in capsys.readouterr().err

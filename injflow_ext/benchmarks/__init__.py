@@ -188,7 +188,8 @@ def env_var(name: str, value: str | None):
 
 def run_bench(device="cpu", dtype=torch.float32, quick=False, budget=None,
               json_path: str | None = None, verbose: bool = True, mlp_path: str = "auto",
-              precision: str | None = None, mlp_pipeline: str | None = None) -> dict:
+              precision: str | None = None, mlp_pipeline: str | None = None,
+              mlp_wgrad: str | None = None) -> dict:
     """Run every benchmark on ``device``; print the tables (``verbose``) and write JSON to
     ``json_path``. Returns the results. Raises if ours and plain PyTorch disagree (relative
     error above 1e-3 in float32, 1e-2 with TF32, 1e-8 in float64), before anything is reported
@@ -196,7 +197,9 @@ def run_bench(device="cpu", dtype=torch.float32, quick=False, budget=None,
     ``precision``: None (torch's setting), "float32" or "tf32", the float32 GEMMs of ours and
     of plain PyTorch alike (CUDA; :func:`injflow_ext.step.matmul_precision`, which checks it);
     ``mlp_pipeline``: None (the default), "registers" or "async", how the fused kernels stage
-    their weights (``INJFLOW_MLP_PIPELINE``; with ``mlp_path="fused"`` only)."""
+    their weights (``INJFLOW_MLP_PIPELINE``; with ``mlp_path="fused"`` only); ``mlp_wgrad``:
+    None (the default), "cublas" or "kernel", how the fused backward computes the weight
+    gradients (``INJFLOW_MLP_WGRAD``; with ``mlp_path="fused"`` only)."""
     device = torch.device(device)
     if mlp_path not in MLP_PATHS:
         raise ValueError(f"injflow bench: mlp_path must be one of {list(MLP_PATHS)}, got "
@@ -210,11 +213,18 @@ def run_bench(device="cpu", dtype=torch.float32, quick=False, budget=None,
     if mlp_pipeline is not None and mlp_path != "fused":
         raise ValueError(f"injflow bench: mlp_pipeline is how the fused kernels stage their "
                          f"weights; it needs mlp_path='fused', got {mlp_path!r}")
+    if mlp_wgrad not in (None, "cublas", "kernel"):
+        raise ValueError(f"injflow bench: mlp_wgrad must be 'cublas' or 'kernel', got "
+                         f"{mlp_wgrad!r}")
+    if mlp_wgrad is not None and mlp_path != "fused":
+        raise ValueError(f"injflow bench: mlp_wgrad is how the fused backward computes the "
+                         f"weight gradients; it needs mlp_path='fused', got {mlp_path!r}")
     budget = budget if budget is not None else (0.2 if quick else 1.0)
     # two TF32 computations of the same thing differ by TF32's rounding (2^-11 per operand)
     tf32 = precision == "tf32" and device.type == "cuda" and dtype == torch.float32
     tol = (1e-2 if tf32 else 1e-3) if dtype == torch.float32 else 1e-8
-    with matmul_precision(precision), env_var("INJFLOW_MLP_PIPELINE", mlp_pipeline):
+    with matmul_precision(precision), env_var("INJFLOW_MLP_PIPELINE", mlp_pipeline), \
+            env_var("INJFLOW_MLP_WGRAD", mlp_wgrad):
         ops = bench_gram_logdet(device, dtype, budget, quick) + \
             bench_tangent_mlp(device, dtype, budget, quick, mlp_path)
         steps = bench_step(device, dtype, budget, quick, mlp_path)
@@ -226,7 +236,8 @@ def run_bench(device="cpu", dtype=torch.float32, quick=False, budget=None,
                                  f"relative error {err:.2e} > {tol:.0e}")
     env = environment(device)
     result = {"benchmark": "injflow bench", "dtype": str(dtype).replace("torch.", ""),
-              "mlp_path": mlp_path, "mlp_pipeline": mlp_pipeline, "precision": precision,
+              "mlp_path": mlp_path, "mlp_pipeline": mlp_pipeline, "mlp_wgrad": mlp_wgrad,
+              "precision": precision,
               "tf32": tf32,
               "environment": env, "metric": "median ms of forward + backward",
               "ops": ops, "step": steps}
