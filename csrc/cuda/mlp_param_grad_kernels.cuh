@@ -8,7 +8,8 @@
 //   rows. Block (tile, split) computes a 64 × 64 tile of one layer's gW over one contiguous
 //   range of rows, staging 16 rows of GZ and A at a time in shared memory; 64 threads, each
 //   8 × 8 outputs strided by 8 (rows ty + 8u, columns tx + 8v), so that a warp's shared loads
-//   hit 4 or 8 consecutive words (no bank conflicts). Writes (splits, Σ n_out·n_in) partials.
+//   hit 4 or 8 consecutive words (no bank conflicts); the next 16 rows are loaded into
+//   registers while the current ones are used. Writes (splits, Σ n_out·n_in) partials.
 // - sum_partials_kernel: column sums of partial buffers into separate outputs (each layer's gW
 //   from the split partials, each layer's gb from the backward kernel's per-block partials),
 //   rows added in a fixed order.
@@ -66,14 +67,25 @@ __global__ void __launch_bounds__(kGradThreads) mlp_weight_grad_kernel(const Gra
   T acc[8][8];
   for (int u = 0; u < 8; ++u)
     for (int v = 0; v < 8; ++v) acc[u][v] = T(0);
-  for (int64_t r0 = r_begin; r0 < r_end; r0 += kGradDepth) {
-    for (int q = 0; q < kGradDepth; ++q) {  // coalesced: thread t reads column t of row r
+  // the step's rows of the thread's column of GZ and A, loaded a step ahead (in flight while
+  // the block computes the current step); coalesced: thread t reads column t of each row
+  T g_next[kGradDepth], a_next[kGradDepth];
+  auto load = [&](int64_t r0) {
+    for (int q = 0; q < kGradDepth; ++q) {
       const int64_t r = r0 + q;
       const bool row_ok = r < r_end;
-      Gs[q * kGradTile + t] = row_ok && o_load < ly.n_out ? ly.GZ[r * ly.n_out + o_load] : T(0);
-      As[q * kGradTile + t] = row_ok && i_load < ly.n_in ? ly.A[r * ly.n_in + i_load] : T(0);
+      g_next[q] = row_ok && o_load < ly.n_out ? ly.GZ[r * ly.n_out + o_load] : T(0);
+      a_next[q] = row_ok && i_load < ly.n_in ? ly.A[r * ly.n_in + i_load] : T(0);
+    }
+  };
+  load(r_begin);
+  for (int64_t r0 = r_begin; r0 < r_end; r0 += kGradDepth) {
+    for (int q = 0; q < kGradDepth; ++q) {
+      Gs[q * kGradTile + t] = g_next[q];
+      As[q * kGradTile + t] = a_next[q];
     }
     __syncthreads();
+    if (r0 + kGradDepth < r_end) load(r0 + kGradDepth);
     for (int k = 0; k < kGradDepth; ++k) {
       T g[8], a[8];
       for (int u = 0; u < 8; ++u) {
