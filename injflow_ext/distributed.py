@@ -32,7 +32,8 @@ import torch.distributed as dist
 # binds ``group.WORLD`` as the default argument of its functions when it is first imported.
 # Imported after init_process_group, it would hold the group for the life of the process, and
 # DistContext.close could not free it.
-import torch.distributed.nn  # noqa: F401
+if dist.is_available():
+    import torch.distributed.nn  # noqa: F401
 
 __all__ = ["DistContext", "init_from_env", "shard", "launched_distributed"]
 
