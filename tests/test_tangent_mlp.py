@@ -84,6 +84,22 @@ def mlp_wgrad(how):
     return env_var("INJFLOW_MLP_WGRAD", how)
 
 
+def replayed(step):
+    """What ``step()`` returns when captured in a CUDA graph (after a warm-up run on a side
+    stream, outside the capture) and replayed once."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
+
+
 def tf32(x):
     """float32 values rounded to TF32 (10 mantissa bits, to nearest with ties away from zero,
     as cvt.rna.tf32.f32 does), returned in float64."""
@@ -374,16 +390,7 @@ def test_cuda_fused_backward_is_deterministic_and_graph_capturable(math):
         first, second = step(), step()
         for a, b in zip(first, second):
             assert torch.equal(a, b)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()  # warm-up outside capture
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = step()
-        graph.replay()
-        torch.cuda.synchronize()
+        captured = replayed(step)
     for a, b in zip(captured, first):
         assert torch.equal(a, b)
 
@@ -520,16 +527,7 @@ def test_cuda_fused_async_pipeline_equals_the_register_pipeline(dtype, math, per
             regs = step()
         with mlp_pipeline("async"):
             first = step()
-            graph = torch.cuda.CUDAGraph()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                step()
-            torch.cuda.current_stream().wait_stream(stream)
-            with torch.cuda.graph(graph):
-                captured = step()
-            graph.replay()
-            torch.cuda.synchronize()
+            captured = replayed(step)
         with mlp_pipeline("cp.async"), pytest.raises(
                 RuntimeError, match="INJFLOW_MLP_PIPELINE must be registers or async"):
             step()
@@ -558,16 +556,7 @@ def test_cuda_fused_weight_grad_kernel(dtype, rows):
             gemm = step()
         with mlp_wgrad("kernel"), env_var("INJFLOW_MLP_WGRAD_ROWS", rows):
             first, again = step(), step()
-            graph = torch.cuda.CUDAGraph()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                step()
-            torch.cuda.current_stream().wait_stream(stream)
-            with torch.cuda.graph(graph):
-                captured = step()
-            graph.replay()
-            torch.cuda.synchronize()
+            captured = replayed(step)
         with mlp_wgrad("triton"), pytest.raises(
                 RuntimeError, match="INJFLOW_MLP_WGRAD must be cublas or kernel"):
             step()

@@ -207,18 +207,17 @@ def run_bench(device="cpu", dtype=torch.float32, quick=False, budget=None,
     if mlp_path == "fused" and device.type != "cuda":
         raise ValueError(f"injflow bench: mlp_path='fused' runs the CUDA kernels; got device "
                          f"{device} (use --device cuda, or --mlp-path auto on the CPU)")
-    if mlp_pipeline not in (None, "registers", "async"):
-        raise ValueError(f"injflow bench: mlp_pipeline must be 'registers' or 'async', got "
-                         f"{mlp_pipeline!r}")
-    if mlp_pipeline is not None and mlp_path != "fused":
-        raise ValueError(f"injflow bench: mlp_pipeline is how the fused kernels stage their "
-                         f"weights; it needs mlp_path='fused', got {mlp_path!r}")
-    if mlp_wgrad not in (None, "cublas", "kernel"):
-        raise ValueError(f"injflow bench: mlp_wgrad must be 'cublas' or 'kernel', got "
-                         f"{mlp_wgrad!r}")
-    if mlp_wgrad is not None and mlp_path != "fused":
-        raise ValueError(f"injflow bench: mlp_wgrad is how the fused backward computes the "
-                         f"weight gradients; it needs mlp_path='fused', got {mlp_path!r}")
+    for name, value, choices, what in (
+            ("mlp_pipeline", mlp_pipeline, ("registers", "async"),
+             "how the fused kernels stage their weights"),
+            ("mlp_wgrad", mlp_wgrad, ("cublas", "kernel"),
+             "how the fused backward computes the weight gradients")):
+        if value not in (None, *choices):
+            raise ValueError(f"injflow bench: {name} must be {choices[0]!r} or {choices[1]!r}, "
+                             f"got {value!r}")
+        if value is not None and mlp_path != "fused":
+            raise ValueError(f"injflow bench: {name} is {what}; it needs mlp_path='fused', got "
+                             f"{mlp_path!r}")
     budget = budget if budget is not None else (0.2 if quick else 1.0)
     # two TF32 computations of the same thing differ by TF32's rounding (2^-11 per operand)
     tf32 = precision == "tf32" and device.type == "cuda" and dtype == torch.float32
