@@ -49,8 +49,10 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <initializer_list>
 #include <mutex>
 #include <string>
+#include <utility>
 
 #include "../tangent_mlp.h"
 #include "../tangent_ops.h"
@@ -77,17 +79,31 @@ const DeviceFacts& device_facts(int device) {
   return facts[device];
 }
 
+// The value of the environment switch `name` among `choices` (name → value); `fallback` when
+// it is unset or empty, an error naming the choices for anything else.
+int env_choice(const char* name, std::initializer_list<std::pair<const char*, int>> choices,
+               int fallback) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return fallback;
+  const std::string v(env);
+  std::string names;
+  size_t i = 0;
+  for (const auto& [choice, value] : choices) {
+    if (v == choice) return value;
+    if (i > 0) names += i + 1 == choices.size() ? " or " : ", ";
+    names += choice;
+    ++i;
+  }
+  TORCH_CHECK(false, name, " must be ", names, " (or unset), got '", v, "'");
+  return fallback;  // not reached
+}
+
 // How the fused kernels stage the weights: INJFLOW_MLP_PIPELINE = registers (the default: the
 // next chunk's loads held in registers) | async (cp.async into three chunk buffers, sm_80+;
 // not yet measured on a GPU, so opt-in).
 int mlp_pipe() {
-  if (const char* env = std::getenv("INJFLOW_MLP_PIPELINE")) {
-    const std::string v(env);
-    if (v == "async") return kPipeAsync;
-    TORCH_CHECK(v.empty() || v == "registers",
-                "INJFLOW_MLP_PIPELINE must be registers or async (or unset), got '", v, "'");
-  }
-  return kPipeRegisters;
+  return env_choice("INJFLOW_MLP_PIPELINE",
+                    {{"registers", kPipeRegisters}, {"async", kPipeAsync}}, kPipeRegisters);
 }
 
 // The launch plan on this device (plan_mlp); INJFLOW_MLP_SAMPLES_PER_BLOCK pins the samples
@@ -105,16 +121,10 @@ MlpPlan plan_on_device(int64_t B, int64_t R, int width0, int width1, size_t elem
 // INJFLOW_MLP_MATH = fma | tf32 | tf32x3 says otherwise (benchmarks, tests).
 int mlp_math(at::ScalarType dtype, int device) {
   if (dtype != at::kFloat || device_facts(device).major < 8) return kMathFma;
-  if (const char* env = std::getenv("INJFLOW_MLP_MATH")) {
-    const std::string v(env);
-    if (!v.empty()) {
-      if (v == "fma") return kMathFma;
-      if (v == "tf32") return kMathTf32;
-      if (v == "tf32x3") return kMathTf32x3;
-      TORCH_CHECK(false, "INJFLOW_MLP_MATH must be fma, tf32 or tf32x3 (or unset), got '", v,
-                  "'");
-    }
-  }
+  const int pinned = env_choice("INJFLOW_MLP_MATH",
+                                {{"fma", kMathFma}, {"tf32", kMathTf32}, {"tf32x3", kMathTf32x3}},
+                                -1);
+  if (pinned >= 0) return pinned;
   return at::globalContext().allowTF32CuBLAS() ? kMathTf32 : kMathFma;
 }
 
@@ -212,13 +222,7 @@ MlpForwardResult tangent_mlp_cuda(const at::Tensor& XV_in, at::TensorList weight
 // default: one GEMM per layer) | kernel (mlp_weight_grad_kernel, every layer in one launch;
 // not yet measured on a GPU, so opt-in).
 bool weight_grad_kernel() {
-  if (const char* env = std::getenv("INJFLOW_MLP_WGRAD")) {
-    const std::string v(env);
-    if (v == "kernel") return true;
-    TORCH_CHECK(v.empty() || v == "cublas",
-                "INJFLOW_MLP_WGRAD must be cublas or kernel (or unset), got '", v, "'");
-  }
-  return false;
+  return env_choice("INJFLOW_MLP_WGRAD", {{"cublas", 0}, {"kernel", 1}}, 0) == 1;
 }
 
 // gW_l and gb_l of the fused backward (mlp_param_grad_kernels.cuh) from GZ (every layer's
