@@ -17,8 +17,10 @@ Methods (same weights, same dense upstream gradient):
 - ``ours_fused_async``, ``ours_fused_async_tf32`` (CUDA): the fused kernels with the weight
   staged by cp.async into three shared-memory buffers (``INJFLOW_MLP_PIPELINE=async``) instead
   of through registers; the same arithmetic as ``ours_fused`` / ``ours_fused_tf32``;
-- ``ours_fused_wgrad`` (CUDA): ``ours_fused`` with the weight gradients of every layer from
-  one split-K kernel (``INJFLOW_MLP_WGRAD=kernel``) instead of one cuBLAS GEMM per layer.
+- ``ours_fused_wgrad``, ``ours_fused_wgrad_tf32`` (CUDA): ``ours_fused`` / ``ours_fused_tf32``
+  with the weight gradients of every layer from one split-K kernel
+  (``INJFLOW_MLP_WGRAD=kernel``, on the tensor cores under TF32) instead of one cuBLAS GEMM
+  per layer.
 On CUDA every method is captured in a CUDA graph (forward + backward) and the replays are
 timed, since at these sizes a step is launch-bound; ``--eager`` times plain launches instead.
 TFLOP/s counts the three GEMMs per layer (forward, input gradient, weight gradient).
@@ -62,6 +64,7 @@ TF32_METHODS = ["plain_compiled_tf32", "ours_per_layer_tf32", "ours_fused_tf32",
 ASYNC_METHODS = ["ours_fused_async"]  # CUDA, any dtype
 ASYNC_TF32_METHODS = ["ours_fused_async_tf32"]  # CUDA, float32
 WGRAD_METHODS = ["ours_fused_wgrad"]  # CUDA, any dtype
+WGRAD_TF32_METHODS = ["ours_fused_wgrad_tf32"]  # CUDA, float32
 
 
 plain_mlp = plain_tangent_mlp
@@ -220,7 +223,7 @@ def main(argv=None):
     p.add_argument("--methods", default=None,
                    help="comma-separated, of " + ",".join(
                        METHODS + TF32_METHODS + ASYNC_METHODS + ASYNC_TF32_METHODS
-                       + WGRAD_METHODS) +
+                       + WGRAD_METHODS + WGRAD_TF32_METHODS) +
                    " (default: all; the async and wgrad ones on CUDA, the TF32 ones on CUDA in"
                    " float32)")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per method")
@@ -238,7 +241,7 @@ def main(argv=None):
         cuda, f32 = device.type == "cuda", dtype == torch.float32
         methods = (METHODS + (TF32_METHODS if cuda and f32 else [])
                    + (ASYNC_METHODS if cuda else []) + (ASYNC_TF32_METHODS if cuda and f32 else [])
-                   + (WGRAD_METHODS if cuda else []))
+                   + (WGRAD_METHODS if cuda else []) + (WGRAD_TF32_METHODS if cuda and f32 else []))
     env = environment(device)
     warm_up_capture(device)
     rows = []

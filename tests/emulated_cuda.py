@@ -226,9 +226,10 @@ def backward(gY, XV, Ws, Z, A, activation="tanh", last_activation=None, slope=0.
     """The fused backward kernel and the host's part after it, as the CUDA op does:
     (grad_XV, grad_Ws, grad_bs, GZ, plan, stats). Z, A: the forward's saved pre-activations
     and hidden outputs; GZ: every layer's pre-activation gradient (B, R, n_l). wgrad: the
-    weight gradients as GEMMs ("cublas", here torch's CPU GEMM) or by mlp_weight_grad_kernel
-    ("kernel", INJFLOW_MLP_WGRAD=kernel; wgrad_rows pins its rows per split); the bias sums
-    are sum_partials_kernel's either way."""
+    weight gradients as GEMMs ("cublas", here torch's CPU GEMM in float32) or by
+    mlp_weight_grad_kernel ("kernel", INJFLOW_MLP_WGRAD=kernel, in the same math as the fused
+    kernels; wgrad_rows pins its rows per split); the bias sums are sum_partials_kernel's
+    either way."""
     XV, Ws, B, R, n_in, n_out = _shapes(XV, Ws)
     gY = gY.detach().contiguous()
     Z = [z.detach().contiguous() for z in Z]
@@ -248,7 +249,8 @@ def backward(gY, XV, Ws, Z, A, activation="tanh", last_activation=None, slope=0.
         GZ[-1] = gY
     inputs = [XV] + [a.detach().contiguous() for a in A]
     gW, gb, _ = param_grads(GZ, inputs, partial, own_gemm=wgrad == "kernel",
-                            rows_per_split=wgrad_rows, order=order, seed=seed, device=device)
+                            rows_per_split=wgrad_rows, math=math, order=order, seed=seed,
+                            device=device)
     if wgrad != "kernel":
         gW = [GZ[i].reshape(B * R, n_out[i]).T @ inputs[i].reshape(B * R, n_in[i])
               for i in range(L)]
@@ -257,20 +259,22 @@ def backward(gY, XV, Ws, Z, A, activation="tanh", last_activation=None, slope=0.
 
 @dataclass
 class GradInfo:
-    """How param_grads ran: mlp_weight_grad_kernel's rows per split, splits (grid.y) and tiles
-    (grid.x), and sum_partials_kernel's blocks."""
+    """How param_grads ran: mlp_weight_grad_kernel's rows per split, splits (grid.y), tiles
+    (grid.x) and mma.sync calls (counted per warp), and sum_partials_kernel's blocks."""
     rows_per_split: int
     splits: int
     tiles: int
     sum_blocks: int
+    mma: int
 
 
-def param_grads(GZ, inputs, partial, own_gemm=True, rows_per_split=0, order="forward", seed=0,
-                device=H200):
+def param_grads(GZ, inputs, partial, own_gemm=True, rows_per_split=0, math="fma",
+                order="forward", seed=0, device=H200):
     """The fused backward's parameter gradients from every layer's pre-activation gradient
     GZ[l] (..., n_out_l), the layers' inputs inputs[l] (..., n_in_l) and the backward kernel's
     bias partials (blocks, Σ n_out): (gW, gb, GradInfo), gW None unless own_gemm (then
-    mlp_weight_grad_kernel's, over all rows)."""
+    mlp_weight_grad_kernel's, over all rows, with FMAs or, float32, math "tf32" or
+    "tf32x3")."""
     GZ = [g.detach().contiguous() for g in GZ]
     inputs = [a.detach().contiguous() for a in inputs]
     partial = partial.detach().contiguous()
@@ -280,10 +284,10 @@ def param_grads(GZ, inputs, partial, own_gemm=True, rows_per_split=0, order="for
         M *= size
     gW = [partial.new_empty(o, i) for o, i in zip(n_out, n_in)] if own_gemm else None
     gb = [partial.new_empty(o) for o in n_out]
-    info = (ctypes.c_int64 * 4)()
+    info = (ctypes.c_int64 * 5)()
     err = ctypes.create_string_buffer(4096)
     rc = library().emu_mlp_param_grads(
-        _dtype_code(partial.dtype), ctypes.c_int64(M), len(n_out), _ints(n_in), _ints(n_out),
+        _dtype_code(partial.dtype), MATH[math], ctypes.c_int64(M), len(n_out), _ints(n_in), _ints(n_out),
         _ptrs(GZ), _ptrs(inputs), _ptr(partial), ctypes.c_int64(partial.shape[0]),
         _ptrs(gW) if own_gemm else ctypes.c_void_p(0), _ptrs(gb), device["sms"],
         ctypes.c_int64(rows_per_split), ORDER[order], ctypes.c_uint64(seed), info, err,

@@ -120,6 +120,46 @@ def tf32_gemm_bound(x, w, b=None, rel=2e-5):
     return exact, rel * scale
 
 
+def weight_grad_bounds(GZ, ins, math="fma"):
+    """For each layer, gW_l = GZ_lᵀ A_l summed over all rows in float64 (of the TF32-rounded
+    operands for math "tf32"), and a bound on each element's error as a split-K kernel in
+    `math` may make it: c · (|GZ_l|ᵀ |A_l|) with, for `rows` rows and the unit roundoff u of
+    GZ's dtype, fma: (rows + 1) · u (a split adds its rows one by one, then the splits are
+    added); tf32: (2·rows + 2) · 2⁻²⁴ (products of TF32 values are exact in float32; 2u per
+    addition allows tensor cores that truncate); tf32x3: 2⁻²⁰ (the dropped tail·tail product
+    and the tails' own rounding, 3·2⁻²² of each product) + (6·rows + 2) · 2⁻²⁴ (three mma per
+    product)."""
+    u = 2.0**-24 if GZ[0].dtype == torch.float32 else 2.0**-53
+    out = []
+    for g, a in zip(GZ, ins):
+        rows = g.numel() // g.shape[-1]
+        g2, a2 = g.reshape(rows, g.shape[-1]), a.reshape(rows, a.shape[-1])
+        g2, a2 = (tf32(g2), tf32(a2)) if math == "tf32" else (g2.double(), a2.double())
+        c = {"fma": (rows + 1) * u, "tf32": (2 * rows + 2) * 2.0**-24,
+             "tf32x3": 2.0**-20 + (6 * rows + 2) * 2.0**-24}[math]
+        out.append((g2.T @ a2, c * (g2.abs().T @ a2.abs())))
+    return out
+
+
+def assert_weight_grad_accuracy(math, GZ, ins, gW):
+    """The weight gradients gW_l = GZ_lᵀ A_l of a kernel in `math` ("tf32" or "tf32x3"), each
+    layer's relative error (norm, against float64) next to a float32 GEMM's of the same
+    operands: TF32's more than 10× it (the operands were rounded: about 1 000× on the tests'
+    shapes), 3×TF32's at most 4× it (float32-accurate)."""
+    for (exact, _), g, a, w in zip(weight_grad_bounds(GZ, ins), GZ, ins, gW):
+        if w.numel() == 0:
+            continue
+        g2, a2 = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
+        with matmul_precision("float32"):
+            f32 = g2.T @ a2
+        err_f32 = float((f32.double() - exact).norm() / exact.norm())
+        err = float((w.double() - exact).norm() / exact.norm())
+        if math == "tf32":
+            assert err > 10 * err_f32, f"error {err:.1e}, float32's {err_f32:.1e}: no TF32"
+        else:
+            assert err <= 4 * err_f32 + 1e-12, f"error {err:.1e}, float32's {err_f32:.1e}"
+
+
 def paths_for(device):
     return ["auto", "per_layer"] + (["fused"] if torch.device(device).type == "cuda" else [])
 
@@ -480,10 +520,12 @@ def test_cuda_fused_tf32_input_gradient_is_a_tf32_gemm(B, R, n_in, n_out):
 
 @needs_cuda
 @pytest.mark.parametrize("B,R,widths", CUDA_SHAPES_F32)
-def test_cuda_fused_tf32_network_error_is_tf32_sized(B, R, widths):
-    """A whole network's output and gradients with TF32: off the float64 answer by no more than
-    TF32's rounding allows (2⁻¹¹ relative per operand: a norm error below 1e-2), the output by
-    more than float32's (so the tensor cores ran), and not bit-equal to the FMA kernels."""
+@pytest.mark.parametrize("wgrad", ["cublas", "kernel"])
+def test_cuda_fused_tf32_network_error_is_tf32_sized(B, R, widths, wgrad):
+    """A whole network's output and gradients with TF32 (the weight gradients by cuBLAS or by
+    the weight-gradient kernel): off the float64 answer by no more than TF32's rounding allows
+    (2⁻¹¹ relative per operand: a norm error below 1e-2), the output by more than float32's
+    (so the tensor cores ran), and not bit-equal to the FMA kernels."""
     XV = torch.randn(B, R, widths[0], device="cuda", dtype=torch.float64)
     Ws, bs = make_mlp(widths, device="cuda")
     gY = torch.randn(B, R, widths[-1], device="cuda", dtype=torch.float64)
@@ -496,7 +538,7 @@ def test_cuda_fused_tf32_network_error_is_tf32_sized(B, R, widths):
             return [Y.detach(), *torch.autograd.grad((Y * gY.to(dtype)).sum(), args)]
 
     exact = outputs(torch.float64)
-    with matmul_precision("tf32"):
+    with matmul_precision("tf32"), mlp_wgrad(wgrad):
         ours = outputs(torch.float32)
     fma = outputs(torch.float32, "fma")
     errs = [float((o.double() - e).norm() / e.norm()) for e, o in zip(exact, ours)]
@@ -567,6 +609,32 @@ def test_cuda_fused_weight_grad_kernel(dtype, rows):
             torch.testing.assert_close(k, g, rtol=tol, atol=tol * g.abs().max().item(), msg=str(i))
         else:
             assert torch.equal(k, g), i
+
+
+@needs_cuda
+@pytest.mark.parametrize("math", ["tf32", "tf32x3"])
+@pytest.mark.parametrize("B,R,n_in,n_out", [(400, 22, 21, 44), (13, 21, 512, 784),
+                                            (37, 5, 11, 3), (3, 128, 5, 4)])
+def test_cuda_fused_weight_grad_kernel_on_the_tensor_cores(math, B, R, n_in, n_out):
+    """With TF32 (or 3×TF32) the weight-gradient kernel runs on the tensor cores, as cuBLAS
+    would: for one linear layer (GZ = grad_Y, A = XV) every gW element within the bound of
+    weight_grad_bounds, and the accuracy of the math (assert_weight_grad_accuracy);
+    deterministic, also captured in a CUDA graph."""
+    XV = torch.randn(B, R, n_in, device="cuda")
+    (W,), (b,) = make_mlp([n_in, n_out], dtype=torch.float32, device="cuda", requires_grad=True)
+    gY = torch.randn(B, R, n_out, device="cuda")
+
+    def step():
+        Y = tangent_mlp(XV, [W], [b], "tanh", last_activation=None, path="fused")
+        return torch.autograd.grad(Y, [W], gY)[0]
+
+    with mlp_math(math), mlp_wgrad("kernel"):
+        gW, again, captured = step(), step(), replayed(step)
+    assert torch.equal(gW, again) and torch.equal(gW, captured)
+    (exact, bound), = weight_grad_bounds([gY], [XV], math)
+    err = (gW.double() - exact).abs()
+    assert (err <= bound).all(), f"error up to {float((err / bound).max()):.1f}× the bound"
+    assert_weight_grad_accuracy(math, [gY], [XV], [gW])
 
 
 @needs_cuda

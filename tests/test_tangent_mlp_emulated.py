@@ -18,7 +18,15 @@ import os
 import emulated_cuda as emu
 import pytest
 import torch
-from test_tangent_mlp import assert_layers_are_tf32_gemms, make_mlp, reference, tf32, tf32_gemm_bound
+from test_tangent_mlp import (
+    assert_layers_are_tf32_gemms,
+    assert_weight_grad_accuracy,
+    make_mlp,
+    reference,
+    tf32,
+    tf32_gemm_bound,
+    weight_grad_bounds,
+)
 
 from injflow_ext.step import matmul_precision
 
@@ -55,10 +63,12 @@ def cpu_op(XV, Ws, bs, gY, activation, last):
     return [t.detach() for t in (Y, *Z, *A, *dA)], list(grads)
 
 
-def fused(XV, Ws, bs, gY, activation="tanh", last=None, **kw):
-    """The emulated fused kernels: the same outputs and gradients as cpu_op."""
+def fused(XV, Ws, bs, gY, activation="tanh", last=None, wgrad="cublas", **kw):
+    """The emulated fused kernels: the same outputs and gradients as cpu_op (wgrad: the
+    weight gradients by a GEMM or by the weight-gradient kernel, emu.backward)."""
     Y, Z, A, dA, plan, stats = emu.forward(XV, Ws, bs, activation, last, **kw)
-    gXV, gW, gb, GZ, _, bstats = emu.backward(gY, XV, Ws, Z, A, activation, last, **kw)
+    gXV, gW, gb, GZ, _, bstats = emu.backward(gY, XV, Ws, Z, A, activation, last, wgrad=wgrad,
+                                              **kw)
     return [Y, *Z, *A, *dA], [gXV, *gW, *gb], plan, (stats, bstats)
 
 
@@ -213,11 +223,12 @@ def test_emulated_async_pipeline_equals_the_register_pipeline(dtype, math, per_b
 
 
 @pytest.mark.parametrize("B,R,widths", SHAPES_F32)
-@pytest.mark.parametrize("math", ["fma", "tf32x3"])
-def test_emulated_float32_error_within_pytorch_float32_error(B, R, widths, math):
+@pytest.mark.parametrize("math,wgrad", [("fma", "cublas"), ("tf32x3", "cublas"),
+                                        ("tf32x3", "kernel")])
+def test_emulated_float32_error_within_pytorch_float32_error(B, R, widths, math, wgrad):
     """Against float64, the fused float32 error is at most 4× the error of the same network in
     plain PyTorch float32 (+ a floor for exact zeros), for the output and every gradient; with
-    FMAs and with 3×TF32."""
+    FMAs and with 3×TF32 (also the weight-gradient kernel's)."""
     ts, L = inputs(B, R, widths, torch.float64)
     XV, Ws, bs, gY = split(ts, L)
 
@@ -230,7 +241,7 @@ def test_emulated_float32_error_within_pytorch_float32_error(B, R, widths, math)
         exact, torch_f32 = plain(torch.float64), plain(torch.float32)
     f = lambda t: t.float()  # noqa: E731
     out, grads, plan, _ = fused(f(XV), [f(W) for W in Ws], [f(b) for b in bs], f(gY),
-                                math=math)
+                                math=math, wgrad=wgrad)
     ours = [out[0]] + grads
     assert plan.math == emu.MATH[math]
     for i, (e, p, o) in enumerate(zip(exact, torch_f32, ours)):
@@ -269,14 +280,17 @@ def test_emulated_tf32_input_gradient_is_a_tf32_gemm(B, R, n_in, n_out, pipe):
 
 
 @pytest.mark.parametrize("B,R,widths", SHAPES_F32)
-def test_emulated_tf32_network_error_is_tf32_sized(B, R, widths):
-    """A whole network with TF32: output and gradients off the float64 answer by no more than
+@pytest.mark.parametrize("wgrad", ["cublas", "kernel"])
+def test_emulated_tf32_network_error_is_tf32_sized(B, R, widths, wgrad):
+    """A whole network with TF32 (the weight gradients by a GEMM or by the weight-gradient
+    kernel on the tensor cores): output and gradients off the float64 answer by no more than
     TF32's rounding allows (a norm error below 1e-2), the output by more than float32's."""
     ts, L = inputs(B, R, widths, torch.float64)
     XV, Ws, bs, gY = split(ts, L)
     exact_out, exact_grads = cpu_op(XV, Ws, bs, gY, "tanh", None)
     f = lambda t: t.float()  # noqa: E731
-    out, grads, _, _ = fused(f(XV), [f(W) for W in Ws], [f(b) for b in bs], f(gY), math="tf32")
+    out, grads, _, _ = fused(f(XV), [f(W) for W in Ws], [f(b) for b in bs], f(gY), math="tf32",
+                             wgrad=wgrad)
     errs = [float((o.double() - e).norm() / e.norm())
             for e, o in zip([exact_out[0]] + exact_grads, [out[0]] + grads)]
     assert max(errs) < 1e-2, errs
@@ -284,19 +298,6 @@ def test_emulated_tf32_network_error_is_tf32_sized(B, R, widths):
 
 
 # ------------------------------------------------------------------- the parameter gradients
-
-def exact_weight_grads(GZ, ins):
-    """gW_l = GZ_lᵀ A_l over all rows in float64, and the bound on the summation error of each
-    element: (rows + 1) · u · (|GZ_l|ᵀ |A_l|) with u the unit roundoff of GZ's dtype (the
-    kernel adds a split's rows one by one, then the splits)."""
-    u = 2.0**-24 if GZ[0].dtype == torch.float32 else 2.0**-53
-    out = []
-    for g, a in zip(GZ, ins):
-        rows = g.shape[0] * g.shape[1]
-        g2, a2 = g.reshape(rows, g.shape[-1]).double(), a.reshape(rows, a.shape[-1]).double()
-        out.append((g2.T @ a2, (g2.shape[0] + 1) * u * (g2.abs().T @ a2.abs())))
-    return out
-
 
 @pytest.mark.parametrize("B,R,widths", SHAPES)
 @pytest.mark.parametrize("activation,last", [("tanh", None), ("silu", "tanh")])
@@ -329,7 +330,7 @@ def test_emulated_weight_grad_kernel_any_split(rows, dtype):
     assert info.rows_per_split % 16 == 0 and info.splits == math.ceil(B * R / info.rows_per_split)
     if rows:
         assert info.rows_per_split == math.ceil(rows / 16) * 16
-    for (exact, bound), w in zip(exact_weight_grads(GZ, ins), gW):
+    for (exact, bound), w in zip(weight_grad_bounds(GZ, ins), gW):
         assert w.shape == exact.shape and ((w.double() - exact).abs() <= bound).all()
     offset = 0
     for n, b in zip(widths[1:], gb):
@@ -345,20 +346,47 @@ def test_emulated_weight_grad_kernel_on_the_image_conditioner():
     ins = [torch.randn(B, R, n) for n in widths[:-1]]
     gW, _, info = emu.param_grads(GZ, ins, torch.randn(1, sum(widths[1:])))
     assert info.tiles == 7 * 8 + 8 * 8 + 8 * 13
-    for (exact, bound), w in zip(exact_weight_grads(GZ, ins), gW):
+    for (exact, bound), w in zip(weight_grad_bounds(GZ, ins), gW):
         assert ((w.double() - exact).abs() <= bound).all()
 
 
-def test_emulated_param_grads_do_not_depend_on_thread_order():
+@pytest.mark.parametrize("math", ["fma", "tf32", "tf32x3"])
+@pytest.mark.parametrize("B,R,widths,rows", [
+    (12, 22, [21, 128, 128, 44], 0),   # the MINIBOONE conditioner's shapes, the plan's split
+    (37, 5, [0, 16, 130, 70, 3], 16),  # ragged widths and rows, a layer of no inputs
+    (37, 5, [0, 16, 130, 70, 3], 10_000),
+])
+def test_emulated_weight_grad_kernel_on_the_tensor_cores(math, B, R, widths, rows):
+    """In float32 the weight-gradient kernel runs in the fused kernels' math: with "tf32"
+    every gW element is the GEMM of the TF32-rounded GZ and A within float32 accumulation
+    error and off float32's answer by TF32's rounding; with "tf32x3" every element within the
+    3×TF32 bound, and the whole as accurate as float32; "fma" uses no mma. A wrong fragment
+    index, a row or column missed, or unrounded operands would fail."""
+    GZ = [torch.randn(B, R, n) for n in widths[1:]]
+    ins = [torch.randn(B, R, n) for n in widths[:-1]]
+    gW, _, info = emu.param_grads(GZ, ins, torch.randn(1, sum(widths[1:])), rows_per_split=rows,
+                                  math=math)
+    assert (info.mma > 0) == (math != "fma")
+    for (exact, bound), w in zip(weight_grad_bounds(GZ, ins, math), gW):
+        err = (w.double() - exact).abs()
+        assert (err <= bound).all(), f"error up to {float((err / bound).max()):.1f}× the bound"
+    if math != "fma":
+        assert_weight_grad_accuracy(math, GZ, ins, gW)
+
+
+@pytest.mark.parametrize("math", ["fma", "tf32"])
+def test_emulated_param_grads_do_not_depend_on_thread_order(math):
     """mlp_weight_grad_kernel and sum_partials_kernel give bit-identical gW and gb with their
     threads and blocks run forward, reversed and shuffled (a missing barrier between staging
-    rows and reading them, or between reading them and staging the next, would not)."""
+    rows and reading them, or between reading them and staging the next, would not), with
+    FMAs and on the tensor cores."""
     B, R, widths = 20, 7, [13, 64, 100, 9]
     GZ = [torch.randn(B, R, n) for n in widths[1:]]
     ins = [torch.randn(B, R, n) for n in widths[:-1]]
     partial = torch.randn(30, sum(widths[1:]))
-    first = emu.param_grads(GZ, ins, partial, rows_per_split=32)
+    first = emu.param_grads(GZ, ins, partial, rows_per_split=32, math=math)
     for order, seed in (("reverse", 0), ("shuffled", 1), ("shuffled", 2)):
-        again = emu.param_grads(GZ, ins, partial, rows_per_split=32, order=order, seed=seed)
+        again = emu.param_grads(GZ, ins, partial, rows_per_split=32, math=math, order=order,
+                                seed=seed)
         for a, b in zip(first[0] + first[1], again[0] + again[1]):
             assert torch.equal(a, b), order

@@ -6,10 +6,13 @@
 // Two launches for all layers together, deterministic (fixed summation order, no atomics):
 // - mlp_weight_grad_kernel (INJFLOW_MLP_WGRAD=kernel; cuBLAS GEMMs otherwise): split-K over the
 //   rows. Block (tile, split) computes a 64 × 64 tile of one layer's gW over one contiguous
-//   range of rows, staging 16 rows of GZ and A at a time in shared memory; 64 threads, each
-//   8 × 8 outputs strided by 8 (rows ty + 8u, columns tx + 8v), so that a warp's shared loads
-//   hit 4 or 8 consecutive words (no bank conflicts); the next 16 rows are loaded into
-//   registers while the current ones are used. Writes (splits, Σ n_out·n_in) partials.
+//   range of rows, staging 16 rows of GZ and A at a time in shared memory (the next 16 rows
+//   are loaded into registers while the current ones are used); 64 threads. With FMAs each
+//   thread takes 8 × 8 outputs strided by 8 (rows ty + 8u, columns tx + 8v), so that a warp's
+//   shared loads hit 4 or 8 consecutive words (no bank conflicts); on the tensor cores (the
+//   fused kernels' math of the call: TF32 or 3×TF32 mma.sync, float32 accumulation, as cuBLAS
+//   would under TF32) each warp takes half the tile's rows as 2 × 8 mma tiles. Writes
+//   (splits, Σ n_out·n_in) partials.
 // - sum_partials_kernel: column sums of partial buffers into separate outputs (each layer's gW
 //   from the split partials, each layer's gb from the backward kernel's per-block partials),
 //   rows added in a fixed order.
@@ -20,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "emulation_hooks.cuh"
 #include "tangent_mlp_kernels.cuh"
@@ -30,6 +34,9 @@ namespace fused_mlp {
 constexpr int kGradTile = 64;     // a block's tile of gW: kGradTile × kGradTile outputs
 constexpr int kGradThreads = 64;  // 8 × 8 threads, 8 × 8 outputs each
 constexpr int kGradDepth = 16;    // rows of GZ and A staged in shared memory per step
+// Shared-memory row stride: ≡ 8 (mod 32) words, so that the tensor-core fragment loads are
+// conflict-free (the FMA reads are within one row per warp, so any stride suits them).
+constexpr int kGradStride = kGradTile + kMmaPad;
 
 template <typename T>
 struct GradLayer {
@@ -51,8 +58,62 @@ struct GradArgs {
   int64_t stride;          // Σ n_out·n_in
 };
 
+// One 16-row step of a block's gW tile from the staged rows, FMAs: thread (ty, tx) adds the
+// products of its 8 × 8 outputs (rows ty + 8u, columns tx + 8v).
 template <typename T>
+__device__ __forceinline__ void weight_grad_step_fma(T (&acc)[8][8], const T* Gs, const T* As) {
+  const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
+  for (int k = 0; k < kGradDepth; ++k) {
+    T g[8], a[8];
+    for (int u = 0; u < 8; ++u) {
+      g[u] = Gs[k * kGradStride + ty + 8 * u];
+      a[u] = As[k * kGradStride + tx + 8 * u];
+    }
+    for (int u = 0; u < 8; ++u)
+      for (int v = 0; v < 8; ++v) acc[u][v] += g[u] * a[v];
+  }
+}
+
+// The same step on the tensor cores (float32, MATH = kMathTf32 or kMathTf32x3): warp w takes
+// rows 32w … 32w + 31 of the tile (gW's output features) and all 64 columns (input features)
+// as 2 × 8 mma tiles, two k-steps of 8 rows per step. In mma terms the tile is
+// GZᵀ (M = outputs, K = rows) · A (K = rows, N = inputs); with lane = 4·g + t the fragments
+// (MmaLane's comment) read Gs[k][o] and As[k][i] at k = t + 4·j, o or i = g + 8·j', which the
+// row stride kGradStride ≡ 8 (mod 32) puts in 32 different banks. acc[mt][nt][2h + e] is the
+// output (32w + 16·mt + 8h + g, 8·nt + 2t + e).
+template <int MATH>
+__device__ __forceinline__ void weight_grad_step_mma(float (&acc)[2][8][4], const float* Gs,
+                                                     const float* As) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int warp_row = (threadIdx.x / 32) * 32;
+#pragma unroll
+  for (int ks = 0; ks < kGradDepth; ks += 8) {
+    float a[2][4], b[8][2];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        a[mt][r] = Gs[(ks + t + 4 * (r / 2)) * kGradStride + warp_row + 16 * mt + g + 8 * (r % 2)];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) b[nt][r] = As[(ks + t + 4 * r) * kGradStride + 8 * nt + g];
+    mma_k_step<MATH>(acc, a, b);
+  }
+}
+
+// gW partials (see the top of the file). MATH: kMathFma (float32 or float64 FMAs) or, float32
+// only, kMathTf32 / kMathTf32x3 (the tensor cores, what the fused kernels of the same call
+// use; built for an architecture without mma.sync TF32 the kernel runs FMAs).
+template <typename T, int MATH>
 __global__ void __launch_bounds__(kGradThreads) mlp_weight_grad_kernel(const GradArgs<T> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  constexpr bool kMma = false;
+#else
+  constexpr bool kMma = MATH != kMathFma;
+#endif
+  static_assert(MATH == kMathFma || std::is_same<T, float>::value,
+                "the tensor-core math is float32 only");
   int l = 0;
   while (l + 1 < p.L && (int)blockIdx.x >= p.layer[l + 1].tile_begin) ++l;
   const GradLayer<T>& ly = p.layer[l];
@@ -60,13 +121,24 @@ __global__ void __launch_bounds__(kGradThreads) mlp_weight_grad_kernel(const Gra
   const int o0 = (tile / ly.tiles_in) * kGradTile, i0 = (tile % ly.tiles_in) * kGradTile;
   const int64_t r_begin = (int64_t)blockIdx.y * p.rows_per_split;
   const int64_t r_end = r_begin + p.rows_per_split < p.M ? r_begin + p.rows_per_split : p.M;
-  T* Gs = dynamic_shared<T>();          // [kGradDepth][kGradTile]: GZ rows, tile's columns
-  T* As = Gs + kGradDepth * kGradTile;  // [kGradDepth][kGradTile]: A rows, tile's columns
-  const int t = threadIdx.x, ty = t / 8, tx = t % 8;
+  T* Gs = dynamic_shared<T>();           // [kGradDepth][kGradStride]: GZ rows, tile's columns
+  T* As = Gs + kGradDepth * kGradStride;  // [kGradDepth][kGradStride]: A rows, tile's columns
+  const int t = threadIdx.x;
   const int o_load = o0 + t, i_load = i0 + t;  // the column this thread stages
+  // the accumulators: FMAs 8 × 8 per thread, mma 2 × 8 tiles of 4 (64 either way)
   T acc[8][8];
-  for (int u = 0; u < 8; ++u)
-    for (int v = 0; v < 8; ++v) acc[u][v] = T(0);
+  float acc_mma[2][8][4];
+  if constexpr (kMma) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc_mma[mt][nt][r] = 0.f;
+  } else {
+    for (int u = 0; u < 8; ++u)
+      for (int v = 0; v < 8; ++v) acc[u][v] = T(0);
+  }
   // the step's rows of the thread's column of GZ and A, loaded a step ahead (in flight while
   // the block computes the current step); coalesced: thread t reads column t of each row
   T g_next[kGradDepth], a_next[kGradDepth];
@@ -81,30 +153,36 @@ __global__ void __launch_bounds__(kGradThreads) mlp_weight_grad_kernel(const Gra
   load(r_begin);
   for (int64_t r0 = r_begin; r0 < r_end; r0 += kGradDepth) {
     for (int q = 0; q < kGradDepth; ++q) {
-      Gs[q * kGradTile + t] = g_next[q];
-      As[q * kGradTile + t] = a_next[q];
+      Gs[q * kGradStride + t] = g_next[q];
+      As[q * kGradStride + t] = a_next[q];
     }
     __syncthreads();
     if (r0 + kGradDepth < r_end) load(r0 + kGradDepth);
-    for (int k = 0; k < kGradDepth; ++k) {
-      T g[8], a[8];
-      for (int u = 0; u < 8; ++u) {
-        g[u] = Gs[k * kGradTile + ty + 8 * u];
-        a[u] = As[k * kGradTile + tx + 8 * u];
-      }
-      for (int u = 0; u < 8; ++u)
-        for (int v = 0; v < 8; ++v) acc[u][v] += g[u] * a[v];
-    }
+    if constexpr (kMma)
+      weight_grad_step_mma<MATH>(acc_mma, Gs, As);
+    else
+      weight_grad_step_fma(acc, Gs, As);
     __syncthreads();  // the next step overwrites what this one read
   }
   T* out = p.partial + (int64_t)blockIdx.y * p.stride + ly.offset;
-  for (int u = 0; u < 8; ++u) {
-    const int o = o0 + ty + 8 * u;
-    if (o >= ly.n_out) continue;
-    for (int v = 0; v < 8; ++v) {
-      const int i = i0 + tx + 8 * v;
-      if (i < ly.n_in) out[(int64_t)o * ly.n_in + i] = acc[u][v];
-    }
+  auto put = [&](int o, int i, T v) {
+    if (o < ly.n_out && i < ly.n_in) out[(int64_t)o * ly.n_in + i] = v;
+  };
+  if constexpr (kMma) {
+    const int lane = t % 32, g = lane / 4, tq = lane % 4, warp_row = (t / 32) * 32;
+    // unrolled, so that acc_mma stays in registers
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          put(o0 + warp_row + 16 * mt + 8 * (r / 2) + g, i0 + 8 * nt + 2 * tq + r % 2,
+              acc_mma[mt][nt][r]);
+  } else {
+    const int ty = t / 8, tx = t % 8;
+    for (int u = 0; u < 8; ++u)
+      for (int v = 0; v < 8; ++v) put(o0 + ty + 8 * u, i0 + tx + 8 * v, acc[u][v]);
   }
 }
 
@@ -146,7 +224,7 @@ __global__ void __launch_bounds__(kSumCols * kSumLanes) sum_partials_kernel(cons
   }
 }
 
-inline size_t weight_grad_smem(size_t elem) { return 2 * kGradDepth * kGradTile * elem; }
+inline size_t weight_grad_smem(size_t elem) { return 2 * kGradDepth * kGradStride * elem; }
 inline size_t sum_partials_smem(size_t elem) { return kSumLanes * kSumCols * elem; }
 
 // Rows per split of mlp_weight_grad_kernel for M rows and `tiles` output tiles on a device of

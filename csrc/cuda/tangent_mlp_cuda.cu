@@ -15,9 +15,10 @@
 // GZ_{L-1} → … → gXV = GZ_1 W_1, writing each GZ_l to global memory and the block's partial bias
 // gradient (the sum of its primal rows of GZ_l) to a (blocks, Σ n_l) buffer. The weight
 // gradients gW_l = GZ_lᵀ A_{l-1} are cuBLAS GEMMs over all rows, or with INJFLOW_MLP_WGRAD=kernel
-// one launch of mlp_weight_grad_kernel for every layer (mlp_param_grad_kernels.cuh); the bias
-// gradients (and that kernel's split partials) are added up by one sum_partials_kernel:
-// 2 + L launches for the whole backward (3 with the weight-gradient kernel), deterministic.
+// one launch of mlp_weight_grad_kernel for every layer (mlp_param_grad_kernels.cuh, in the
+// call's arithmetic below); the bias gradients (and that kernel's split partials) are added up
+// by one sum_partials_kernel: 2 + L launches for the whole backward (3 with the weight-gradient
+// kernel), deterministic.
 //
 // Arithmetic (MlpMath, chosen per call on the host, see mlp_math):
 // - kMathFma: plain float32 (or float64) FMAs, each lane an 8 × 8 tile of outputs, reading its
@@ -52,6 +53,7 @@
 #include <initializer_list>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "../tangent_mlp.h"
@@ -225,14 +227,34 @@ bool weight_grad_kernel() {
   return env_choice("INJFLOW_MLP_WGRAD", {{"cublas", 0}, {"kernel", 1}}, 0) == 1;
 }
 
+// One launch of mlp_weight_grad_kernel on `grid` in `math` (the tensor cores: float32 only).
+template <typename T>
+void launch_weight_grad(const GradArgs<T>& args, int math, dim3 grid, cudaStream_t stream) {
+  const size_t smem = weight_grad_smem(sizeof(T));
+  if constexpr (std::is_same<T, float>::value) {
+    if (math == kMathTf32)
+      mlp_weight_grad_kernel<float, kMathTf32><<<grid, kGradThreads, smem, stream>>>(args);
+    else if (math == kMathTf32x3)
+      mlp_weight_grad_kernel<float, kMathTf32x3><<<grid, kGradThreads, smem, stream>>>(args);
+    else
+      mlp_weight_grad_kernel<float, kMathFma><<<grid, kGradThreads, smem, stream>>>(args);
+  } else {
+    TORCH_INTERNAL_ASSERT(math == kMathFma, "tangent_mlp: tensor-core math for ",
+                          c10::CppTypeToScalarType<T>::value);
+    mlp_weight_grad_kernel<T, kMathFma><<<grid, kGradThreads, smem, stream>>>(args);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // gW_l and gb_l of the fused backward (mlp_param_grad_kernels.cuh) from GZ (every layer's
 // pre-activation gradient, (B, R, n_out)), the layers' inputs (XV, then A_in) and the backward
 // kernel's per-block bias partials (blocks, Σ n_out): the bias sums, and the weight gradients
 // with INJFLOW_MLP_WGRAD=kernel, in one launch of sum_partials_kernel (after one of
-// mlp_weight_grad_kernel); without it the weight gradients are cuBLAS GEMMs.
+// mlp_weight_grad_kernel, in the fused kernels' math); without it the weight gradients are
+// cuBLAS GEMMs (TF32 under the same switch).
 void param_grads(const at::Tensor& XV, const std::vector<at::Tensor>& W, at::TensorList A_in,
                  const std::vector<at::Tensor>& GZ, const at::Tensor& partial,
-                 const std::vector<int>& bias_offset, int64_t M, int device,
+                 const std::vector<int>& bias_offset, int64_t M, int math, int device,
                  std::vector<at::Tensor>& gW, std::vector<at::Tensor>& gb) {
   const size_t L = W.size();
   const bool own_gemm = weight_grad_kernel();
@@ -268,10 +290,8 @@ void param_grads(const at::Tensor& XV, const std::vector<at::Tensor>& W, at::Ten
       wpartial = at::empty({splits, args.stride}, XV.options());
       args.partial = wpartial.mutable_data_ptr<scalar_t>();
       if (tiles > 0) {
-        mlp_weight_grad_kernel<scalar_t>
-            <<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(splits)), kGradThreads,
-               weight_grad_smem(sizeof(scalar_t)), stream>>>(args);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+        launch_weight_grad(args, math, grid, stream);
       }
       for (size_t l = 0; l < L; ++l)
         sum_blocks = add_sum_segment(sums, args.partial + args.layer[l].offset, splits,
@@ -366,7 +386,7 @@ MlpBackwardResult tangent_mlp_backward_cuda(const at::Tensor& gY_in, const at::T
     }
     return {gXV, gW, gb};
   }
-  param_grads(XV, W, A_in, GZ, partial, bias_offset, B * R, device, gW, gb);
+  param_grads(XV, W, A_in, GZ, partial, bias_offset, B * R, plan.math, device, gW, gb);
   return {gXV, gW, gb};
 }
 

@@ -113,9 +113,9 @@ def tangent_mlp(XV: torch.Tensor, weights, biases=None, activation: str | None =
             ``INJFLOW_MLP_PIPELINE=async`` stages the weights with cp.async (sm_80+, three
             shared-memory buffers) instead of through registers: the same results bit for
             bit; unmeasured, so opt-in. ``INJFLOW_MLP_WGRAD=kernel`` computes the fused
-            backward's weight gradients with one split-K kernel for all layers (float32 or
-            float64 FMAs, deterministic) instead of one cuBLAS GEMM per layer; unmeasured, so
-            opt-in.
+            backward's weight gradients with one split-K kernel for all layers, in the
+            fused kernels' arithmetic (FMAs, or TF32 / 3×TF32 tensor cores as above;
+            deterministic) instead of one cuBLAS GEMM per layer; unmeasured, so opt-in.
     Returns:
         ``(B, 1+K, n_L)``: row 0 the network at ``x``, rows k its Jacobian times tangent k.
     """

@@ -193,12 +193,14 @@ int backward(int math, int64_t B, int R, int L, const int* n_in, const int* n_ou
 // tangent_mlp_cuda.cu) over M rows: with gW given (INJFLOW_MLP_WGRAD=kernel),
 // mlp_weight_grad_kernel and then sum_partials_kernel for gW and gb; without, the bias sums
 // alone. inputs[l]: the layer's input (M, n_in[l]); partial: (partial_rows, Σ n_out) the
-// backward kernel's bias partials. info: rows per split, splits, tiles, blocks of the sums.
+// backward kernel's bias partials; math: the weight-gradient kernel's (MlpMath, float32 only
+// for the tensor cores). info: rows per split, splits, tiles, blocks of the sums, mma.sync
+// calls.
 template <typename T>
-int param_grads(int64_t M, int L, const int* n_in, const int* n_out, const void* const* GZ,
-                const void* const* inputs, const void* partial, int64_t partial_rows,
-                void* const* gW, void* const* gb, int64_t pinned_rows, const Device& dev,
-                int64_t* info, char* err, int errlen) {
+int param_grads(int math, int64_t M, int L, const int* n_in, const int* n_out,
+                const void* const* GZ, const void* const* inputs, const void* partial,
+                int64_t partial_rows, void* const* gW, void* const* gb, int64_t pinned_rows,
+                const Device& dev, int64_t* info, char* err, int errlen) {
   Buffers bufs;
   GradArgs<T> args{};
   args.L = L;
@@ -217,7 +219,7 @@ int param_grads(int64_t M, int L, const int* n_in, const int* n_out, const void*
   const auto order = static_cast<injflow_emu::Order>(dev.order);
   SumArgs<T> sums{};
   int sum_blocks = 0, tiles = 0;
-  int64_t splits = 0;
+  int64_t splits = 0, mma = 0;
   std::vector<T> weight_partial;
   try {
     if (gW != nullptr) {
@@ -226,10 +228,20 @@ int param_grads(int64_t M, int L, const int* n_in, const int* n_out, const void*
       splits = weight_grad_splits(args);
       weight_partial.resize(splits * args.stride);
       args.partial = bufs.out<T>(weight_partial.data(), weight_partial.size(), "weight_partial");
+      auto body = [&]() -> std::function<void()> {
+        if constexpr (std::is_same<T, float>::value) {
+          if (math == kMathTf32) return [&] { mlp_weight_grad_kernel<float, kMathTf32>(args); };
+          if (math == kMathTf32x3)
+            return [&] { mlp_weight_grad_kernel<float, kMathTf32x3>(args); };
+        }
+        if (math != kMathFma) throw std::runtime_error("tensor-core math for float64");
+        return [&] { mlp_weight_grad_kernel<T, kMathFma>(args); };
+      }();
       if (tiles > 0)
-        injflow_emu::launch(injflow_emu::Dim3{(unsigned)tiles, (unsigned)splits, 1},
-                            injflow_emu::Dim3{kGradThreads, 1, 1}, weight_grad_smem(sizeof(T)),
-                            [&] { mlp_weight_grad_kernel<T>(args); }, order, dev.seed);
+        mma = injflow_emu::launch(injflow_emu::Dim3{(unsigned)tiles, (unsigned)splits, 1},
+                                  injflow_emu::Dim3{kGradThreads, 1, 1},
+                                  weight_grad_smem(sizeof(T)), body, order, dev.seed)
+                  .mma;
       for (int l = 0; l < L; ++l)
         sum_blocks = add_sum_segment(
             sums, args.partial + args.layer[l].offset, splits, args.stride,
@@ -255,6 +267,7 @@ int param_grads(int64_t M, int L, const int* n_in, const int* n_out, const void*
   info[1] = splits;
   info[2] = tiles;
   info[3] = sum_blocks;
+  info[4] = mma;
   return 0;
 }
 
@@ -379,17 +392,17 @@ int emu_mlp_backward(int dtype, int math, int pipe, int64_t B, int R, int L, con
 }
 
 // The parameter gradients after the backward kernel (param_grads above); gW null: only the
-// bias sums. rows_per_split > 0 pins the split (INJFLOW_MLP_WGRAD_ROWS).
-int emu_mlp_param_grads(int dtype, int64_t M, int L, const int* n_in, const int* n_out,
-                        const void* const* GZ, const void* const* inputs, const void* partial,
-                        int64_t partial_rows, void* const* gW, void* const* gb, int sms,
-                        int64_t rows_per_split, int order, uint64_t seed, int64_t* info,
-                        char* err, int errlen) {
+// bias sums. rows_per_split > 0 pins the split (INJFLOW_MLP_WGRAD_ROWS); math as MlpMath.
+int emu_mlp_param_grads(int dtype, int math, int64_t M, int L, const int* n_in,
+                        const int* n_out, const void* const* GZ, const void* const* inputs,
+                        const void* partial, int64_t partial_rows, void* const* gW,
+                        void* const* gb, int sms, int64_t rows_per_split, int order,
+                        uint64_t seed, int64_t* info, char* err, int errlen) {
   const Device dev{kPipeRegisters, sms, 9, 0, 0, order, seed};
   if (dtype == 0)
-    return param_grads<float>(M, L, n_in, n_out, GZ, inputs, partial, partial_rows, gW, gb,
+    return param_grads<float>(math, M, L, n_in, n_out, GZ, inputs, partial, partial_rows, gW, gb,
                               rows_per_split, dev, info, err, errlen);
-  return param_grads<double>(M, L, n_in, n_out, GZ, inputs, partial, partial_rows, gW, gb,
+  return param_grads<double>(math, M, L, n_in, n_out, GZ, inputs, partial, partial_rows, gW, gb,
                              rows_per_split, dev, info, err, errlen);
 }
 
