@@ -107,9 +107,11 @@ def make_inputs(B, K, widths, device, dtype):
 
 def make_step(fn, XV, Ws, bs, G, device, eager):
     """One forward + backward (gradients of XV and every parameter); on CUDA replayed from a
-    graph unless ``eager``. The capture is thread-local: work of other threads (the autograd
-    engine's, inductor's) does not invalidate it (the first capture of a run once failed in
-    the default mode)."""
+    graph unless ``eager``. The first capture of a run once failed in the default mode (and a
+    failed capture leaves torch's CUDA generator unusable for the rest of the process), so:
+    the capture is thread-local (work of other threads, the autograd engine's or inductor's,
+    does not invalidate it), and it runs on the warm-up's own stream, so that every per-stream
+    resource (cuBLAS workspaces of the main and the autograd thread) exists before it."""
     params = [XV, *Ws, *bs]
 
     def step():
@@ -124,7 +126,7 @@ def make_step(fn, XV, Ws, bs, G, device, eager):
             step()
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    with torch.cuda.graph(graph, stream=s, capture_error_mode="thread_local"):
         step()
     return graph.replay
 

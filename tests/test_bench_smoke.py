@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+from conftest import _cuda_usable
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -97,3 +100,22 @@ def test_injflow_bench_conditioner_path_and_precision(tmp_path, capsys):
     assert main(["bench", "--device", "cpu", "--quick", "--mlp-wgrad", "kernel"]) == 2
     assert "mlp_wgrad is how the fused backward computes the weight gradients; it needs " \
            "mlp_path='fused', got 'auto'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _cuda_usable(), reason="needs a GPU and an extension built with CUDA kernels")
+@pytest.mark.parametrize("options", [[], ["--mlp-path", "fused", "--precision", "tf32",
+                                          "--mlp-pipeline", "async", "--mlp-wgrad", "kernel"]])
+def test_cuda_injflow_bench_captures_and_times(tmp_path, options):
+    """``injflow bench --device cuda`` (what a cluster user runs): ours and plain PyTorch agree,
+    and both are timed eagerly and (the MLP and the step) as CUDA-graph replays, with the
+    default conditioners and with the fused kernels in every opt-in mode."""
+    from injflow_ext.cli import main
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--device", "cuda", "--quick", "--budget", "0.02", *options,
+                 "--json", str(out)]) == 0
+    res = json.load(open(out))
+    for r in res["ops"] + res["step"]:
+        graphs = r.get("op") != "gram_logdet"  # gram_logdet is timed eagerly only
+        for key in ("ours_ms", "plain_ms") + (("ours_graph_ms", "plain_graph_ms") if graphs
+                                              else ()):
+            assert r[key] > 0, (r.get("op", r.get("config")), key)
