@@ -198,41 +198,48 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4],
 
 // One k-step of 8 of the warp tile: acc[mt][nt] += A_mt · B_nt for the lane's fragments a, b
 // (float32 values). MATH = kMathTf32: one mma per tile on the rounded operands;
-// kMathTf32x3: x = head + tail with both TF32, the tails' products first.
+// kMathTf32x3: x = head + tail with both TF32, per tile the tails' products first
+// (tail·head, head·tail, head·head). B's head and tail are formed one column tile at a time,
+// so that only A's stay live across the tiles (fewer registers).
 template <int MATH>
 __device__ __forceinline__ void mma_k_step(float (&acc)[2][8][4], const float (&a)[2][4],
                                            const float (&b)[8][2]) {
-  uint32_t ah[2][4], bh[8][2];
+  uint32_t ah[2][4];
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
     for (int r = 0; r < 4; ++r) ah[mt][r] = to_tf32(a[mt][r]);
-#pragma unroll
-  for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) bh[nt][r] = to_tf32(b[nt][r]);
   if constexpr (MATH == kMathTf32x3) {
-    uint32_t at[2][4], bt[8][2];
+    uint32_t at[2][4];
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
       for (int r = 0; r < 4; ++r) at[mt][r] = to_tf32(a[mt][r] - __uint_as_float(ah[mt][r]));
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+    for (int nt = 0; nt < 8; ++nt) {
+      uint32_t bh[2], bt[2];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) bt[nt][r] = to_tf32(b[nt][r] - __uint_as_float(bh[nt][r]));
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        mma_tf32(acc[mt][nt], at[mt], bh[nt]);
-        mma_tf32(acc[mt][nt], ah[mt], bt[nt]);
+      for (int r = 0; r < 2; ++r) {
+        bh[r] = to_tf32(b[nt][r]);
+        bt[r] = to_tf32(b[nt][r] - __uint_as_float(bh[r]));
       }
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        mma_tf32(acc[mt][nt], at[mt], bh);
+        mma_tf32(acc[mt][nt], ah[mt], bt);
+        mma_tf32(acc[mt][nt], ah[mt], bh);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      uint32_t bh[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) bh[r] = to_tf32(b[nt][r]);
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) mma_tf32(acc[mt][nt], ah[mt], bh);
+    }
   }
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) mma_tf32(acc[mt][nt], ah[mt], bh[nt]);
 }
 
 // The next kChunk × 128 block of the weight, loaded into registers while the current one is
