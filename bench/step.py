@@ -240,7 +240,7 @@ def capture_reference(model, x, fn):
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     clear_grads(model)
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=s):  # its own stream (see TrainStep._capture)
         fn(model, static_x, BETA).backward()
     return graph.replay
 

@@ -365,7 +365,10 @@ class TrainStep:
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         self._zero_grad()   # the graph allocates the gradients from its own pool
-        with torch.cuda.graph(graph), matmul_precision(self.precision):
+        # captured on the warm-up's stream, one per graph: torch keys cuBLAS workspaces by
+        # stream, and graphs sharing torch's default capture stream can free each other's
+        # workspace when one of them is destroyed (pytorch/pytorch#193402)
+        with torch.cuda.graph(graph, stream=side), matmul_precision(self.precision):
             static_out = self._body(self._static_x, None)
         torch.cuda.synchronize(self.device)
         self._restore(snapshot)

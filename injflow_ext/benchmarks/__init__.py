@@ -50,9 +50,10 @@ def _rel_err(a, b) -> float:
 def _capture(fn, device):
     """``fn()`` recorded in a CUDA graph after warm-up on a side stream; the replay. The
     capture runs on the warm-up's stream (every per-stream resource, such as the cuBLAS
-    workspaces of this thread and the autograd engine's, exists before it) and is thread-local
-    (other threads' work cannot invalidate it): a first capture failed on an H200 without
-    these (bench/RESULTS.md), and a failed capture leaves torch's CUDA generator unusable."""
+    workspaces of this thread and the autograd engine's, exists before it; no other graph
+    shares the stream, see TrainStep._capture) and is thread-local (other threads' work
+    cannot invalidate it): a first capture failed on an H200 without these
+    (bench/RESULTS.md), and a failed capture leaves torch's CUDA generator unusable."""
     side = torch.cuda.Stream(device=device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
