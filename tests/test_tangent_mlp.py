@@ -93,7 +93,7 @@ def replayed(step):
         step()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):  # its own stream, as TrainStep captures
         out = step()
     graph.replay()
     torch.cuda.synchronize()
