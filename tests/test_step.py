@@ -158,6 +158,20 @@ def test_bad_arguments_say_what_to_change():
 # ----------------------------------------------------------------------------- CUDA
 
 
+def assert_same_step(step, model, ref_step, ref_model, x):
+    """``step(x)`` (update=False) gives ``ref_step(x)``'s loss and gradients to float32
+    rounding: loss to 1e-5, gradients to 1e-4 in norm (relative)."""
+    got_loss = float(step(x)["loss"])
+    got = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    ref_loss = float(ref_step(x)["loss"])
+    ref = [p.grad.clone() for p in ref_model.parameters() if p.grad is not None]
+    assert len(got) == len(ref) > 0
+    assert got_loss == pytest.approx(ref_loss, rel=1e-5)
+    num = sum(((g - r) ** 2).sum() for g, r in zip(got, ref)) ** 0.5
+    den = sum((r ** 2).sum() for r in ref) ** 0.5
+    assert float(num / den) < 1e-4
+
+
 @needs_cuda
 @pytest.mark.parametrize("name", ["exact", "two-step", "surrogate"])
 def test_cuda_captured_replay_trains_like_eager_and_construction_does_not_train(name):
@@ -195,15 +209,7 @@ def test_cuda_compiled_capture_computes_the_eager_loss_and_gradients(name):
     captured = TrainStep(b, OBJECTIVES[name](), update=False, mode="captured", example_x=xs[0])
     assert captured.captured and captured.compiled_forward is not None
     for x in xs:
-        got_loss = float(captured(x)["loss"])
-        got = [p.grad.clone() for p in b.parameters() if p.grad is not None]
-        ref_loss = float(eager(x)["loss"])
-        ref = [p.grad.clone() for p in a.parameters() if p.grad is not None]
-        assert len(got) == len(ref) > 0
-        assert got_loss == pytest.approx(ref_loss, rel=1e-5)
-        num = sum(((g - r) ** 2).sum() for g, r in zip(got, ref)) ** 0.5
-        den = sum((r ** 2).sum() for r in ref) ** 0.5
-        assert float(num / den) < 1e-4
+        assert_same_step(captured, b, eager, a, x)
 
 
 @needs_cuda
@@ -245,15 +251,7 @@ def test_cuda_captured_step_outlives_another_captured_graph():
     gc.collect()
     torch.cuda.empty_cache()
     junk = torch.full((64 << 20,), float("nan"), device="cuda")  # noqa: F841 - reuses memory
-    got_loss = float(second(x)["loss"])
-    got = [p.grad.clone() for p in b.parameters() if p.grad is not None]
-    ref_loss = float(TrainStep(c, "exact", update=False)(x)["loss"])
-    ref = [p.grad.clone() for p in c.parameters() if p.grad is not None]
-    assert len(got) == len(ref) > 0
-    assert got_loss == pytest.approx(ref_loss, rel=1e-5)
-    num = sum(((g - r) ** 2).sum() for g, r in zip(got, ref)) ** 0.5
-    den = sum((r ** 2).sum() for r in ref) ** 0.5
-    assert float(num / den) < 1e-4
+    assert_same_step(second, b, TrainStep(c, "exact", update=False), c, x)
 
 
 @needs_cuda
