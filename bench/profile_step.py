@@ -7,6 +7,7 @@ operators. Prints a table per (config, method) and writes JSON.
 
     python bench/profile_step.py [--device cpu|cuda] [--configs MINIBOONE,IMAGE]
                                  [--methods ours_exact,ref_batched] [--steps 5] [--json PATH]
+                                 [--mlp-path auto|per_layer|fused] [--tf32]
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step as step_bench  # noqa: E402
 from common import add_common_args, environment, write_results  # noqa: E402
+
+from injflow_ext.nn import set_mlp_path  # noqa: E402
 
 
 def profile_method(method, model, x, device, steps):
@@ -69,15 +72,18 @@ def main(argv=None):
     p.add_argument("--methods", default="ours_exact,ref_batched,ours_hutchinson,ref_hutchinson_cg")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=10, help="entries printed per method (JSON: all)")
+    step_bench.add_arithmetic_args(p)
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     configs = step_bench.QUICK_CONFIGS if args.quick else {
         k: step_bench.CONFIGS[k] for k in args.configs.split(",")}
     steps = 2 if args.quick else args.steps
-    env = environment(device)
+    env = {**environment(device), "mlp_path": args.mlp_path, "tf32": args.tf32}
     results = []
     for name, (D, d, B, hidden) in configs.items():
         model = step_bench.build_model(D, d, hidden, device, dtype)
+        set_mlp_path(model, args.mlp_path)
         x = step_bench.make_batch(B, model.ambient_dim, device, dtype)
         for method in args.methods.split(","):
             if method.endswith("_graph") and device.type != "cuda":

@@ -318,6 +318,16 @@ def write_partial(args, device, env, rows, final=False):
         quiet=not final)
 
 
+def add_arithmetic_args(p) -> None:
+    """The options that choose how ours computes (also bench/profile_step.py's): --mlp-path
+    (set on the model with ``set_mlp_path``) and --tf32 (``allow_tf32`` for the run)."""
+    p.add_argument("--mlp-path", default="auto", choices=("auto", "per_layer", "fused"),
+                   help="the conditioners' tangent_mlp path for the ours_* methods (fused: "
+                        "CUDA only)")
+    p.add_argument("--tf32", action="store_true",
+                   help="let float32 GEMMs use TF32 tensor cores (CUDA; every method alike)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -325,11 +335,7 @@ def main(argv=None):
     p.add_argument("--configs", default=None, help="comma-separated names of " + ",".join(CONFIGS))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timing per method")
-    p.add_argument("--mlp-path", default="auto", choices=("auto", "per_layer", "fused"),
-                   help="the conditioners' tangent_mlp path for the ours_* methods (fused: "
-                        "CUDA only)")
-    p.add_argument("--tf32", action="store_true",
-                   help="let float32 GEMMs use TF32 tensor cores (CUDA; every method alike)")
+    add_arithmetic_args(p)
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32

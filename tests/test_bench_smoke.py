@@ -55,7 +55,9 @@ def test_paired_ratio_interval_order_statistics():
 
 
 def test_profile_step_smoke(tmp_path):
-    res = run("profile_step.py", tmp_path, "--methods", "ours_exact,ref_batched")
+    res = run("profile_step.py", tmp_path, "--methods", "ours_exact,ref_batched", "--mlp-path",
+              "per_layer")
+    assert res["mlp_path"] == "per_layer" and res["tf32"] is False
     assert [(r["config"], r["method"]) for r in res["rows"]] == [
         ("TINY", "ours_exact"), ("TINY", "ref_batched"),
         ("TINY_CONV", "ours_exact"), ("TINY_CONV", "ref_batched")]
