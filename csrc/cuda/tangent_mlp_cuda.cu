@@ -194,15 +194,8 @@ MlpForwardResult tangent_mlp_cuda(const at::Tensor& XV_in, at::TensorList weight
   }
   if (B == 0) return {Y, Z, A, dA};
   AT_DISPATCH_FLOATING_TYPES(XV.scalar_type(), "tangent_mlp_cuda", [&] {
-    MlpArgs<scalar_t> args{};
-    args.L = static_cast<int>(L);
-    args.B = B;
-    args.R = static_cast<int>(R);
-    args.S = plan.S;
-    args.ldm = plan.ldm;
-    args.width0 = widths.first;
-    args.width1 = widths.second;
-    args.slope = static_cast<scalar_t>(slope);
+    MlpArgs<scalar_t> args = plan_args<scalar_t>(plan, widths, B, static_cast<int>(R),
+                                                  static_cast<int>(L), slope);
     args.in = XV.const_data_ptr<scalar_t>();
     for (size_t l = 0; l < L; ++l) {
       auto& ly = args.layer[l];
@@ -353,15 +346,8 @@ MlpBackwardResult tangent_mlp_backward_cuda(const at::Tensor& gY_in, const at::T
   }
   at::Tensor partial = at::empty({plan.blocks, bias_total}, XV.options());
   AT_DISPATCH_FLOATING_TYPES(XV.scalar_type(), "tangent_mlp_backward_cuda", [&] {
-    MlpArgs<scalar_t> args{};
-    args.L = static_cast<int>(L);
-    args.B = B;
-    args.R = static_cast<int>(R);
-    args.S = plan.S;
-    args.ldm = plan.ldm;
-    args.width0 = widths.first;
-    args.width1 = widths.second;
-    args.slope = static_cast<scalar_t>(slope);
+    MlpArgs<scalar_t> args = plan_args<scalar_t>(plan, widths, B, static_cast<int>(R),
+                                                  static_cast<int>(L), slope);
     args.in = gY.const_data_ptr<scalar_t>();
     args.out = gXV.mutable_data_ptr<scalar_t>();
     args.bias_partial = partial.mutable_data_ptr<scalar_t>();

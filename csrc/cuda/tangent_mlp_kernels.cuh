@@ -823,6 +823,23 @@ inline MlpPlan plan_mlp(int64_t B, int64_t R, int width0, int width1, size_t ele
                      std::to_string(dev.smem_optin));
 }
 
+// The kernels' arguments that come from the plan and the shapes, alike for the forward and the
+// backward (the caller adds the buffers and the layers).
+template <typename T>
+inline MlpArgs<T> plan_args(const MlpPlan& plan, std::pair<int, int> widths, int64_t B, int R,
+                            int L, double slope) {
+  MlpArgs<T> args{};
+  args.L = L;
+  args.B = B;
+  args.R = R;
+  args.S = plan.S;
+  args.ldm = plan.ldm;
+  args.width0 = widths.first;
+  args.width1 = widths.second;
+  args.slope = static_cast<T>(slope);
+  return args;
+}
+
 // Widths of the two shared-memory activation buffers for layers of n_out[l] outputs and an
 // input of n_in0 features. Forward: the input and every hidden width (the buffers alternate),
 // the last layer's output goes to global memory. Backward: the last layer's output gradient

@@ -110,23 +110,6 @@ int run(const MlpPlan& plan, const MlpArgs<T>& args, const Device& dev, Buffers&
   return 0;
 }
 
-// The kernels' arguments that come from the plan and the shapes (the buffers are added by the
-// caller), as tangent_mlp_cuda.cu sets them.
-template <typename T>
-MlpArgs<T> plan_args(const MlpPlan& plan, std::pair<int, int> widths, int64_t B, int R, int L,
-                     double slope) {
-  MlpArgs<T> args{};
-  args.L = L;
-  args.B = B;
-  args.R = R;
-  args.S = plan.S;
-  args.ldm = plan.ldm;
-  args.width0 = widths.first;
-  args.width1 = widths.second;
-  args.slope = static_cast<T>(slope);
-  return args;
-}
-
 template <typename T>
 int forward(int math, int64_t B, int R, int L, const int* n_in, const int* n_out,
             const int* acts, double slope, const void* XV, const void* const* W,
