@@ -74,18 +74,21 @@ __device__ __forceinline__ void weight_grad_step_fma(T (&acc)[8][8], const T* Gs
   }
 }
 
-// The same step on the tensor cores (float32, MATH = kMathTf32 or kMathTf32x3): warp w takes
-// rows 32w … 32w + 31 of the tile (gW's output features) and all 64 columns (input features)
-// as 2 × 8 mma tiles, two k-steps of 8 rows per step. In mma terms the tile is
-// GZᵀ (M = outputs, K = rows) · A (K = rows, N = inputs); with lane = 4·g + t the fragments
-// (MmaLane's comment) read Gs[k][o] and As[k][i] at k = t + 4·j, o or i = g + 8·j', which the
-// row stride kGradStride ≡ 8 (mod 32) puts in 32 different banks. acc[mt][nt][2h + e] is the
-// output (32w + 16·mt + 8h + g, 8·nt + 2t + e).
+// The tensor-core lane of the gW tile: warp w takes rows 32w … 32w + 31 (gW's output
+// features) and all 64 columns (input features), as 2 × 8 mma tiles (MmaLane).
+__device__ __forceinline__ MmaLane weight_grad_lane() {
+  return MmaLane((threadIdx.x / 32) * 32, 0);
+}
+
+// The same step on the tensor cores (float32, MATH = kMathTf32 or kMathTf32x3), two k-steps of
+// 8 rows per step. In mma terms the tile is GZᵀ (M = outputs, K = rows) · A (K = rows,
+// N = inputs); the fragments (MmaLane's comment) read Gs[k][o] and As[k][i] at k = t + 4·j,
+// o or i = g + 8·j', which the row stride kGradStride ≡ 8 (mod 32) puts in 32 different banks.
+// acc[mt][nt][2h + e] is the output (lane.row(mt, h), lane.col(nt, e)).
 template <int MATH>
 __device__ __forceinline__ void weight_grad_step_mma(float (&acc)[2][8][4], const float* Gs,
                                                      const float* As) {
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int warp_row = (threadIdx.x / 32) * 32;
+  const MmaLane lane = weight_grad_lane();
 #pragma unroll
   for (int ks = 0; ks < kGradDepth; ks += 8) {
     float a[2][4], b[8][2];
@@ -93,11 +96,12 @@ __device__ __forceinline__ void weight_grad_step_mma(float (&acc)[2][8][4], cons
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
       for (int r = 0; r < 4; ++r)
-        a[mt][r] = Gs[(ks + t + 4 * (r / 2)) * kGradStride + warp_row + 16 * mt + g + 8 * (r % 2)];
+        a[mt][r] = Gs[(ks + lane.t + 4 * (r / 2)) * kGradStride + lane.row(mt, r % 2)];
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) b[nt][r] = As[(ks + t + 4 * r) * kGradStride + 8 * nt + g];
+      for (int r = 0; r < 2; ++r)
+        b[nt][r] = As[(ks + lane.t + 4 * r) * kGradStride + lane.warp_col + 8 * nt + lane.g];
     mma_k_step<MATH>(acc, a, b);
   }
 }
@@ -169,7 +173,7 @@ __global__ void __launch_bounds__(kGradThreads) mlp_weight_grad_kernel(const Gra
     if (o < ly.n_out && i < ly.n_in) out[(int64_t)o * ly.n_in + i] = v;
   };
   if constexpr (kMma) {
-    const int lane = t % 32, g = lane / 4, tq = lane % 4, warp_row = (t / 32) * 32;
+    const MmaLane lane = weight_grad_lane();
     // unrolled, so that acc_mma stays in registers
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
@@ -177,8 +181,7 @@ __global__ void __launch_bounds__(kGradThreads) mlp_weight_grad_kernel(const Gra
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int r = 0; r < 4; ++r)
-          put(o0 + warp_row + 16 * mt + 8 * (r / 2) + g, i0 + 8 * nt + 2 * tq + r % 2,
-              acc_mma[mt][nt][r]);
+          put(o0 + lane.row(mt, r / 2), i0 + lane.col(nt, r % 2), acc_mma[mt][nt][r]);
   } else {
     const int ty = t / 8, tx = t % 8;
     for (int u = 0; u < 8; ++u)

@@ -154,15 +154,14 @@ constexpr int kMmaChunkStride = kPassCols + kMmaPad;
 //   B (8 × 8):   b[r] = B(t + 4·r, g)
 //   C (16 × 8):  c[r] = C(g + 8·(r / 2), 2·t + r % 2)
 // so acc[mt][nt][2·h + e] is the output at row row(mt, h) and column col(nt, e) of the block.
+// The default layout is the fused kernels' (warps in pairs across the two 64-column halves of
+// a 128-column pass); MmaLane(warp_row, warp_col) places the calling warp's tile elsewhere.
 struct MmaLane {
   int g, t, warp_row, warp_col;
-  __device__ __forceinline__ MmaLane() {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    g = lane / 4;
-    t = lane % 4;
-    warp_row = (warp / 2) * kWarpRows;
-    warp_col = (warp % 2) * 64;
-  }
+  __device__ __forceinline__ MmaLane()
+      : MmaLane((threadIdx.x / 32 / 2) * kWarpRows, (threadIdx.x / 32 % 2) * 64) {}
+  __device__ __forceinline__ MmaLane(int warp_row_, int warp_col_)
+      : g(threadIdx.x % 32 / 4), t(threadIdx.x % 4), warp_row(warp_row_), warp_col(warp_col_) {}
   __device__ __forceinline__ int row(int mt, int h) const { return warp_row + mt * 16 + 8 * h + g; }
   __device__ __forceinline__ int col(int nt, int e) const { return warp_col + nt * 8 + 2 * t + e; }
 };
