@@ -282,5 +282,67 @@ inline int add_sum_segment(SumArgs<T>& args, const T* partial, int64_t rows, int
   return blocks + (int)((count + kSumCols - 1) / kSumCols);
 }
 
+// ------------------------------------------------------- the host's part, over raw pointers
+// What param_grads in tangent_mlp_cuda.cu does around the two launches, written once here so
+// that the CUDA emulation's harness (tests/cuda_emulation/) runs the very same code.
+
+template <typename T>
+struct ParamGradLaunches {
+  GradArgs<T> wgrad{};   // mlp_weight_grad_kernel's arguments (launched only with gW wanted)
+  int tiles = 0;         // its grid.x
+  int64_t splits = 0;    // its grid.y; its partials are (splits, wgrad.stride)
+  SumArgs<T> sums{};     // sum_partials_kernel's segments (add_param_grad_sums)
+  int sum_blocks = 0;    // its grid
+};
+
+// Lays out L layers for mlp_weight_grad_kernel over M rows: GZ[l] (M, n_out[l]) the layer's
+// pre-activation gradient, A[l] (M, n_in[l]) its input; the split for `sms` multiprocessors
+// (`pinned` > 0 rows per split pins it, weight_grad_rows_per_split). The caller then allocates
+// the split partials, (splits, wgrad.stride), and calls add_param_grad_sums.
+template <typename T>
+inline ParamGradLaunches<T> plan_param_grads(int L, int64_t M, const T* const* GZ,
+                                             const T* const* A, const int* n_out,
+                                             const int* n_in, int sms, int64_t pinned) {
+  ParamGradLaunches<T> p;
+  p.wgrad.L = L;
+  p.wgrad.M = M;
+  for (int l = 0; l < L; ++l) {
+    GradLayer<T>& ly = p.wgrad.layer[l];
+    ly.GZ = GZ[l];
+    ly.A = A[l];
+    ly.n_out = n_out[l];
+    ly.n_in = n_in[l];
+  }
+  p.tiles = weight_grad_layout(p.wgrad);
+  p.wgrad.rows_per_split = weight_grad_rows_per_split(M, p.tiles, sms, pinned);
+  p.splits = weight_grad_splits(p.wgrad);
+  return p;
+}
+
+// The segments of sum_partials_kernel: with gW (not null: mlp_weight_grad_kernel runs and
+// writes weight_partial, (splits, wgrad.stride)) each layer's gW (n_out × n_in) from the split
+// partials; then each layer's gb (n_out) from the backward kernel's bias partials, (bias_rows,
+// Σ n_out), layer l's columns from Σ_{k<l} n_out[k] on, as mlp_backward_kernel writes them.
+template <typename T>
+inline void add_param_grad_sums(ParamGradLaunches<T>& p, T* weight_partial, T* const* gW,
+                                const T* bias_partial, int64_t bias_rows, T* const* gb) {
+  p.wgrad.partial = weight_partial;
+  int64_t bias_total = 0;
+  for (int l = 0; l < p.wgrad.L; ++l) bias_total += p.wgrad.layer[l].n_out;
+  if (gW != nullptr)
+    for (int l = 0; l < p.wgrad.L; ++l) {
+      const GradLayer<T>& ly = p.wgrad.layer[l];
+      p.sum_blocks = add_sum_segment(p.sums, weight_partial + ly.offset, p.splits,
+                                     p.wgrad.stride, (int64_t)ly.n_out * ly.n_in, gW[l]);
+    }
+  int64_t offset = 0;
+  for (int l = 0; l < p.wgrad.L; ++l) {
+    const int n = p.wgrad.layer[l].n_out;
+    p.sum_blocks = add_sum_segment(p.sums, bias_partial + offset, bias_rows, bias_total,
+                                   (int64_t)n, gb[l]);
+    offset += n;
+  }
+}
+
 }  // namespace fused_mlp
 }  // namespace injflow

@@ -108,15 +108,6 @@ int mlp_pipe() {
                     {{"registers", kPipeRegisters}, {"async", kPipeAsync}}, kPipeRegisters);
 }
 
-// The launch plan on this device (plan_mlp); INJFLOW_MLP_SAMPLES_PER_BLOCK pins the samples
-// per block (benchmarks, tests).
-MlpPlan plan_on_device(int64_t B, int64_t R, int width0, int width1, size_t elem, int math,
-                       int device) {
-  int64_t per_block = 0;
-  if (const char* env = std::getenv("INJFLOW_MLP_SAMPLES_PER_BLOCK")) per_block = std::atoll(env);
-  return plan_mlp(B, R, width0, width1, elem, math, mlp_pipe(), device_facts(device), per_block);
-}
-
 // The arithmetic of the fused kernels for this call (see the top of the file): float64 and
 // devices below sm_80 use FMAs; float32 follows torch's TF32 switch for matmuls
 // (at::globalContext().allowTF32CuBLAS(), as cuBLAS does for the per-layer path), unless
@@ -130,12 +121,25 @@ int mlp_math(at::ScalarType dtype, int device) {
   return at::globalContext().allowTF32CuBLAS() ? kMathTf32 : kMathFma;
 }
 
-// The fused path runs only when asked for (path=2); auto is the per-layer path: on an H200 the
-// fused kernels were slower than the per-layer cuBLAS GEMMs at every measured size
-// (bench/RESULTS.md, "Fused tangent MLP").
-void require_fused(const MlpPlan& plan, const char* op) {
+// The fused kernels' plan for this call on XV's device (plan_network; widths: the activation
+// buffers'), or an error that says why the fused path cannot take the shapes. The fused path
+// runs only when asked for (path=2); auto is the per-layer path: on an H200 the fused kernels
+// were slower than the per-layer cuBLAS GEMMs at every measured size (bench/RESULTS.md, "Fused
+// tangent MLP"). INJFLOW_MLP_SAMPLES_PER_BLOCK pins the samples per block (benchmarks, tests).
+MlpPlan fused_plan(const at::Tensor& XV, at::TensorList weights, bool backward, const char* op,
+                   std::pair<int, int>* widths) {
+  std::vector<int> n_out;
+  for (const auto& W : weights) n_out.push_back(static_cast<int>(W.size(0)));
+  int64_t per_block = 0;
+  if (const char* env = std::getenv("INJFLOW_MLP_SAMPLES_PER_BLOCK")) per_block = std::atoll(env);
+  const int device = XV.get_device();
+  const MlpPlan plan = plan_network(XV.size(0), XV.size(1), n_out,
+                                    static_cast<int>(weights.front().size(1)), backward,
+                                    XV.element_size(), mlp_math(XV.scalar_type(), device),
+                                    mlp_pipe(), device_facts(device), per_block, widths);
   TORCH_CHECK(plan.why_not.empty(), op, ": the fused path (path=2) cannot take these shapes: ",
               plan.why_not, "; use path=0 (auto) or 1 (per layer)");
+  return plan;
 }
 
 template <typename T, template <typename, int, int, int> class KernelOf>
@@ -156,13 +160,6 @@ void launch(const MlpPlan& plan, const MlpArgs<T>& args, int device, cudaStream_
                         c10::CppTypeToScalarType<T>::value);
 }
 
-// Widths of the two shared-memory activation buffers (buffer_widths) of these weights.
-std::pair<int, int> buffer_widths_of(at::TensorList weights, bool backward) {
-  std::vector<int> n_out;
-  for (const auto& W : weights) n_out.push_back(static_cast<int>(W.size(0)));
-  return buffer_widths(n_out, static_cast<int>(weights.front().size(1)), backward);
-}
-
 MlpForwardResult tangent_mlp_cuda(const at::Tensor& XV_in, at::TensorList weights,
                                   at::TensorList biases, int64_t act, double slope,
                                   int64_t last_act, int64_t path) {
@@ -174,12 +171,8 @@ MlpForwardResult tangent_mlp_cuda(const at::Tensor& XV_in, at::TensorList weight
   if (path != kMlpFused)
     return tangent_mlp_per_layer(XV_in, weights, biases, act, slope, last_act,
                                  &tangent_linear_cuda);
-  const auto widths = buffer_widths_of(weights, false);
-  const MlpPlan plan = L <= (size_t)kMaxLayers
-                           ? plan_on_device(B, R, widths.first, widths.second, XV_in.element_size(),
-                                      mlp_math(XV_in.scalar_type(), device), device)
-                           : unsupported("more than 8 layers");
-  require_fused(plan, "tangent_mlp");
+  std::pair<int, int> widths;
+  const MlpPlan plan = fused_plan(XV_in, weights, false, "tangent_mlp", &widths);
   const at::Tensor XV = XV_in.contiguous();
   std::vector<at::Tensor> W(L), b(L), Z(L), A, dA(L);
   at::Tensor Y;
@@ -244,60 +237,50 @@ void launch_weight_grad(const GradArgs<T>& args, int math, dim3 grid, cudaStream
 // kernel's per-block bias partials (blocks, Σ n_out): the bias sums, and the weight gradients
 // with INJFLOW_MLP_WGRAD=kernel, in one launch of sum_partials_kernel (after one of
 // mlp_weight_grad_kernel, in the fused kernels' math); without it the weight gradients are
-// cuBLAS GEMMs (TF32 under the same switch).
+// cuBLAS GEMMs (TF32 under the same switch). The launches' arguments come from
+// plan_param_grads and add_param_grad_sums, which the CUDA emulation's tests run too.
 void param_grads(const at::Tensor& XV, const std::vector<at::Tensor>& W, at::TensorList A_in,
-                 const std::vector<at::Tensor>& GZ, const at::Tensor& partial,
-                 const std::vector<int>& bias_offset, int64_t M, int math, int device,
-                 std::vector<at::Tensor>& gW, std::vector<at::Tensor>& gb) {
+                 const std::vector<at::Tensor>& GZ, const at::Tensor& partial, int64_t M,
+                 int math, int device, std::vector<at::Tensor>& gW, std::vector<at::Tensor>& gb) {
   const size_t L = W.size();
   const bool own_gemm = weight_grad_kernel();
   std::vector<at::Tensor> in(L);
+  std::vector<int> n_out(L), n_in(L);
   for (size_t l = 0; l < L; ++l) {
     in[l] = l == 0 ? XV : A_in[l - 1].contiguous();
-    gb[l] = at::empty({W[l].size(0)}, XV.options());
+    n_out[l] = static_cast<int>(W[l].size(0));
+    n_in[l] = static_cast<int>(W[l].size(1));
+    gb[l] = at::empty({n_out[l]}, XV.options());
     gW[l] = own_gemm ? at::empty_like(W[l])
-                     : at::mm(GZ[l].view({M, W[l].size(0)}).t(), in[l].view({M, W[l].size(1)}));
+                     : at::mm(GZ[l].view({M, n_out[l]}).t(), in[l].view({M, n_in[l]}));
   }
+  int64_t pinned = 0;
+  if (const char* env = std::getenv("INJFLOW_MLP_WGRAD_ROWS")) pinned = std::atoll(env);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(XV.scalar_type(), "tangent_mlp_param_grads", [&] {
-    SumArgs<scalar_t> sums{};
-    int sum_blocks = 0;
-    at::Tensor wpartial;
-    if (own_gemm) {
-      GradArgs<scalar_t> args{};
-      args.L = static_cast<int>(L);
-      args.M = M;
-      for (size_t l = 0; l < L; ++l) {
-        auto& ly = args.layer[l];
-        ly.GZ = GZ[l].const_data_ptr<scalar_t>();
-        ly.A = in[l].const_data_ptr<scalar_t>();
-        ly.n_out = static_cast<int>(W[l].size(0));
-        ly.n_in = static_cast<int>(W[l].size(1));
-      }
-      int64_t pinned = 0;
-      if (const char* env = std::getenv("INJFLOW_MLP_WGRAD_ROWS")) pinned = std::atoll(env);
-      const int tiles = weight_grad_layout(args);
-      args.rows_per_split =
-          weight_grad_rows_per_split(M, tiles, device_facts(device).sms, pinned);
-      const int64_t splits = weight_grad_splits(args);
-      wpartial = at::empty({splits, args.stride}, XV.options());
-      args.partial = wpartial.mutable_data_ptr<scalar_t>();
-      if (tiles > 0) {
-        const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
-        launch_weight_grad(args, math, grid, stream);
-      }
-      for (size_t l = 0; l < L; ++l)
-        sum_blocks = add_sum_segment(sums, args.partial + args.layer[l].offset, splits,
-                                     args.stride, W[l].numel(),
-                                     gW[l].mutable_data_ptr<scalar_t>());
+    std::vector<const scalar_t*> gz_ptr(L), in_ptr(L);
+    std::vector<scalar_t*> gW_ptr(L), gb_ptr(L);
+    for (size_t l = 0; l < L; ++l) {
+      gz_ptr[l] = GZ[l].const_data_ptr<scalar_t>();
+      in_ptr[l] = in[l].const_data_ptr<scalar_t>();
+      gW_ptr[l] = gW[l].mutable_data_ptr<scalar_t>();
+      gb_ptr[l] = gb[l].mutable_data_ptr<scalar_t>();
     }
-    for (size_t l = 0; l < L; ++l)
-      sum_blocks = add_sum_segment(sums, partial.const_data_ptr<scalar_t>() + bias_offset[l],
-                                   partial.size(0), partial.size(1), W[l].size(0),
-                                   gb[l].mutable_data_ptr<scalar_t>());
-    if (sum_blocks > 0) {
-      sum_partials_kernel<scalar_t><<<static_cast<unsigned>(sum_blocks), kSumCols * kSumLanes,
-                                      sum_partials_smem(sizeof(scalar_t)), stream>>>(sums);
+    ParamGradLaunches<scalar_t> p =
+        plan_param_grads<scalar_t>(static_cast<int>(L), M, gz_ptr.data(), in_ptr.data(),
+                                   n_out.data(), n_in.data(), device_facts(device).sms, pinned);
+    at::Tensor wpartial;  // the weight-gradient kernel's split partials
+    if (own_gemm) wpartial = at::empty({p.splits, p.wgrad.stride}, XV.options());
+    add_param_grad_sums(p, own_gemm ? wpartial.mutable_data_ptr<scalar_t>() : nullptr,
+                        own_gemm ? gW_ptr.data() : nullptr, partial.const_data_ptr<scalar_t>(),
+                        partial.size(0), gb_ptr.data());
+    if (own_gemm && p.tiles > 0)
+      launch_weight_grad(p.wgrad, math,
+                         dim3(static_cast<unsigned>(p.tiles), static_cast<unsigned>(p.splits)),
+                         stream);
+    if (p.sum_blocks > 0) {
+      sum_partials_kernel<scalar_t><<<static_cast<unsigned>(p.sum_blocks), kSumCols * kSumLanes,
+                                      sum_partials_smem(sizeof(scalar_t)), stream>>>(p.sums);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -317,12 +300,8 @@ MlpBackwardResult tangent_mlp_backward_cuda(const at::Tensor& gY_in, const at::T
   if (path != kMlpFused)
     return tangent_mlp_backward_per_layer(gY_in, XV_in, weights, Y, Z_in, A_in, dA, act, slope,
                                           last_act, input_only, &tangent_linear_backward_cuda);
-  const auto widths = buffer_widths_of(weights, true);
-  const MlpPlan plan = L <= (size_t)kMaxLayers
-                           ? plan_on_device(B, R, widths.first, widths.second, XV_in.element_size(),
-                                      mlp_math(XV_in.scalar_type(), device), device)
-                           : unsupported("more than 8 layers");
-  require_fused(plan, "tangent_mlp_backward");
+  std::pair<int, int> widths;
+  const MlpPlan plan = fused_plan(XV_in, weights, true, "tangent_mlp_backward", &widths);
   const at::Tensor XV = XV_in.contiguous(), gY = gY_in.contiguous();
   std::vector<at::Tensor> W(L), Z(L), GZ(L), gW(L), gb(L);
   int64_t bias_total = 0;
@@ -372,7 +351,7 @@ MlpBackwardResult tangent_mlp_backward_cuda(const at::Tensor& gY_in, const at::T
     }
     return {gXV, gW, gb};
   }
-  param_grads(XV, W, A_in, GZ, partial, bias_offset, B * R, plan.math, device, gW, gb);
+  param_grads(XV, W, A_in, GZ, partial, B * R, plan.math, device, gW, gb);
   return {gXV, gW, gb};
 }
 

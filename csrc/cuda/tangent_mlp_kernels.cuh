@@ -851,6 +851,20 @@ inline std::pair<int, int> buffer_widths(const std::vector<int>& n_out, int n_in
   return {std::max(hidden, first), hidden};
 }
 
+// The plan of the forward or the backward kernel for a network of layers with n_out[l] outputs
+// on an input of n_in0 features (plan_mlp's other arguments), and in *widths its activation
+// buffers' widths (buffer_widths). What the CUDA op (tangent_mlp_cuda.cu) and the CUDA
+// emulation's harness both call.
+inline MlpPlan plan_network(int64_t B, int64_t R, const std::vector<int>& n_out, int n_in0,
+                            bool backward, size_t elem, int math, int pipe,
+                            const DeviceFacts& dev, int64_t per_block,
+                            std::pair<int, int>* widths) {
+  if (n_out.size() > static_cast<size_t>(kMaxLayers))
+    return unsupported("more than " + std::to_string(kMaxLayers) + " layers");
+  *widths = buffer_widths(n_out, n_in0, backward);
+  return plan_mlp(B, R, widths->first, widths->second, elem, math, pipe, dev, per_block);
+}
+
 template <typename T, int WM, int MATH, int PIPE>
 struct ForwardKernel {
   static auto get() { return &mlp_forward_kernel<T, WM, MATH, PIPE>; }

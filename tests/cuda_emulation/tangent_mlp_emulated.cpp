@@ -33,13 +33,13 @@ int report(char* err, int errlen, const std::string& what, int code) {
 
 MlpPlan plan_for(int dtype, int math, int64_t B, int R, int L, const int* n_in, const int* n_out,
                  bool backward, const Device& dev, std::pair<int, int>* widths_out) {
-  if (L > kMaxLayers) return unsupported("more than 8 layers");
-  const std::vector<int> outs(n_out, n_out + L);
-  const auto widths = buffer_widths(outs, n_in[0], backward);
-  if (widths_out) *widths_out = widths;
+  std::pair<int, int> widths;
   const DeviceFacts facts{dev.sms, dev.major, static_cast<size_t>(dev.smem_optin)};
-  return plan_mlp(B, R, widths.first, widths.second, dtype == 0 ? 4 : 8, math, dev.pipe, facts,
-                  dev.per_block);
+  const MlpPlan plan = plan_network(B, R, std::vector<int>(n_out, n_out + L), n_in[0], backward,
+                                    dtype == 0 ? 4 : 8, math, dev.pipe, facts, dev.per_block,
+                                    &widths);
+  if (widths_out) *widths_out = widths;
+  return plan;
 }
 
 void plan_out(const MlpPlan& plan, int64_t* out) {
@@ -172,84 +172,75 @@ int backward(int math, int64_t B, int R, int L, const int* n_in, const int* n_ou
   return run<T, BackwardKernel>(plan, args, dev, bufs, stats_o, err, errlen);
 }
 
-// The host's part of the fused backward after mlp_backward_kernel (param_grads in
-// tangent_mlp_cuda.cu) over M rows: with gW given (INJFLOW_MLP_WGRAD=kernel),
-// mlp_weight_grad_kernel and then sum_partials_kernel for gW and gb; without, the bias sums
-// alone. inputs[l]: the layer's input (M, n_in[l]); partial: (partial_rows, Σ n_out) the
-// backward kernel's bias partials; math: the weight-gradient kernel's (MlpMath, float32 only
-// for the tensor cores). info: rows per split, splits, tiles, blocks of the sums, mma.sync
-// calls.
+// The host's part of the fused backward after mlp_backward_kernel over M rows, through the
+// same plan_param_grads and add_param_grad_sums as param_grads in tangent_mlp_cuda.cu: with
+// gW given (INJFLOW_MLP_WGRAD=kernel), mlp_weight_grad_kernel and then sum_partials_kernel for
+// gW and gb; without, the bias sums alone. inputs[l]: the layer's input (M, n_in[l]); partial:
+// (partial_rows, Σ n_out) the backward kernel's bias partials; math: the weight-gradient
+// kernel's (MlpMath, float32 only for the tensor cores). info: rows per split, splits, tiles,
+// blocks of the sums, mma.sync calls.
 template <typename T>
 int param_grads(int math, int64_t M, int L, const int* n_in, const int* n_out,
                 const void* const* GZ, const void* const* inputs, const void* partial,
                 int64_t partial_rows, void* const* gW, void* const* gb, int64_t pinned_rows,
                 const Device& dev, int64_t* info, char* err, int errlen) {
+  if (L > kMaxLayers) return report(err, errlen, "more than 8 layers", 2);
   Buffers bufs;
-  GradArgs<T> args{};
-  args.L = L;
-  args.M = M;
+  std::vector<const T*> gz_ptr(L), in_ptr(L);
+  std::vector<T*> gW_ptr(L), gb_ptr(L);
   int64_t bias_total = 0;
   for (int l = 0; l < L; ++l) {
-    auto& ly = args.layer[l];
     const std::string s = std::to_string(l);
-    ly.GZ = bufs.in<T>(GZ[l], M * n_out[l], "GZ" + s);
-    ly.A = bufs.in<T>(inputs[l], M * n_in[l], "input" + s);
-    ly.n_out = n_out[l];
-    ly.n_in = n_in[l];
+    gz_ptr[l] = bufs.in<T>(GZ[l], M * n_out[l], "GZ" + s);
+    in_ptr[l] = bufs.in<T>(inputs[l], M * n_in[l], "input" + s);
+    if (gW != nullptr) gW_ptr[l] = bufs.out<T>(gW[l], (size_t)n_out[l] * n_in[l], "gW" + s);
+    gb_ptr[l] = bufs.out<T>(gb[l], n_out[l], "gb" + s);
     bias_total += n_out[l];
   }
   const T* bias_partial = bufs.in<T>(partial, partial_rows * bias_total, "bias_partial");
-  const auto order = static_cast<injflow_emu::Order>(dev.order);
-  SumArgs<T> sums{};
-  int sum_blocks = 0, tiles = 0;
-  int64_t splits = 0, mma = 0;
+  ParamGradLaunches<T> p = plan_param_grads<T>(L, M, gz_ptr.data(), in_ptr.data(), n_out, n_in,
+                                               dev.sms, pinned_rows);
   std::vector<T> weight_partial;
+  T* weight_partial_ptr = nullptr;
+  if (gW != nullptr) {
+    weight_partial.resize(p.splits * p.wgrad.stride);
+    weight_partial_ptr =
+        bufs.out<T>(weight_partial.data(), weight_partial.size(), "weight_partial");
+  }
+  add_param_grad_sums(p, weight_partial_ptr, gW != nullptr ? gW_ptr.data() : nullptr,
+                      bias_partial, partial_rows, gb_ptr.data());
+  const auto order = static_cast<injflow_emu::Order>(dev.order);
+  int64_t mma = 0;
   try {
-    if (gW != nullptr) {
-      tiles = weight_grad_layout(args);
-      args.rows_per_split = weight_grad_rows_per_split(M, tiles, dev.sms, pinned_rows);
-      splits = weight_grad_splits(args);
-      weight_partial.resize(splits * args.stride);
-      args.partial = bufs.out<T>(weight_partial.data(), weight_partial.size(), "weight_partial");
+    if (gW != nullptr && p.tiles > 0) {
       auto body = [&]() -> std::function<void()> {
         if constexpr (std::is_same<T, float>::value) {
-          if (math == kMathTf32) return [&] { mlp_weight_grad_kernel<float, kMathTf32>(args); };
+          if (math == kMathTf32) return [&] { mlp_weight_grad_kernel<float, kMathTf32>(p.wgrad); };
           if (math == kMathTf32x3)
-            return [&] { mlp_weight_grad_kernel<float, kMathTf32x3>(args); };
+            return [&] { mlp_weight_grad_kernel<float, kMathTf32x3>(p.wgrad); };
         }
         if (math != kMathFma) throw std::runtime_error("tensor-core math for float64");
-        return [&] { mlp_weight_grad_kernel<T, kMathFma>(args); };
+        return [&] { mlp_weight_grad_kernel<T, kMathFma>(p.wgrad); };
       }();
-      if (tiles > 0)
-        mma = injflow_emu::launch(injflow_emu::Dim3{(unsigned)tiles, (unsigned)splits, 1},
-                                  injflow_emu::Dim3{kGradThreads, 1, 1},
-                                  weight_grad_smem(sizeof(T)), body, order, dev.seed)
-                  .mma;
-      for (int l = 0; l < L; ++l)
-        sum_blocks = add_sum_segment(
-            sums, args.partial + args.layer[l].offset, splits, args.stride,
-            (int64_t)n_out[l] * n_in[l],
-            bufs.out<T>(gW[l], (size_t)n_out[l] * n_in[l], "gW" + std::to_string(l)));
+      mma = injflow_emu::launch(injflow_emu::Dim3{(unsigned)p.tiles, (unsigned)p.splits, 1},
+                                injflow_emu::Dim3{kGradThreads, 1, 1},
+                                weight_grad_smem(sizeof(T)), body, order, dev.seed)
+                .mma;
     }
-    int64_t offset = 0;
-    for (int l = 0; l < L; ++l) {
-      sum_blocks = add_sum_segment(sums, bias_partial + offset, partial_rows, bias_total,
-                                   (int64_t)n_out[l],
-                                   bufs.out<T>(gb[l], n_out[l], "gb" + std::to_string(l)));
-      offset += n_out[l];
-    }
-    if (sum_blocks > 0)
-      injflow_emu::launch((unsigned)sum_blocks, kSumCols * kSumLanes, sum_partials_smem(sizeof(T)),
-                          [&] { sum_partials_kernel<T>(sums); }, order, dev.seed);
+    if (p.sum_blocks > 0)
+      injflow_emu::launch((unsigned)p.sum_blocks, kSumCols * kSumLanes,
+                          sum_partials_smem(sizeof(T)), [&] { sum_partials_kernel<T>(p.sums); },
+                          order, dev.seed);
   } catch (const std::exception& e) {
     return report(err, errlen, e.what(), 2);
   }
   const std::string bad = bufs.finish();
   if (!bad.empty()) return report(err, errlen, bad, 2);
-  info[0] = args.rows_per_split;
-  info[1] = splits;
-  info[2] = tiles;
-  info[3] = sum_blocks;
+  const bool own_gemm = gW != nullptr;
+  info[0] = own_gemm ? p.wgrad.rows_per_split : 0;
+  info[1] = own_gemm ? p.splits : 0;
+  info[2] = own_gemm ? p.tiles : 0;
+  info[3] = p.sum_blocks;
   info[4] = mma;
   return 0;
 }
