@@ -310,7 +310,7 @@ def test_double_backward_says_unsupported():
     (lambda: tangent_mlp(torch.randn(2, 1, 3), [torch.randn(4, 3)], activation="gelu"),
      ValueError, r"unknown activation 'gelu'"),
     (lambda: tangent_mlp(torch.randn(2, 1, 3), [torch.randn(4, 3)], path="fused"),
-     RuntimeError, r"fused path \(path=2\) runs on CUDA only"),
+     RuntimeError, r'fused path \(path="fused", 2\) runs on CUDA only; use path="auto"'),
 ])
 def test_bad_input(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
@@ -663,7 +663,7 @@ def test_cuda_fused_tf32_switch_is_honoured():
 def test_cuda_fused_refuses_shapes_it_cannot_take():
     XV = torch.randn(2, 129, 3, device="cuda")
     Ws, bs = make_mlp([3, 4], dtype=torch.float32, device="cuda")
-    with pytest.raises(RuntimeError, match=r"129 rows per sample exceeds 128.*path=0"):
+    with pytest.raises(RuntimeError, match=r'129 rows per sample exceeds 128.*path="auto" \(0\)'):
         tangent_mlp(XV, Ws, bs, path="fused")
     # auto falls back to the per-layer path and gives the same answer as the CPU
     torch.testing.assert_close(tangent_mlp(XV, Ws, bs).cpu(),

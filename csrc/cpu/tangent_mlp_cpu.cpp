@@ -14,8 +14,8 @@ MlpForwardResult tangent_mlp_cpu(const at::Tensor& XV, at::TensorList weights,
                                  at::TensorList biases, int64_t act, double slope,
                                  int64_t last_act, int64_t path) {
   check_tangent_mlp_args(XV, weights, biases, act, last_act, path);
-  TORCH_CHECK(path != kMlpFused, "tangent_mlp: the fused path (path=2) runs on CUDA only; use "
-              "path=0 (auto) or 1 (per layer) on the CPU");
+  TORCH_CHECK(path != kMlpFused, "tangent_mlp: the fused path (path=\"fused\", 2) runs on CUDA "
+              "only; use path=\"auto\" (0) or \"per_layer\" (1) on the CPU");
   return tangent_mlp_per_layer(XV, weights, biases, act, slope, last_act, &tangent_linear_cpu);
 }
 

@@ -137,8 +137,9 @@ MlpPlan fused_plan(const at::Tensor& XV, at::TensorList weights, bool backward, 
                                     static_cast<int>(weights.front().size(1)), backward,
                                     XV.element_size(), mlp_math(XV.scalar_type(), device),
                                     mlp_pipe(), device_facts(device), per_block, widths);
-  TORCH_CHECK(plan.why_not.empty(), op, ": the fused path (path=2) cannot take these shapes: ",
-              plan.why_not, "; use path=0 (auto) or 1 (per layer)");
+  TORCH_CHECK(plan.why_not.empty(), op,
+              ": the fused path (path=\"fused\", 2) cannot take these shapes: ", plan.why_not,
+              "; use path=\"auto\" (0) or \"per_layer\" (1)");
   return plan;
 }
 
