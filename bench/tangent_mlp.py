@@ -24,8 +24,10 @@ Methods (same weights, same dense upstream gradient):
 On CUDA every method is captured in a CUDA graph (forward + backward) and the replays are
 timed, since at these sizes a step is launch-bound; ``--eager`` times plain launches instead.
 TFLOP/s counts the three GEMMs per layer (forward, input gradient, weight gradient).
-With ``--sweep`` the fused methods (FMA and TF32, both pipelines) also run at 1..8 samples per
-block (the launch plan's INJFLOW_MLP_SAMPLES_PER_BLOCK).
+With ``--sweep`` the fused methods (FMA and TF32, both pipelines) also run at other samples per
+block (the launch plan's INJFLOW_MLP_SAMPLES_PER_BLOCK): 1..8, and the most samples that fit
+the kernels' 32-, 64- and 128-row tiles (``samples_per_block_sweep``; for few rows per sample,
+e.g. an encode pass, 1..8 samples never fill a tile).
 
     python bench/tangent_mlp.py [--device cpu|cuda] [--dtype float32|float64] [--quick]
                                 [--eager] [--sweep] [--json PATH]
@@ -181,9 +183,7 @@ def run_case(name, B, K, widths, methods, device, dtype, args):
         sweep = {}
         with arithmetic(method):
             fn = forward_fn(method)
-            for per_block in range(1, 9):
-                if per_block * (1 + K) > 128:
-                    break
+            for per_block in samples_per_block_sweep(1 + K):
                 os.environ["INJFLOW_MLP_SAMPLES_PER_BLOCK"] = str(per_block)
                 try:
                     step = make_step(fn, XV, Ws, bs, G, device, args.eager)
@@ -199,6 +199,14 @@ def run_case(name, B, K, widths, methods, device, dtype, args):
             f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in sweep.items()),
             flush=True)
     return row
+
+
+def samples_per_block_sweep(rows_per_sample: int, max_rows: int = 128) -> list[int]:
+    """The samples per block that ``--sweep`` times for samples of ``rows_per_sample`` (1+K)
+    rows: 1..8, and the most samples whose rows fit the fused kernels' tiles of one, two and
+    four warps (32, 64 and 128 rows; the plan takes at most ``max_rows``, its kMaxRows)."""
+    counts = set(range(1, 9)) | {tile // rows_per_sample for tile in (32, 64, max_rows)}
+    return sorted(s for s in counts if s >= 1 and s * rows_per_sample <= max_rows)
 
 
 def warm_up_capture(device) -> None:

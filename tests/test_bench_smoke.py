@@ -54,6 +54,18 @@ def test_paired_ratio_interval_order_statistics():
     assert paired_ratio_interval([2.0, 4.0], [1.0, 2.0]) == (2.0, 2.0, 2.0)
 
 
+def test_mlp_benchmark_sweeps_samples_per_block_up_to_full_tiles():
+    """--sweep: 1..8 samples per block and the most that fill 32, 64 and 128 rows, never more
+    than 128 rows (the plan's limit)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from tangent_mlp import samples_per_block_sweep
+    assert samples_per_block_sweep(1) == [1, 2, 3, 4, 5, 6, 7, 8, 32, 64, 128]  # encode pass
+    assert samples_per_block_sweep(3) == [1, 2, 3, 4, 5, 6, 7, 8, 10, 21, 42]   # POWER
+    assert samples_per_block_sweep(22) == [1, 2, 3, 4, 5]                       # MINIBOONE
+    assert samples_per_block_sweep(128) == [1]
+    assert all(s * r <= 128 for r in range(1, 129) for s in samples_per_block_sweep(r))
+
+
 def test_profile_step_smoke(tmp_path):
     res = run("profile_step.py", tmp_path, "--methods", "ours_exact,ref_batched", "--mlp-path",
               "per_layer")
