@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_common_args, environment, median_time, print_table, write_results  # noqa: E402
 
 from injflow_ext import tangent_mlp  # noqa: E402
-from injflow_ext.benchmarks import env_var  # noqa: E402
+from injflow_ext.benchmarks import capture_replay, env_var  # noqa: E402
 from injflow_ext.benchmarks.plain_reference import plain_tangent_mlp  # noqa: E402
 from injflow_ext.step import matmul_precision  # noqa: E402
 
@@ -109,11 +109,10 @@ def make_inputs(B, K, widths, device, dtype):
 
 def make_step(fn, XV, Ws, bs, G, device, eager):
     """One forward + backward (gradients of XV and every parameter); on CUDA replayed from a
-    graph unless ``eager``. The first capture of a run once failed in the default mode (and a
-    failed capture leaves torch's CUDA generator unusable for the rest of the process), so:
-    the capture is thread-local (work of other threads, the autograd engine's or inductor's,
-    does not invalidate it), and it runs on the warm-up's own stream, so that every per-stream
-    resource (cuBLAS workspaces of the main and the autograd thread) exists before it."""
+    graph unless ``eager``, captured as the installed ``injflow bench`` captures
+    (``capture_replay``: on the warm-up's own stream and thread-local, since the first capture
+    of a run once failed in the default mode, and a failed capture leaves torch's CUDA
+    generator unusable for the rest of the process)."""
     params = [XV, *Ws, *bs]
 
     def step():
@@ -121,16 +120,7 @@ def make_step(fn, XV, Ws, bs, G, device, eager):
 
     if device.type != "cuda" or eager:
         return step
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=s, capture_error_mode="thread_local"):
-        step()
-    return graph.replay
+    return capture_replay(step, device)
 
 
 def rel_err(out, ref) -> float:

@@ -47,7 +47,7 @@ def _rel_err(a, b) -> float:
     return num / max(den, 1e-30)
 
 
-def _capture(fn, device):
+def capture_replay(fn, device):
     """``fn()`` recorded in a CUDA graph after warm-up on a side stream; the replay. The
     capture runs on the warm-up's stream (every per-stream resource, such as the cuBLAS
     workspaces of this thread and the autograd engine's, exists before it; no other graph
@@ -120,8 +120,8 @@ def _mlp_case(B, K, widths, g, device, dtype, budget, mlp_path) -> dict:
            "rel_err": err}
     row["speedup"] = row["plain_ms"] / row["ours_ms"]
     if device.type == "cuda":
-        row["plain_graph_ms"] = _time(_capture(plain, device), device, budget)
-        row["ours_graph_ms"] = _time(_capture(ours, device), device, budget)
+        row["plain_graph_ms"] = _time(capture_replay(plain, device), device, budget)
+        row["ours_graph_ms"] = _time(capture_replay(ours, device), device, budget)
         row["graph_speedup"] = row["plain_graph_ms"] / row["ours_graph_ms"]
     return row
 
@@ -170,7 +170,7 @@ def _step_case(name, D, d, B, hidden, device, dtype, budget, mlp_path) -> dict:
                              compile=False, example_x=x)
         row["ours_graph_ms"] = _time(lambda: captured(x), device, budget)
         _clear(model)
-        row["plain_graph_ms"] = _time(_capture(plain, device), device, budget)
+        row["plain_graph_ms"] = _time(capture_replay(plain, device), device, budget)
         row["graph_speedup"] = row["plain_graph_ms"] / row["ours_graph_ms"]
     return row
 
