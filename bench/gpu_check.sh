@@ -28,10 +28,10 @@
 # TF32 and 3×TF32 ones included). Stage tf32_per_layer (not in the default list) reruns the
 # TF32 step with per-layer conditioners (TF32_PL_METHODS, TF32_PL_S), for a same-run comparison
 # with a TF32_MLP_PATH=fused tf32 stage; stage tf32_async (not in the default list either) the
-# fused TF32 step with the cp.async weight pipeline (INJFLOW_MLP_PIPELINE=async,
+# fused TF32 step with the cp.async weight pipeline (--mlp-pipeline async,
 # TF32_ASYNC_METHODS); stage wgrad (not in the default list) the float32 step (TF32 with
 # WGRAD_TF32=1) with fused conditioners twice, the weight gradients by cuBLAS and by
-# INJFLOW_MLP_WGRAD=kernel (WGRAD_S each, WGRAD_CONFIGS, WGRAD_METHODS). Stage profile takes
+# --mlp-wgrad kernel (WGRAD_S each, WGRAD_CONFIGS, WGRAD_METHODS). Stage profile takes
 # PROFILE_CONFIGS, PROFILE_METHODS, PROFILE_MLP_PATH and PROFILE_TF32=1 (what it profiles: the
 # conditioners' path, TF32 GEMMs). The step and profile JSON is rewritten after every method,
 # so a stage stopped by its time limit keeps what it measured.
@@ -108,8 +108,8 @@ run_tf32() {
     --budget "${STEP_BUDGET:-1.0}" --json "$RES/step_tf32.json" 2>&1 | quiet
 }
 run_tf32_async() {  # the TF32 step with the fused conditioners' cp.async weight pipeline
-  INJFLOW_MLP_PIPELINE=async timeout "${TF32_S:-90}" $PY bench/step.py --device cuda --tf32 \
-    --mlp-path fused --configs "${TF32_CONFIGS:-MINIBOONE,IMAGE}" \
+  timeout "${TF32_S:-90}" $PY bench/step.py --device cuda --tf32 \
+    --mlp-path fused --mlp-pipeline async --configs "${TF32_CONFIGS:-MINIBOONE,IMAGE}" \
     --methods "${TF32_ASYNC_METHODS:-ours_exact_graph,ours_exact_compiled_graph}" \
     --budget "${STEP_BUDGET:-1.0}" --json "$RES/step_tf32_async.json" 2>&1 | quiet
 }
@@ -120,11 +120,11 @@ run_tf32_per_layer() {  # the TF32 step with per-layer conditioners, beside a fu
     --budget "${STEP_BUDGET:-1.0}" --json "$RES/step_tf32_per_layer.json" 2>&1 | quiet
 }
 run_wgrad() {  # the step with fused conditioners (float32, or TF32 with WGRAD_TF32=1), weight
-  # gradients by cuBLAS, then by mlp_weight_grad_kernel (INJFLOW_MLP_WGRAD=kernel)
+  # gradients by cuBLAS, then by mlp_weight_grad_kernel (--mlp-wgrad kernel)
   local tf32=${WGRAD_TF32:+--tf32} tag=${WGRAD_TF32:+_tf32}
   for w in cublas kernel; do
-    INJFLOW_MLP_WGRAD=$w timeout "${WGRAD_S:-70}" $PY bench/step.py --device cuda $tf32 \
-      --mlp-path fused --configs "${WGRAD_CONFIGS:-MINIBOONE,IMAGE}" \
+    timeout "${WGRAD_S:-70}" $PY bench/step.py --device cuda $tf32 \
+      --mlp-path fused --mlp-wgrad $w --configs "${WGRAD_CONFIGS:-MINIBOONE,IMAGE}" \
       --methods "${WGRAD_METHODS:-ours_exact_compiled_graph}" --budget "${STEP_BUDGET:-1.0}" \
       --json "$RES/step_fused_wgrad${tag}_$w.json" 2>&1 | quiet
   done

@@ -79,11 +79,12 @@ def main(argv=None):
     configs = step_bench.QUICK_CONFIGS if args.quick else {
         k: step_bench.CONFIGS[k] for k in args.configs.split(",")}
     steps = 2 if args.quick else args.steps
-    env = {**environment(device), "mlp_path": args.mlp_path, "tf32": args.tf32}
+    env = {**environment(device), "mlp_path": args.mlp_path, "mlp_pipeline": args.mlp_pipeline,
+           "mlp_wgrad": args.mlp_wgrad, "tf32": args.tf32}
     results = []
     for name, (D, d, B, hidden) in configs.items():
         model = step_bench.build_model(D, d, hidden, device, dtype)
-        set_mlp_path(model, args.mlp_path)
+        set_mlp_path(model, args.mlp_path, step_bench.fused_options(args))
         x = step_bench.make_batch(B, model.ambient_dim, device, dtype)
         for method in args.methods.split(","):
             if method.endswith("_graph") and device.type != "cuda":

@@ -42,7 +42,8 @@ from common import add_common_args, environment, median_time, print_table, write
 
 from injflow_ext import RectangularFlow, TrainStep  # noqa: E402
 from injflow_ext.nn import set_mlp_path  # noqa: E402
-from injflow_ext.objectives import (  # noqa: E402
+from injflow_ext.ops import FusedMlp  # noqa: E402
+from injflow_ext.train.objectives import (  # noqa: E402
     ExactObjective,
     HutchinsonObjective,
     SurrogateObjective,
@@ -54,7 +55,7 @@ CONFIGS = {  # name: (D, d, batch, hidden) or, for an image model, (image shape,
     "HEPMASS": (21, 10, 750, (128,) * 4),
     "MINIBOONE": (43, 21, 400, (128,) * 4),
     "IMAGE": (784, 20, 50, (512,) * 2),
-    # the convolutional image model of `injflow train --data mnist-5k` (RectangularFlow.for_images:
+    # the convolutional image model of `injflow train --data mnist-5k` (RectangularFlow.images:
     # 2 scales of 4 CNN couplings of 32-32 channels) at MNIST size
     "MNIST_CONV": ((1, 28, 28), 20, 64, (32, 32)),
 }
@@ -73,22 +74,22 @@ COMPILED_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
 # H100: 1.2e-4 to 3.5e-4), where float32 orderings differ by ~1e-7
 TF32_TOLERANCE = 2e-3
 EXACT = ["ours_exact", "ref_one_tangent", "ref_batched", "ref_jacfwd"]
-BETA = 50.0
+BETA = ExactObjective.defaults()["beta"]
 
 
 def build_model(D, d, hidden, device, dtype, seed=0):
     """The fully connected model of the paper's tabular runs (D an int), or for D = (C, H, W)
-    the image model of ``RectangularFlow.for_images`` with ``hidden`` its CNN widths."""
+    the image model of ``RectangularFlow.images`` with ``hidden`` its CNN widths."""
     torch.manual_seed(seed)
     if isinstance(D, tuple):
-        model = RectangularFlow.for_images(D, d, levels=2, couplings=4, hidden=hidden,
+        model = RectangularFlow.images(D, d, levels=2, couplings=4, hidden=hidden,
                                            prior_layers=5, prior_hidden=(32, 32), seed=seed)
     else:
-        model = RectangularFlow(D, d, ambient_layers=10, ambient_hidden=hidden, prior_layers=5,
+        model = RectangularFlow.tabular(D, d, ambient_layers=10, ambient_hidden=hidden, prior_layers=5,
                                 prior_hidden=(32, 32), actnorm=True, seed=seed)
     model = model.to(device=device, dtype=dtype)
     x = make_batch(256, model.ambient_dim, device, dtype, seed)
-    model.loss(x)  # data-dependent ActNorm initialisation
+    model.initialize(x)  # data-dependent ActNorm initialisation
     with torch.no_grad():  # move off the identity initialisation of the couplings
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -102,11 +103,11 @@ def make_batch(B, D, device, dtype, seed=1):
 
 def loss_fn(method, model, x, gen):
     if method == "ours_exact":
-        return model.loss(x, "exact", beta=BETA)["loss"]
+        return ExactObjective(beta=BETA).loss(model, x)["loss"]
     if method == "ours_hutchinson":
-        return model.loss(x, "hutchinson", beta=BETA, generator=gen)["loss"]
+        return HutchinsonObjective(beta=BETA).loss(model, x, generator=gen)["loss"]
     if method == "ours_surrogate":
-        return model.loss(x, "surrogate", beta=BETA, generator=gen)["loss"]
+        return SurrogateObjective(beta=BETA).loss(model, x, generator=gen)["loss"]
     if method == "ref_one_tangent":
         return ref.exact_one_tangent(model, x, BETA)
     if method in ("ref_batched", "ref_batched_graph"):
@@ -194,7 +195,7 @@ def step_gradients(model, x, fn):
 
 
 def ours_exact_loss(model, x):
-    return model.loss(x, "exact", beta=BETA)["loss"]
+    return ExactObjective(beta=BETA).loss(model, x)["loss"]
 
 
 def ref_exact_loss(model, x):
@@ -313,19 +314,32 @@ def time_method(method, model, x, device, budget, checks=None):
 def write_partial(args, device, env, rows, final=False):
     """The JSON of the rows so far (``complete`` False until the last config is done)."""
     write_results(args, "step", device, {
-        "environment": env, "tf32": args.tf32, "mlp_path": args.mlp_path, "complete": final,
+        "environment": env, "tf32": args.tf32, "mlp_path": args.mlp_path,
+        "mlp_pipeline": args.mlp_pipeline, "mlp_wgrad": args.mlp_wgrad, "complete": final,
         "metric": "median ms of one loss forward + backward", "beta": BETA, "rows": rows},
         quiet=not final)
 
 
 def add_arithmetic_args(p) -> None:
-    """The options that choose how ours computes (also bench/profile_step.py's): --mlp-path
-    (set on the model with ``set_mlp_path``) and --tf32 (``allow_tf32`` for the run)."""
+    """The options that choose how ours computes (also bench/profile_step.py's): --mlp-path,
+    --mlp-pipeline and --mlp-wgrad (set on the model with ``set_mlp_path``) and --tf32
+    (``allow_tf32`` for the run)."""
     p.add_argument("--mlp-path", default="auto", choices=("auto", "per_layer", "fused"),
                    help="the conditioners' tangent_mlp path for the ours_* methods (fused: "
                         "CUDA only)")
+    p.add_argument("--mlp-pipeline", default="registers", choices=("registers", "async"),
+                   help="with --mlp-path fused: how the fused kernels stage the weights "
+                        "(async: cp.async into three shared-memory buffers, sm_80+)")
+    p.add_argument("--mlp-wgrad", default="cublas", choices=("cublas", "kernel"),
+                   help="with --mlp-path fused: the backward's weight gradients by one cuBLAS "
+                        "GEMM per layer or by one split-K kernel for every layer")
     p.add_argument("--tf32", action="store_true",
                    help="let float32 GEMMs use TF32 tensor cores (CUDA; every method alike)")
+
+
+def fused_options(args) -> FusedMlp:
+    """The fused kernels' options of --mlp-pipeline and --mlp-wgrad."""
+    return FusedMlp(pipeline=args.mlp_pipeline, weight_grads=args.mlp_wgrad)
 
 
 def main(argv=None):
@@ -347,7 +361,7 @@ def main(argv=None):
     rows = []
     for name, (D, d, B, hidden) in configs.items():
         model = build_model(D, d, hidden, device, dtype)
-        set_mlp_path(model, args.mlp_path)
+        set_mlp_path(model, args.mlp_path, fused_options(args))
         D = model.ambient_dim
         x = make_batch(B, D, device, dtype)
         worst = check_exact_methods_agree(model, x, methods)
@@ -374,7 +388,7 @@ def main(argv=None):
                 print(f"  {name} {method}: {t:.2f} ms", flush=True)
             # what is measured so far, in case a time limit stops the run
             write_partial(args, device, env, rows + [row])
-        diag = model.loss(x, "hutchinson", beta=BETA)["diagnostics"]
+        diag = HutchinsonObjective(beta=BETA).loss(model, x)["diagnostics"]
         row["ours_cg_iterations_mean"] = float(diag["cg_iterations"].float().mean())
         row["ours_cg_converged_fraction"] = float(diag["cg_converged"].float().mean())
         _, it = ref.hutchinson_cg(model, x, BETA, return_iterations=True)

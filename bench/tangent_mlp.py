@@ -12,20 +12,20 @@ Methods (same weights, same dense upstream gradient):
 - ``*_tf32`` (CUDA, float32): the same with TF32 tensor cores allowed for float32 matmuls
   (``torch.backends.cuda.matmul.allow_tf32``: cuBLAS and inductor's GEMMs, and the fused
   kernels' mma path); ``ours_fused_tf32x3``: the fused kernels with 3×TF32
-  (``INJFLOW_MLP_MATH=tf32x3``), float32-level accuracy on the tensor cores. Their ``err`` is
+  (``FusedMlp(math="tf32x3")``), float32-level accuracy on the tensor cores. Their ``err`` is
   against float64, so TF32's ~1e-3 shows there;
 - ``ours_fused_async``, ``ours_fused_async_tf32`` (CUDA): the fused kernels with the weight
-  staged by cp.async into three shared-memory buffers (``INJFLOW_MLP_PIPELINE=async``) instead
+  staged by cp.async into three shared-memory buffers (``FusedMlp(pipeline="async")``) instead
   of through registers; the same arithmetic as ``ours_fused`` / ``ours_fused_tf32``;
 - ``ours_fused_wgrad``, ``ours_fused_wgrad_tf32`` (CUDA): ``ours_fused`` / ``ours_fused_tf32``
   with the weight gradients of every layer from one split-K kernel
-  (``INJFLOW_MLP_WGRAD=kernel``, on the tensor cores under TF32) instead of one cuBLAS GEMM
+  (``FusedMlp(weight_grads="kernel")``, on the tensor cores under TF32) instead of one cuBLAS GEMM
   per layer.
 On CUDA every method is captured in a CUDA graph (forward + backward) and the replays are
 timed, since at these sizes a step is launch-bound; ``--eager`` times plain launches instead.
 TFLOP/s counts the three GEMMs per layer (forward, input gradient, weight gradient).
 With ``--sweep`` the fused methods (FMA and TF32, both pipelines) also run at other samples per
-block (the launch plan's INJFLOW_MLP_SAMPLES_PER_BLOCK): 1..8, and the most samples that fit
+block (``FusedMlp(samples_per_block=...)``): 1..8, and the most samples that fit
 the kernels' 32-, 64- and 128-row tiles (``samples_per_block_sweep``; for few rows per sample,
 e.g. an encode pass, 1..8 samples never fill a tile).
 
@@ -46,9 +46,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_common_args, environment, median_time, print_table, write_results  # noqa: E402
 
 from injflow_ext import tangent_mlp  # noqa: E402
-from injflow_ext.benchmarks import capture_replay, env_var  # noqa: E402
+from injflow_ext.benchmarks import capture_replay  # noqa: E402
 from injflow_ext.benchmarks.plain_reference import plain_tangent_mlp  # noqa: E402
-from injflow_ext.step import matmul_precision  # noqa: E402
+from injflow_ext.ops import FusedMlp  # noqa: E402
+from injflow_ext.train.step import matmul_precision  # noqa: E402
 
 # name: (batch, K, widths): the conditioners of bench/step.py's configurations (a coupling on
 # D features conditions on D // 2 and outputs 2 (D − D // 2)), and MINIBOONE's encode pass.
@@ -75,17 +76,22 @@ plain_mlp = plain_tangent_mlp
 @contextmanager
 def arithmetic(method):
     """The float32 matmul arithmetic a method runs (and is captured) under: TF32 allowed for
-    ``*_tf32``, the fused kernels' 3×TF32 for ``*_tf32x3``, full float32 otherwise; and the
-    fused kernels' weight pipeline (cp.async for ``*_async*``) and weight gradients (their own
-    kernel for ``*_wgrad``)."""
-    with env_var("INJFLOW_MLP_MATH", "tf32x3" if method.endswith("_tf32x3") else None), \
-            env_var("INJFLOW_MLP_PIPELINE", "async" if "_async" in method else None), \
-            env_var("INJFLOW_MLP_WGRAD", "kernel" if "_wgrad" in method else None), \
-            matmul_precision("tf32" if method.endswith("_tf32") else "float32"):
+    ``*_tf32``, full float32 otherwise (the fused kernels' own options: :func:`fused_of`)."""
+    with matmul_precision("tf32" if method.endswith("_tf32") else "float32"):
         yield
 
 
-def forward_fn(method):
+def fused_of(method, samples_per_block: int = 0) -> FusedMlp:
+    """The fused kernels' options of a method: 3×TF32 for ``*_tf32x3``, the cp.async weight
+    pipeline for ``*_async*``, the weight-gradient kernel for ``*_wgrad*``."""
+    return FusedMlp(math="tf32x3" if method.endswith("_tf32x3") else "auto",
+                    pipeline="async" if "_async" in method else "registers",
+                    weight_grads="kernel" if "_wgrad" in method else "cublas",
+                    samples_per_block=samples_per_block)
+
+
+def forward_fn(method, samples_per_block: int = 0):
+    fused = fused_of(method, samples_per_block)
     method = (method.removesuffix("_tf32x3").removesuffix("_tf32").removesuffix("_async")
               .removesuffix("_wgrad"))
     if method == "plain":
@@ -93,7 +99,7 @@ def forward_fn(method):
     if method == "plain_compiled":
         return torch.compile(plain_mlp, dynamic=False)
     path = {"ours_per_layer": "per_layer", "ours_fused": "fused", "ours_auto": "auto"}[method]
-    return lambda XV, Ws, bs: tangent_mlp(XV, Ws, bs, "tanh", path=path)
+    return lambda XV, Ws, bs: tangent_mlp(XV, Ws, bs, "tanh", path=path, fused=fused)
 
 
 def make_inputs(B, K, widths, device, dtype):
@@ -172,17 +178,14 @@ def run_case(name, B, K, widths, methods, device, dtype, args):
     for method in swept if args.sweep and device.type == "cuda" else []:
         sweep = {}
         with arithmetic(method):
-            fn = forward_fn(method)
             for per_block in samples_per_block_sweep(1 + K):
-                os.environ["INJFLOW_MLP_SAMPLES_PER_BLOCK"] = str(per_block)
                 try:
-                    step = make_step(fn, XV, Ws, bs, G, device, args.eager)
+                    step = make_step(forward_fn(method, per_block), XV, Ws, bs, G, device,
+                                     args.eager)
                     sweep[per_block] = median_time(step, device, budget_s=budget / 2,
                                                    min_repeats=5, max_repeats=100)
                 except Exception as e:
                     sweep[per_block] = f"{type(e).__name__}: {str(e)[:120]}"
-                finally:
-                    del os.environ["INJFLOW_MLP_SAMPLES_PER_BLOCK"]
         key = method.removeprefix("ours_")
         row[f"{key}_ms_by_samples_per_block"] = sweep
         print(f"  {name} {key} by samples per block: " + ", ".join(

@@ -66,11 +66,15 @@ TORCH_LIBRARY(injflow, m) {
   //   A (every hidden layer's output) and dA (σ' at each layer's primal row, (B, n_l)).
   //   path: 0 auto (today: per layer), 1 per layer (tangent_linear each), 2 fused (CUDA: one
   //   kernel for the forward, one for the backward's activation-gradient chain).
+  //   fused: the fused path's choices, [math, pipeline, weight_grads, samples_per_block,
+  //   weight_grad_rows] (codes of csrc/tangent_mlp.h, FusedMlpOptions; 0 = automatic), or []
+  //   for all automatic; checked on every path, used by the fused one.
   m.def("tangent_mlp(Tensor XV, Tensor[] weights, Tensor[] biases, int activation, float slope, "
-        "int last_activation, int path) -> (Tensor Y, Tensor[] Z, Tensor[] A, Tensor[] dA)");
+        "int last_activation, int path, int[] fused) -> (Tensor Y, Tensor[] Z, Tensor[] A, "
+        "Tensor[] dA)");
   m.def("tangent_mlp_backward(Tensor grad_Y, Tensor XV, Tensor[] weights, Tensor Y, Tensor[] Z, "
         "Tensor[] A, Tensor[] dA, int activation, float slope, int last_activation, int path, "
-        "bool input_only=False) -> (Tensor grad_XV, Tensor[] grad_weights, "
+        "int[] fused, bool input_only=False) -> (Tensor grad_XV, Tensor[] grad_weights, "
         "Tensor[] grad_biases)");
 
   // Batched conjugate gradients on systems stacked as (N, d, K) (K right-hand sides each).
@@ -138,6 +142,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   path["auto"] = int(injflow::kMlpAuto);
   path["per_layer"] = int(injflow::kMlpPerLayer);
   path["fused"] = int(injflow::kMlpFused);
+  pybind11::dict fused_math, fused_pipeline, fused_weight_grads;
+  fused_math["auto"] = int(injflow::kFusedMathAuto);
+  fused_math["fma"] = int(injflow::kFusedMathFma);
+  fused_math["tf32"] = int(injflow::kFusedMathTf32);
+  fused_math["tf32x3"] = int(injflow::kFusedMathTf32x3);
+  fused_pipeline["registers"] = int(injflow::kFusedPipeRegisters);
+  fused_pipeline["async"] = int(injflow::kFusedPipeAsync);
+  fused_weight_grads["cublas"] = int(injflow::kFusedWgradCublas);
+  fused_weight_grads["kernel"] = int(injflow::kFusedWgradKernel);
+  m.attr("MLP_FUSED_MATH_CODES") = fused_math;
+  m.attr("MLP_FUSED_PIPELINE_CODES") = fused_pipeline;
+  m.attr("MLP_FUSED_WEIGHT_GRAD_CODES") = fused_weight_grads;
   m.attr("MLP_PATH_CODES") = path;
   pybind11::dict gram;
   gram["ok"] = int(injflow::kGramOk);

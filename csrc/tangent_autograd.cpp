@@ -88,26 +88,28 @@ using MlpForwardOut =
 using MlpBackwardOut = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>;
 
 MlpForwardOut call_tangent_mlp(const Tensor& XV, at::TensorList weights, at::TensorList biases,
-                               int64_t act, double slope, int64_t last_act, int64_t path) {
+                               int64_t act, double slope, int64_t last_act, int64_t path,
+                               at::IntArrayRef fused) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("injflow::tangent_mlp", "")
                        .typed<MlpForwardOut(const Tensor&, at::TensorList, at::TensorList,
-                                            int64_t, double, int64_t, int64_t)>();
-  return op.call(XV, weights, biases, act, slope, last_act, path);
+                                            int64_t, double, int64_t, int64_t,
+                                            at::IntArrayRef)>();
+  return op.call(XV, weights, biases, act, slope, last_act, path, fused);
 }
 
 MlpBackwardOut call_tangent_mlp_backward(const Tensor& gY, const Tensor& XV,
                                          at::TensorList weights, const Tensor& Y,
                                          at::TensorList Z, at::TensorList A, at::TensorList dA,
                                          int64_t act, double slope, int64_t last_act,
-                                         int64_t path, bool input_only) {
+                                         int64_t path, at::IntArrayRef fused, bool input_only) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("injflow::tangent_mlp_backward", "")
                        .typed<MlpBackwardOut(const Tensor&, const Tensor&, at::TensorList,
                                              const Tensor&, at::TensorList, at::TensorList,
                                              at::TensorList, int64_t, double, int64_t,
-                                             int64_t, bool)>();
-  return op.call(gY, XV, weights, Y, Z, A, dA, act, slope, last_act, path, input_only);
+                                             int64_t, at::IntArrayRef, bool)>();
+  return op.call(gY, XV, weights, Y, Z, A, dA, act, slope, last_act, path, fused, input_only);
 }
 
 class TangentLinearFunction : public torch::autograd::Function<TangentLinearFunction> {
@@ -218,9 +220,9 @@ class TangentMlpFunction : public torch::autograd::Function<TangentMlpFunction> 
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& XV, at::TensorList weights,
                                at::TensorList biases, int64_t act, double slope,
-                               int64_t last_act, int64_t path) {
+                               int64_t last_act, int64_t path, at::IntArrayRef fused) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto out = call_tangent_mlp(XV, weights, biases, act, slope, last_act, path);
+    auto out = call_tangent_mlp(XV, weights, biases, act, slope, last_act, path, fused);
     const Tensor& Y = std::get<0>(out);
     const auto &Z = std::get<1>(out), &A = std::get<2>(out), &dA = std::get<3>(out);
     variable_list saved{XV};
@@ -239,6 +241,7 @@ class TangentMlpFunction : public torch::autograd::Function<TangentMlpFunction> 
     ctx->saved_data["slope"] = slope;
     ctx->saved_data["last_act"] = last_act;
     ctx->saved_data["path"] = path;
+    ctx->saved_data["fused"] = fused.vec();
     ctx->mark_non_differentiable(internals);
     ctx->set_materialize_grads(false);
     return outputs;
@@ -246,7 +249,7 @@ class TangentMlpFunction : public torch::autograd::Function<TangentMlpFunction> 
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const int64_t L = ctx->saved_data["layers"].toInt();
-    variable_list result(1 + 2 * L + 4);  // XV, weights, biases, four non-tensor arguments
+    variable_list result(1 + 2 * L + 5);  // XV, weights, biases, five non-tensor arguments
     if (!grads[0].defined()) return result;
     auto s = ctx->get_saved_variables();
     const at::TensorList all(s);
@@ -262,7 +265,8 @@ class TangentMlpFunction : public torch::autograd::Function<TangentMlpFunction> 
                                        ctx->saved_data["act"].toInt(),
                                        ctx->saved_data["slope"].toDouble(),
                                        ctx->saved_data["last_act"].toInt(),
-                                       ctx->saved_data["path"].toInt(), !want_params);
+                                       ctx->saved_data["path"].toInt(),
+                                       ctx->saved_data["fused"].toIntVector(), !want_params);
     result[0] = std::get<0>(g);
     for (int64_t l = 0; l < L && want_params; ++l) {
       if (ctx->needs_input_grad(1 + l)) result[1 + l] = std::get<1>(g)[l];
@@ -277,10 +281,11 @@ class TangentMlpBackwardFunction : public torch::autograd::Function<TangentMlpBa
   static variable_list forward(AutogradContext* /*ctx*/, const Tensor& gY, const Tensor& XV,
                                at::TensorList weights, const Tensor& Y, at::TensorList Z,
                                at::TensorList A, at::TensorList dA, int64_t act, double slope,
-                               int64_t last_act, int64_t path, bool input_only) {
+                               int64_t last_act, int64_t path, at::IntArrayRef fused,
+                               bool input_only) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto g = call_tangent_mlp_backward(gY, XV, weights, Y, Z, A, dA, act, slope, last_act, path,
-                                       input_only);
+                                       fused, input_only);
     variable_list out{std::get<0>(g)};
     out.insert(out.end(), std::get<1>(g).begin(), std::get<1>(g).end());
     out.insert(out.end(), std::get<2>(g).begin(), std::get<2>(g).end());
@@ -358,8 +363,8 @@ std::tuple<Tensor, Tensor, Tensor> tangent_linear_backward_autograd(
 
 MlpForwardOut tangent_mlp_autograd(const Tensor& XV, at::TensorList weights,
                                    at::TensorList biases, int64_t act, double slope,
-                                   int64_t last_act, int64_t path) {
-  auto out = TangentMlpFunction::apply(XV, weights, biases, act, slope, last_act, path);
+                                   int64_t last_act, int64_t path, at::IntArrayRef fused) {
+  auto out = TangentMlpFunction::apply(XV, weights, biases, act, slope, last_act, path, fused);
   const int64_t L = static_cast<int64_t>(weights.size());
   auto slice = [&](int64_t start, int64_t count) {
     return std::vector<Tensor>(out.begin() + start, out.begin() + start + count);
@@ -371,9 +376,10 @@ MlpBackwardOut tangent_mlp_backward_autograd(const Tensor& gY, const Tensor& XV,
                                              at::TensorList weights, const Tensor& Y,
                                              at::TensorList Z, at::TensorList A,
                                              at::TensorList dA, int64_t act, double slope,
-                                             int64_t last_act, int64_t path, bool input_only) {
+                                             int64_t last_act, int64_t path,
+                                             at::IntArrayRef fused, bool input_only) {
   auto out = TangentMlpBackwardFunction::apply(gY, XV, weights, Y, Z, A, dA, act, slope,
-                                               last_act, path, input_only);
+                                               last_act, path, fused, input_only);
   const int64_t L = static_cast<int64_t>(weights.size());
   return {out[0], std::vector<Tensor>(out.begin() + 1, out.begin() + 1 + L),
           std::vector<Tensor>(out.begin() + 1 + L, out.begin() + 1 + 2 * L)};

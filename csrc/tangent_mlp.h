@@ -23,6 +23,55 @@ namespace injflow {
 // per-layer ops, or the fused CUDA kernels (an error where they cannot take the shapes).
 enum MlpPath : int64_t { kMlpAuto = 0, kMlpPerLayer = 1, kMlpFused = 2, kMlpPathCount = 3 };
 
+// `fused` argument of tangent_mlp: the fused kernels' choices, arguments of the op (so that
+// fake kernels, torch.compile and CUDA-graph capture see them), each 0 = automatic:
+//   math: auto (float32 follows torch's TF32 switch for matmuls, as cuBLAS does), fma, tf32
+//     (TF32 mma.sync, float32 accumulation), tf32x3 (3xTF32: float32-level accuracy); float64
+//     and devices below sm_80 always use FMAs;
+//   pipeline: registers (the next weight chunk's loads in registers) or async (cp.async into
+//     three shared-memory buffers, sm_80+; the same results);
+//   weight_grads: cublas (one GEMM per layer) or kernel (one split-K kernel for all layers,
+//     in the fused kernels' arithmetic);
+//   samples_per_block: pins the samples a block takes (0: planned from the device);
+//   weight_grad_rows: pins the weight-gradient kernel's rows per split (0: planned).
+enum FusedMath : int64_t {
+  kFusedMathAuto = 0, kFusedMathFma = 1, kFusedMathTf32 = 2, kFusedMathTf32x3 = 3,
+  kFusedMathCount = 4
+};
+enum FusedPipe : int64_t { kFusedPipeRegisters = 0, kFusedPipeAsync = 1, kFusedPipeCount = 2 };
+enum FusedWgrad : int64_t { kFusedWgradCublas = 0, kFusedWgradKernel = 1, kFusedWgradCount = 2 };
+
+struct FusedMlpOptions {
+  int64_t math = kFusedMathAuto;
+  int64_t pipeline = kFusedPipeRegisters;
+  int64_t weight_grads = kFusedWgradCublas;
+  int64_t samples_per_block = 0;
+  int64_t weight_grad_rows = 0;
+};
+
+// `fused` ([] or the five codes above) as options, or an error naming the values each takes.
+inline FusedMlpOptions fused_mlp_options(at::IntArrayRef fused, const char* op) {
+  FusedMlpOptions o;
+  if (fused.empty()) return o;
+  TORCH_CHECK(fused.size() == 5, op, ": fused must be [] or [math, pipeline, weight_grads, "
+              "samples_per_block, weight_grad_rows], got ", fused.size(), " values");
+  o.math = fused[0];
+  o.pipeline = fused[1];
+  o.weight_grads = fused[2];
+  o.samples_per_block = fused[3];
+  o.weight_grad_rows = fused[4];
+  TORCH_CHECK(o.math >= 0 && o.math < kFusedMathCount, op, ": fused math must be 0 (auto), "
+              "1 (fma), 2 (tf32) or 3 (tf32x3), got ", o.math);
+  TORCH_CHECK(o.pipeline >= 0 && o.pipeline < kFusedPipeCount, op, ": fused pipeline must be "
+              "0 (registers) or 1 (async), got ", o.pipeline);
+  TORCH_CHECK(o.weight_grads >= 0 && o.weight_grads < kFusedWgradCount, op, ": fused "
+              "weight_grads must be 0 (cublas) or 1 (kernel), got ", o.weight_grads);
+  TORCH_CHECK(o.samples_per_block >= 0 && o.weight_grad_rows >= 0, op, ": fused "
+              "samples_per_block and weight_grad_rows must be >= 0 (0: planned), got ",
+              o.samples_per_block, " and ", o.weight_grad_rows);
+  return o;
+}
+
 using MlpForwardResult =
     std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 using MlpBackwardResult = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
@@ -71,7 +120,8 @@ inline void check_mlp_layers(const char* op, const at::Tensor& XV, at::TensorLis
 
 inline void check_tangent_mlp_args(const at::Tensor& XV, at::TensorList weights,
                                    at::TensorList biases, int64_t act, int64_t last_act,
-                                   int64_t path) {
+                                   int64_t path, at::IntArrayRef fused) {
+  fused_mlp_options(fused, "tangent_mlp");
   TORCH_CHECK(biases.size() == weights.size(), "tangent_mlp: biases must hold one tensor per "
               "layer (", weights.size(), "), got ", biases.size());
   check_mlp_layers("tangent_mlp", XV, weights, biases);
@@ -88,7 +138,8 @@ inline void check_tangent_mlp_backward_args(const at::Tensor& gY, const at::Tens
                                             at::TensorList weights, const at::Tensor& Y,
                                             at::TensorList Z, at::TensorList A,
                                             at::TensorList dA, int64_t act, int64_t last_act,
-                                            int64_t path) {
+                                            int64_t path, at::IntArrayRef fused) {
+  fused_mlp_options(fused, "tangent_mlp_backward");
   check_mlp_layers("tangent_mlp_backward", XV, weights, {});
   const size_t L = weights.size();
   TORCH_CHECK(L >= 1 && Z.size() == L && dA.size() == L && A.size() == L - 1,

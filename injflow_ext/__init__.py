@@ -8,8 +8,11 @@ Ops (CPU and CUDA, float32/float64, autograd, ``torch.compile``):
     tangent_conv2d(x, V, weight, b, act) 2-D convolution + activation on a primal and K tangents
     cg_solve(A, b)                      batched conjugate gradients, fused iterations
 
-Models: injflow_ext.nn (bijections with batched tangents), injflow_ext.estimators.logdet_jtj
-(exact / Hutchinson / encoder-surrogate volume term), RectangularFlow.
+Library: injflow_ext.nn (bijections with batched tangents), injflow_ext.estimators.logdet_jtj
+(exact / Hutchinson / encoder-surrogate volume term), injflow_ext.flows
+(``RectangularFlow(ambient, latent_dim, prior, base)``, bases, builders),
+injflow_ext.train (the objectives' registry and ``TrainStep``). The command line and its
+datasets, loop, evaluation and plots build on these and are not imported here.
 """
 
 # Order matters: the compiled extension loads first, so that an unbuilt checkout fails with the
@@ -20,20 +23,19 @@ from .ops import (CGResult, GramLogdetInfo, cg_solve, gram_logdet, tangent_affin
                   tangent_epilogue_packed, tangent_linear, tangent_linear_packed, tangent_mlp)
 
 from . import estimators, nn  # noqa: E402  (after the ops they build on)
-from .models import RectangularFlow  # noqa: E402
-from .objectives import (ExactObjective, HutchinsonObjective, Objective,  # noqa: E402
-                         SurrogateObjective, TwoStepObjective, make_objective)
-from .step import TrainStep  # noqa: E402
-from .capture import CapturedStep  # noqa: E402
-from .runs import load_run  # noqa: E402
+from . import flows  # noqa: E402
+from .flows import RectangularFlow, StandardNormal, StudentT  # noqa: E402
+from . import train  # noqa: E402
+from .train import (ExactObjective, HutchinsonObjective, Objective,  # noqa: E402
+                    SurrogateObjective, TrainStep, TwoStepObjective, make_objective)
+from .train.runs import load_run  # noqa: E402
 
 __version__ = build_info()["version"]
 
 __all__ = ["build_info", "gram_logdet", "GramLogdetInfo", "tangent_linear",
            "tangent_linear_packed", "tangent_mlp", "tangent_affine_coupling", "tangent_coupling_packed",
            "tangent_conv2d", "tangent_conv2d_packed", "tangent_epilogue_packed",
-           "cg_solve", "CGResult", "RectangularFlow", "TrainStep", "CapturedStep", "Objective",
-           "ExactObjective", "HutchinsonObjective", "SurrogateObjective", "TwoStepObjective",
-           "make_objective", "load_run", "estimators",
-           "nn",
-           "__version__"]
+           "cg_solve", "CGResult", "RectangularFlow", "StandardNormal", "StudentT", "TrainStep",
+           "Objective", "ExactObjective", "HutchinsonObjective", "SurrogateObjective",
+           "TwoStepObjective", "make_objective", "load_run", "estimators", "nn", "flows",
+           "train", "__version__"]

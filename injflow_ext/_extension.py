@@ -6,6 +6,7 @@ mismatched build fails once, at import, with the command that fixes it.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -34,7 +35,9 @@ def mismatch_message(built: str, installed: str, installed_cuda) -> str:
 
 def _load():
     try:
-        from . import _C  # noqa: F401  (registers torch.ops.injflow.*)
+        # registers torch.ops.injflow.*; by name, not "from . import _C", which static import
+        # graphs (import-linter) read as an import of the package root
+        _C = importlib.import_module(f"{__package__}._C")
     except ImportError as exc:
         here = os.path.dirname(os.path.abspath(__file__))
         raise ImportError(

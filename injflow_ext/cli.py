@@ -11,40 +11,14 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from . import train_options
 from ._io import atomic_json
-from .data import DATASET_NAMES, IMAGE_MODEL_DATASETS, Dataset, load_dataset
-from .models import RectangularFlow, default_ambient_size
-from .runs import load_run, read_config, write_config
+from .data import Dataset, load_dataset
+from .train.objectives import make_objective
+from .train.runs import load_run, read_config, write_config
+from .train_options import positive_int
 
 __all__ = ["main", "load_run"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
-
-def _warmup_value(text: str) -> str:
-    """A likelihood warm-up point: steps ("500") or a percentage of the run ("25%")."""
-    from .training import warmup_steps
-    try:
-        warmup_steps((text, text), 100, 1)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text.strip()
-
-
-def _hidden(text: str) -> tuple:
-    try:
-        return tuple(int(v) for v in text.split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated widths like 128,128, got "
-                                         f"{text!r}") from None
 
 
 def _device(name: str) -> str:
@@ -56,7 +30,7 @@ def _device(name: str) -> str:
 def cmd_train(args) -> int:
     """``injflow train``; under ``torchrun --nproc-per-node N`` every process runs this, trains
     its share of each batch through DistributedDataParallel, and rank 0 writes the run."""
-    from .distributed import init_from_env
+    from .train.distributed import init_from_env
 
     dist = init_from_env(_device(args.device))
     try:
@@ -67,7 +41,8 @@ def cmd_train(args) -> int:
 
 def _train(args, dist) -> int:
     from . import build_info
-    from .training import TrainConfig, Trainer
+    from .flows import from_config
+    from .train.loop import TrainConfig, Trainer
 
     device = args.device
     if args.resume:
@@ -83,11 +58,8 @@ def _train(args, dist) -> int:
         args.dtype = saved.get("dtype", args.dtype)  # a float64 run resumes in float64
         data = load_dataset(args.data, seed=args.seed, data_dir=args.data_dir,
                             n_samples=args.n_samples)
-        model = RectangularFlow(**saved["model"])
-        train = dict(saved["train"])
-        train["likelihood_warmup"] = (tuple(train["likelihood_warmup"])
-                                      if train.get("likelihood_warmup") else None)
-        train["device"] = device
+        model = from_config(saved["model"])
+        train = dict(saved["train"], device=device)
         # runs written before these options existed trained with these
         train.setdefault("select", "best")
         train.setdefault("lr_schedule", "constant")
@@ -95,7 +67,7 @@ def _train(args, dist) -> int:
             train["step_mode"] = args.step_mode
         if args.precision is not None:
             train["precision"] = args.precision
-        tcfg = TrainConfig(**train)
+        tcfg = TrainConfig.from_dict(train)
     else:
         data = load_dataset(args.data, seed=args.seed, data_dir=args.data_dir,
                             n_samples=args.n_samples)
@@ -110,71 +82,16 @@ def _train(args, dist) -> int:
         if os.path.exists(os.path.join(out, "checkpoint.pt")) and not args.overwrite:
             raise SystemExit(f"injflow train: {out} already holds a run; use --resume to continue "
                              "it, --overwrite to start again, or another --out")
-        shift = scale = None
-        train_x = data.train
-        if args.logit is not None:     # standardise in logit space, where h's output lives
-            if not 0 <= args.logit < 0.5:
-                raise SystemExit(f"injflow train: --logit ALPHA must be in [0, 0.5), got "
-                                 f"{args.logit}")
-            if data.train.min() <= 0 or data.train.max() >= 1:
-                raise SystemExit(f"injflow train: --logit needs data in (0, 1) (dequantised "
-                                 f"pixels); {data.name} spans [{data.train.min():.3g}, "
-                                 f"{data.train.max():.3g}]")
-            p = args.logit + (1 - 2 * args.logit) * data.train
-            train_x = np.log(p) - np.log1p(-p)
-        image_model = os.path.basename(data.name) in IMAGE_MODEL_DATASETS
-        if args.standardize and image_model:
-            # one mean and std over all pixels: per pixel, MNIST's near-constant border pixels
-            # would be blown up into unit-variance noise that h must carry like the strokes
-            shift = np.full(data.dim, train_x.mean())
-            scale = np.full(data.dim, train_x.std())
-        elif args.standardize:
-            shift = train_x.mean(0)
-            scale = train_x.std(0) + 1e-6 * (np.abs(train_x).max() + 1e-12)
+        objective_options = train_options.objective_options(args)
         torch.manual_seed(args.seed)
-        layers, hidden = default_ambient_size(data.dim)
-        if image_model:
-            model = RectangularFlow.for_images(
-                (1, *data.image_shape), d, levels=args.image_levels,
-                couplings=args.image_couplings, hidden=args.image_hidden,
-                prior_layers=args.prior_layers, prior_hidden=args.prior_hidden,
-                base=args.base, base_dof=args.base_dof, seed=args.seed, data_shift=shift,
-                data_scale=scale, logit_alpha=args.logit)
-        else:
-            model = RectangularFlow(data.dim, d, ambient_layers=args.ambient_layers or layers,
-                                    ambient_hidden=args.ambient_hidden or hidden,
-                                    prior_layers=args.prior_layers,
-                                    prior_hidden=args.prior_hidden,
-                                    prior_spline_bins=args.prior_spline_bins,
-                                    activation=args.activation,
-                                    scale=args.coupling_scale, actnorm=args.actnorm,
-                                    permutation=args.permutation, base=args.base,
-                                    base_dof=args.base_dof, seed=args.seed, data_shift=shift,
-                                    data_scale=scale, logit_alpha=args.logit)
-        if args.surrogate_noise and args.method != "surrogate":
-            raise SystemExit("injflow train: --surrogate-noise is for --method surrogate")
-        if not args.surrogate_noise >= 0:
-            raise SystemExit(f"injflow train: --surrogate-noise must be >= 0, got "
-                             f"{args.surrogate_noise}")
-        if args.probe == "orthonormal" and args.method != "surrogate":
-            raise SystemExit("injflow train: --probe orthonormal is for --method surrogate; "
-                             "hutchinson takes normal or rademacher")
-        if args.method == "surrogate" and (args.probe or "orthonormal") == "orthonormal" \
-                and args.hutchinson_samples > d:
-            raise SystemExit(f"injflow train: --probe orthonormal needs --probes K <= d = {d}, "
-                             f"got {args.hutchinson_samples}")
-        tcfg = TrainConfig(method=args.method, hutchinson_samples=args.hutchinson_samples,
-                           probe=args.probe, surrogate_noise=args.surrogate_noise,
-                           beta=args.beta, epochs=args.epochs, steps=args.steps,
-                           batch_size=args.batch_size, lr=args.lr,
-                           likelihood_warmup=tuple(args.likelihood_warmup)
-                           if args.likelihood_warmup else None, seed=args.seed, device=device,
-                           checkpoint_every=args.checkpoint_every, patience=args.patience,
-                           select=args.select, lr_schedule=args.lr_schedule,
-                           lr_warmup=args.lr_warmup, lr_final=args.lr_final,
-                           grad_clip=args.grad_clip,
-                           step_mode=args.step_mode or "auto", precision=args.precision)
-        tcfg.validate()
+        model = train_options.build_model(args, data, d)
+        tcfg = TrainConfig(method=args.method, objective=objective_options,
+                           **train_options.loop_options(args), device=device)
+        try:
+            tcfg.validate()
+            make_objective(tcfg.method, **tcfg.objective).check_model(model)
+        except ValueError as exc:
+            raise SystemExit(f"injflow train: {exc}") from None
         dist.barrier()  # every rank has checked for an existing run before rank 0 writes one
         if dist.is_main:
             _write_config(out, args, data, model, tcfg, build_info, world_size=dist.world_size)
@@ -214,8 +131,8 @@ def _write_config(out, args, data, model, tcfg, build_info, world_size):
 
 def _report(args, summary, out, data, tcfg) -> int:
     """Rank 0 after training: evaluation, metrics.json, plots, and what it printed."""
-    from .evaluation import evaluate
-    from .plots import make_plots
+    from .evaluate.evaluation import evaluate
+    from .evaluate.plots import make_plots
     chosen = (f"model.pt: the best validation objective {summary['best_val_objective']:.4g} "
               f"at epoch {summary['best_epoch']}" if tcfg.select == "best"
               else "model.pt: the final weights")
@@ -269,7 +186,7 @@ def _data_of_run(run_dir: str, args) -> Dataset:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation import evaluate
+    from .evaluate.evaluation import evaluate
     model = load_run(args.run, map_location=_device(args.device))
     data = _data_of_run(args.run, args)
     if data.dim != model.ambient_dim:
@@ -285,7 +202,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_ood(args) -> int:
-    from .evaluation import ood_summary, per_sample_scores
+    from .evaluate.evaluation import ood_summary, per_sample_scores
     model = load_run(args.run, map_location=_device(args.device))
     run_data = read_config(args.run)["data"]
     seed = run_data["seed"]
@@ -302,7 +219,7 @@ def cmd_ood(args) -> int:
     path = os.path.join(args.run, f"{stem}.json")
     atomic_json(rep, path)
     if not args.no_plot:
-        from .plots import plot_ood_scores
+        from .evaluate.plots import plot_ood_scores
         print(f"  plot: {plot_ood_scores(s_in, s_out, args.in_data, args.out_data, args.run, f'{stem}.png')}")
     for score in ("log_likelihood", "reconstruction"):
         print(f"  {score}: AUROC {rep[score]['auroc']:.3f}, decision-stump accuracy "
@@ -327,8 +244,7 @@ def cmd_bench(args) -> int:
     device = _device(args.device)
     path = args.json or f"injflow-bench-{device}.json"
     run_bench(device, getattr(torch, args.dtype), quick=args.quick, budget=args.budget,
-              json_path=path, mlp_path=args.mlp_path, precision=args.precision,
-              mlp_pipeline=args.mlp_pipeline, mlp_wgrad=args.mlp_wgrad)
+              json_path=path, mlp_path=args.mlp_path, precision=args.precision)
     return 0
 
 
@@ -339,112 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model; writes a run directory with config, logs, "
                        "checkpoints, metrics and plots")
-    t.add_argument("--data", default=None,
-                   help=f"dataset name ({', '.join(DATASET_NAMES)}) or a .npy/.csv file (N × D)")
-    t.add_argument("--data-dir", default=None, help="folder of the tabular/image data files")
-    t.add_argument("--n-samples", type=_positive_int, default=None,
-                   help="use at most this many points")
-    t.add_argument("--latent-dim", type=_positive_int, default=None,
-                   help="manifold dimension d (default: known for synthetic data)")
-    t.add_argument("--method", default="exact",
-                   choices=["exact", "hutchinson", "surrogate", "two-step"],
-                   help="exact: RNF-ML, exact volume-term gradient (1 + d rows per sample); "
-                        "hutchinson: Hutchinson probes + CG; surrogate: the encoder-Jacobian "
-                        "surrogate (1 + K rows and K encoder backward passes, no CG; biased "
-                        "where the encoder is not the pseudo-inverse); two-step: RNF-TS")
-    t.add_argument("--probes", "--hutchinson-samples", dest="hutchinson_samples",
-                   type=_positive_int, default=1,
-                   help="probes K per sample of hutchinson and surrogate (default 1)")
-    t.add_argument("--probe", default=None, choices=["normal", "rademacher", "orthonormal"],
-                   help="kind of probe: hutchinson normal (default) or rademacher; surrogate "
-                        "orthonormal (default; K <= d), normal or rademacher")
-    t.add_argument("--surrogate-noise", type=float, default=0.0, metavar="SIGMA",
-                   help="surrogate: the encoder sees x + SIGMA·N(0, I) and reconstructs x (a "
-                        "denoising reconstruction that makes the encoder's Jacobian the "
-                        "pseudo-inverse, where the surrogate is exact); data units, default 0")
-    t.add_argument("--beta", type=float, default=50.0, help="weight of the reconstruction term")
-    g = t.add_mutually_exclusive_group()
-    g.add_argument("--epochs", type=_positive_int, default=None)
-    g.add_argument("--steps", type=_positive_int, default=None)
-    t.add_argument("--batch-size", type=_positive_int, default=200,
-                   help="global batch; under torchrun each of the N processes trains on 1/N of it")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--likelihood-warmup", type=_warmup_value, nargs=2, metavar=("START", "END"),
-                   default=None, help="likelihood weight 0 before START, 1 after END: steps "
-                   "(500) or percentages of the run (25%%)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    t.add_argument("--step-mode", default=None,
-                   choices=["auto", "eager", "compiled", "captured"],
-                   help="how a training step runs (injflow_ext.TrainStep): auto (default) = "
-                        "compiled and captured in a CUDA graph on a GPU (the last partial batch "
-                        "of each epoch is dropped: one batch shape), compiled under torchrun, "
-                        "eager on the CPU")
-    t.add_argument("--precision", default=None, choices=["float32", "tf32"],
-                   help="float32 GEMMs of the training step: float32 (default) or tf32 "
-                        "(tensor cores, float32 accumulation; the log-determinant still "
-                        "accumulates in float64)")
-    t.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    t.add_argument("--out", default=None, help="run directory (default runs/DATA-METHOD)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
-    t.add_argument("--overwrite", action="store_true", help="start again in an existing --out")
-    t.add_argument("--checkpoint-every", type=_positive_int, default=500)
-    t.add_argument("--patience", type=int, default=20,
-                   help="--select best: stop after this many epochs without validation "
-                        "improvement (counted after the likelihood warm-up)")
-    t.add_argument("--select", default="final", choices=["final", "best"],
-                   help="model.pt: the last step's weights (final, the default: the learning "
-                        "rate has decayed to --lr-final by then) or the best validation "
-                        "objective after the likelihood warm-up (best, with early stopping)")
-    t.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"],
-                   help="cosine decay from --lr to --lr-final x --lr over the run (default), "
-                        "or constant")
-    t.add_argument("--lr-warmup", type=int, default=0,
-                   help="steps of linear learning-rate warm-up")
-    t.add_argument("--lr-final", type=float, default=0.0,
-                   help="cosine: the last step's learning rate as a fraction of --lr")
-    t.add_argument("--grad-clip", type=float, default=None,
-                   help="clip the global gradient norm to this value")
-    t.add_argument("--ambient-layers", type=_positive_int, default=None,
-                   help="couplings of h (default: 8 for D <= 8, else 10)")
-    t.add_argument("--ambient-hidden", type=_hidden, default=None,
-                   help="widths of h's conditioners (default: 64,64 for D <= 8, else "
-                        "128,128,128,128)")
-    t.add_argument("--prior-layers", type=int, default=5)
-    t.add_argument("--prior-hidden", type=_hidden, default=(32, 32))
-    t.add_argument("--logit", type=float, default=None, metavar="ALPHA",
-                   help="pixel data in (0, 1): the model's last layer is x = (σ(y) − ALPHA) / "
-                        "(1 − 2 ALPHA), the standardisation acts in logit space, densities stay "
-                        "in pixel units (e.g. 0.05; default: none)")
-    t.add_argument("--image-levels", type=_positive_int, default=2,
-                   help=f"image model ({', '.join(IMAGE_MODEL_DATASETS)}): scales of h (a "
-                        "squeeze between them; default 2)")
-    t.add_argument("--image-couplings", type=_positive_int, default=4,
-                   help="image model: blocks per scale (ActNorm, 1x1 convolution, checkerboard "
-                        "coupling; default 4)")
-    t.add_argument("--image-hidden", type=_hidden, default=[32, 32],
-                   help="image model: channels of the couplings' 3x3 CNN conditioners "
-                        "(default 32,32)")
-    t.add_argument("--base", default="normal", choices=["normal", "student-t"],
-                   help="distribution of the latent z: normal (the paper's, default) or "
-                        "student-t (heavier tails; --base-dof degrees of freedom)")
-    t.add_argument("--base-dof", type=_positive_int, default=3,
-                   help="degrees of freedom of --base student-t (default 3)")
-    t.add_argument("--prior-spline-bins", type=int, default=0,
-                   help="an elementwise spline with this many bins in each prior block (0: none)")
-    t.add_argument("--activation", default="tanh")
-    t.add_argument("--coupling-scale", default="tanh", choices=["tanh", "exp"],
-                   help="coupling log-scale: tanh(s) (bounded) or s")
-    t.add_argument("--permutation", default="random", choices=["random", "reverse"],
-                   help="permutation after each coupling of h")
-    t.add_argument("--no-actnorm", dest="actnorm", action="store_false",
-                   help="no ActNorm layers")
-    t.add_argument("--no-standardize", dest="standardize", action="store_false",
-                   help="train on the raw data (default: a fixed per-feature standardisation "
-                        "(image models: one mean and std over all pixels) "
-                        "layer inside the model)")
-    t.add_argument("--no-eval", action="store_true", help="skip the evaluation and plots")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    train_options.add_arguments(t)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a run on its test data; writes RUN/metrics.json")
@@ -469,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="draw samples from a run's model into a .npy file")
     s.add_argument("run")
-    s.add_argument("-n", type=_positive_int, default=1000, help="number of samples (>= 1)")
+    s.add_argument("-n", type=positive_int, default=1000, help="number of samples (>= 1)")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -486,14 +297,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--mlp-path", default="auto", choices=["auto", "per_layer", "fused"],
                    help="the conditioners' tangent_mlp path of ours (fused: the CUDA kernels "
                         "that keep a whole conditioner on chip)")
-    b.add_argument("--mlp-pipeline", default=None, choices=["registers", "async"],
-                   help="with --mlp-path fused: how the fused kernels stage their weights "
-                        "(async: cp.async into three shared-memory buffers, sm_80+; default: "
-                        "registers, or INJFLOW_MLP_PIPELINE)")
-    b.add_argument("--mlp-wgrad", default=None, choices=["cublas", "kernel"],
-                   help="with --mlp-path fused: how the backward computes the weight gradients "
-                        "(kernel: one split-K kernel for every layer; default: cublas, one GEMM "
-                        "per layer, or INJFLOW_MLP_WGRAD)")
     b.add_argument("--precision", default=None, choices=["float32", "tf32"],
                    help="CUDA: the float32 GEMMs of ours and plain PyTorch alike; tf32 = TF32 "
                         "tensor cores (cuBLAS and the fused kernels). Default: torch's setting")
@@ -507,8 +310,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train" and not args.data and not args.resume:
         parser.error("train: --data is required (unless --resume)")
-    if args.command == "train" and args.epochs is None and args.steps is None:
-        args.epochs = 50
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as exc:

@@ -227,7 +227,7 @@ def _gram_matvec(decoder, u: torch.Tensor) -> Callable[[torch.Tensor], torch.Ten
     return matvec
 
 
-def logdet_jtj(decoder, u: torch.Tensor, method: str = "exact", *, hutchinson_samples: int = 1,
+def logdet_jtj(decoder, u: torch.Tensor, method: str = "exact", *, probes: int = 1,
                probe: str | None = None, cg_rtol: float = 1e-5, cg_max_iter: int | None = None,
                cg_check_every="auto", generator: torch.Generator | None = None,
                encoder=None, x: torch.Tensor | None = None, **gram_kwargs) -> LogdetResult:
@@ -239,7 +239,7 @@ def logdet_jtj(decoder, u: torch.Tensor, method: str = "exact", *, hutchinson_sa
             plain PyTorch ops (through ``torch.func``).
         u: ``(B, d)`` latent points (may carry gradient, e.g. from an encoder).
         method: "exact", "hutchinson" or "surrogate".
-        hutchinson_samples: probes K per sample (hutchinson and surrogate).
+        probes: probes K per sample (hutchinson and surrogate).
         probe: hutchinson: "normal" (default) or "rademacher"; surrogate: "orthonormal"
             (default; K ≤ d), "normal" or "rademacher".
         cg_rtol, cg_max_iter: CG tolerance and cap (default d iterations).
@@ -270,11 +270,10 @@ def logdet_jtj(decoder, u: torch.Tensor, method: str = "exact", *, hutchinson_sa
         value, info = gram_logdet(J, return_info=True, **gram_kwargs)
         return LogdetResult(value, x, method, {"jitter": info.jitter, "status": info.status})
     if method == "hutchinson":
-        if not isinstance(hutchinson_samples, int) or hutchinson_samples < 1:
-            raise ValueError(f"logdet_jtj: hutchinson_samples must be a positive int, got "
-                             f"{hutchinson_samples!r}")
+        if not isinstance(probes, int) or probes < 1:
+            raise ValueError(f"logdet_jtj: probes must be a positive int, got {probes!r}")
         B, d = u.shape
-        K = hutchinson_samples
+        K = probes
         eps = _probes(B, K, d, probe or "normal", u, generator)      # (B, K, d)
         if cg_check_every == "auto":
             cg_check_every = None if _tracing_or_capturing(u) else 1
@@ -288,7 +287,7 @@ def logdet_jtj(decoder, u: torch.Tensor, method: str = "exact", *, hutchinson_sa
                                                "cg_residual_norm": res.residual_norm,
                                                "cg_converged": res.converged})
     if method == "surrogate":
-        return _surrogate(decoder, u, hutchinson_samples, probe or "orthonormal", generator,
+        return _surrogate(decoder, u, probes, probe or "orthonormal", generator,
                           encoder, x)
     raise ValueError(f"logdet_jtj: method must be 'exact', 'hutchinson' or 'surrogate', got "
                      f"{method!r}")
@@ -297,8 +296,8 @@ def logdet_jtj(decoder, u: torch.Tensor, method: str = "exact", *, hutchinson_sa
 def _surrogate(decoder, u, K, probe, generator, encoder, x) -> LogdetResult:
     """The encoder-Jacobian surrogate; see the module docstring and :func:`logdet_jtj`."""
     if not isinstance(K, int) or K < 1:
-        raise ValueError(f"logdet_jtj: hutchinson_samples (the probes K) must be a positive "
-                         f"int, got {K!r}")
+        raise ValueError(f"logdet_jtj: probes (K per sample) must be a positive int, got "
+                         f"{K!r}")
     encoder = encoder if encoder is not None else model_encoder(decoder)
     if encoder is None or not callable(encoder):
         raise TypeError("logdet_jtj: method='surrogate' needs the encoder: pass encoder=f, a "

@@ -6,7 +6,7 @@ KLs of docs/experiments.md §3.
 For each circle dataset and seed, the training angles (the same 8,000 points and split as
 `injflow train --seed S`) are smoothed by a von Mises kernel density estimate on the *true*
 circle, its concentration chosen by the validation log-likelihood. The estimate is judged by
-the same binned KL(true ‖ model) as the flows (`injflow_ext.charts`, 1° bins, floor 1e-4).
+the same binned KL(true ‖ model) as the flows (`injflow_ext.data.charts`, 1° bins, floor 1e-4).
 This estimator knows the manifold and its chart, which the flows must learn; what it cannot
 know is the density beyond what 8,000 points say, so its KL is roughly the part of a flow's KL
 that the data alone explain. Prints a table and writes JSON (--out).
@@ -23,8 +23,8 @@ from dataclasses import replace
 import numpy as np
 from scipy.special import i0e
 
-from injflow_ext.charts import _kl_from_bins, _true_bin_mass
 from injflow_ext.data import load_dataset
+from injflow_ext.data.charts import _kl_from_bins, _true_bin_mass
 
 KAPPAS = np.geomspace(10, 5000, 40)
 

@@ -5,7 +5,7 @@ docs/experiments.md compares `injflow train`'s defaults with.
 a standard-normal prior on u, loss ``w·(−log N(u) + ½ log det JᵀJ) + β‖x − g(u)‖²`` with J from
 ``torch.func.jacfwd``, the likelihood weight w ramped 0 → 1 over the first quarter of the
 steps, Adam 1e-3, β = 50, batch 500, 4000 steps, final weights. Judged by the same KL on the
-true manifold's chart as `injflow train` (injflow_ext.charts).
+true manifold's chart as `injflow train` (injflow_ext.data.charts).
 
     .venv/bin/python scripts/plain_rnf.py --data circle-mixture --seeds 0 1 2 [--json OUT]
 """
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.func import jacfwd, vmap
 
-from injflow_ext.charts import chart_kl
 from injflow_ext.data import load_dataset
+from injflow_ext.data.charts import chart_kl
 
 
 class Coupling(nn.Module):

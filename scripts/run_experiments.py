@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
+from injflow_ext.train.objectives import REGISTRY  # noqa: E402
 
 # the defaults of `injflow train` otherwise: the point is what a user gets
 DATASETS = {
@@ -33,12 +34,12 @@ DATASETS = {
     "sphere": ["--steps", "4000", "--batch-size", "500"],
     "digits": ["--latent-dim", "10", "--epochs", "30"],
 }
-METHODS = {"exact": ["--method", "exact"],
-           "hutchinson": ["--method", "hutchinson", "--probes", "1"],
-           "surrogate": ["--method", "surrogate", "--probes", "1"],
-           "surrogate-noise": ["--method", "surrogate", "--probes", "1", "--surrogate-noise",
-                               "0.05"],
-           "two-step": ["--method", "two-step"]}
+# every registered training method at its defaults (K = 1 probe for hutchinson and surrogate),
+# and the surrogate with a denoising reconstruction beside the plain one
+METHODS = {name: ["--method", name] for name in REGISTRY}
+METHODS = {**{k: v for k, v in METHODS.items() if k != "two-step"},
+           "surrogate-noise": ["--method", "surrogate", "--noise", "0.05"],
+           **{k: v for k, v in METHODS.items() if k == "two-step"}}
 COLUMNS = [("kl_divergence", "KL(true‖model) ↓", 3), ("tear_mass", "tear mass ↓", 4),
            ("test_log_likelihood_median", "test log-lik median ↑", 3),
            ("test_log_likelihood", "test log-lik mean ↑", 3),
@@ -135,7 +136,7 @@ def density_figures(rows, out_dir):
 
     from injflow_ext import load_run
     from injflow_ext.data import load_dataset
-    from injflow_ext.evaluation import model_chart_kl
+    from injflow_ext.evaluate.evaluation import model_chart_kl
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for data in ("von-mises", "circle-mixture"):

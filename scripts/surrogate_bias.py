@@ -35,10 +35,10 @@ sys.path.insert(0, ROOT)
 from injflow_ext import RectangularFlow, load_run  # noqa: E402
 from injflow_ext.data import load_dataset  # noqa: E402
 from injflow_ext.estimators import decoder_jacobian  # noqa: E402
-from injflow_ext.models import default_ambient_size  # noqa: E402
-from injflow_ext.objectives import ExactObjective, SurrogateObjective  # noqa: E402
+from injflow_ext.flows import default_ambient_size  # noqa: E402
+from injflow_ext.train.objectives import ExactObjective, SurrogateObjective  # noqa: E402
 
-BETA = 50.0
+BETA = ExactObjective.defaults()["beta"]
 
 
 def flat_grad(loss, params):
@@ -79,15 +79,15 @@ def measure(model, x, single_draws=20, seed=0):
     params = list(model.parameters())
     d = model.latent_dim
     row = {"pinv_defect": pinv_defect(model, x)}
-    exact_vol = volume_gradients(model, x, ExactObjective(BETA))
+    exact_vol = volume_gradients(model, x, ExactObjective(beta=BETA))
     for at in ("data", "manifold"):
-        sur = volume_gradients(model, x, SurrogateObjective(BETA, samples=d, encoder_at=at))
+        sur = volume_gradients(model, x, SurrogateObjective(beta=BETA, probes=d, encoder_at=at))
         row[f"volume_rel_err_{at}"], row[f"volume_cosine_{at}"] = compare(sur, exact_vol)
-    exact_loss = flat_grad(ExactObjective(BETA).loss(model, x)["loss"], params)
-    expected = flat_grad(SurrogateObjective(BETA, samples=d).loss(model, x)["loss"], params)
+    exact_loss = flat_grad(ExactObjective(beta=BETA).loss(model, x)["loss"], params)
+    expected = flat_grad(SurrogateObjective(beta=BETA, probes=d).loss(model, x)["loss"], params)
     row["loss_rel_err"], row["loss_cosine"] = compare(expected, exact_loss)
     gen = torch.Generator().manual_seed(seed)
-    one = [compare(flat_grad(SurrogateObjective(BETA, samples=1).loss(model, x, generator=gen)
+    one = [compare(flat_grad(SurrogateObjective(beta=BETA, probes=1).loss(model, x, generator=gen)
                              ["loss"], params), exact_loss) for _ in range(single_draws)]
     row["loss_rel_err_one_probe"] = sum(r for r, _ in one) / len(one)
     row["loss_cosine_one_probe"] = sum(c for _, c in one) / len(one)
@@ -100,10 +100,10 @@ def untrained(data, seed, perturb):
     the identity, where the surrogate is exact)."""
     torch.manual_seed(seed)
     layers, hidden = default_ambient_size(data.dim)
-    m = RectangularFlow(data.dim, data.latent_dim or 10, ambient_layers=layers,
+    m = RectangularFlow.tabular(data.dim, data.latent_dim or 10, ambient_layers=layers,
                         ambient_hidden=hidden)
     m.train()
-    m.loss(torch.as_tensor(data.train[:500], dtype=torch.float32))
+    m.initialize(torch.as_tensor(data.train[:500], dtype=torch.float32))
     if perturb:
         with torch.no_grad():
             for p in m.parameters():

@@ -227,7 +227,7 @@ def backward(gY, XV, Ws, Z, A, activation="tanh", last_activation=None, slope=0.
     (grad_XV, grad_Ws, grad_bs, GZ, plan, stats). Z, A: the forward's saved pre-activations
     and hidden outputs; GZ: every layer's pre-activation gradient (B, R, n_l). wgrad: the
     weight gradients as GEMMs ("cublas", here torch's CPU GEMM in float32) or by
-    mlp_weight_grad_kernel ("kernel", INJFLOW_MLP_WGRAD=kernel, in the same math as the fused
+    mlp_weight_grad_kernel ("kernel", FusedMlp(weight_grads="kernel"), in the same math as the fused
     kernels; wgrad_rows pins its rows per split); the bias sums are sum_partials_kernel's
     either way."""
     XV, Ws, B, R, n_in, n_out = _shapes(XV, Ws)

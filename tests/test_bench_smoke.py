@@ -103,30 +103,30 @@ def test_injflow_bench_conditioner_path_and_precision(tmp_path, capsys):
     assert res["mlp_path"] == "per_layer" and res["precision"] == "float32"
     assert res["tf32"] is False  # TF32 is a CUDA setting
     assert "conditioners per_layer" in capsys.readouterr().out
-    assert res["mlp_pipeline"] is None and res["mlp_wgrad"] is None
+    assert res["fused"] is None
     assert main(["bench", "--device", "cpu", "--quick", "--mlp-path", "fused"]) == 2
     assert "mlp_path='fused' runs the CUDA kernels" in capsys.readouterr().err
-    # the weight pipeline is the fused kernels' setting
-    assert main(["bench", "--device", "cpu", "--quick", "--mlp-pipeline", "async"]) == 2
-    assert "mlp_pipeline is how the fused kernels stage their weights; it needs " \
-           "mlp_path='fused', got 'auto'" in capsys.readouterr().err
-    # so is how the backward computes the weight gradients
-    assert main(["bench", "--device", "cpu", "--quick", "--mlp-wgrad", "kernel"]) == 2
-    assert "mlp_wgrad is how the fused backward computes the weight gradients; it needs " \
-           "mlp_path='fused', got 'auto'" in capsys.readouterr().err
+    # the fused kernels' options (weight pipeline, weight gradients) are for the fused path,
+    # and from Python only (the experiment knobs live in bench/)
+    from injflow_ext.benchmarks import run_bench
+    from injflow_ext.ops import FusedMlp
+    with pytest.raises(ValueError, match="fused options are for the fused kernels; they need "
+                       "mlp_path='fused', got 'auto'"):
+        run_bench("cpu", quick=True, fused=FusedMlp(pipeline="async"), verbose=False)
 
 
 @pytest.mark.skipif(not _cuda_usable(), reason="needs a GPU and an extension built with CUDA kernels")
-@pytest.mark.parametrize("options", [[], ["--mlp-path", "fused", "--precision", "tf32",
-                                          "--mlp-pipeline", "async", "--mlp-wgrad", "kernel"]])
+@pytest.mark.parametrize("options", [{}, dict(mlp_path="fused", precision="tf32",
+                                              fused=dict(pipeline="async", weight_grads="kernel"))])
 def test_cuda_injflow_bench_captures_and_times(tmp_path, options):
     """``injflow bench --device cuda`` (what a cluster user runs): ours and plain PyTorch agree,
     and both are timed eagerly and (the MLP and the step) as CUDA-graph replays, with the
     default conditioners and with the fused kernels in every opt-in mode."""
-    from injflow_ext.cli import main
+    from injflow_ext.benchmarks import run_bench
+    from injflow_ext.ops import FusedMlp
     out = tmp_path / "bench.json"
-    assert main(["bench", "--device", "cuda", "--quick", "--budget", "0.02", *options,
-                 "--json", str(out)]) == 0
+    fused = FusedMlp(**options.pop("fused")) if "fused" in options else None
+    run_bench("cuda", quick=True, budget=0.02, json_path=str(out), fused=fused, **options)
     res = json.load(open(out))
     for r in res["ops"] + res["step"]:
         graphs = r.get("op") != "gram_logdet"  # gram_logdet is timed eagerly only

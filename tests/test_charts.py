@@ -1,12 +1,12 @@
-"""The KL on the true manifold's chart (injflow_ext.charts.chart_kl): ≈ 0 for the truth, the
+"""The KL on the true manifold's chart (injflow_ext.data.charts.chart_kl): ≈ 0 for the truth, the
 analytic value for a shifted density, ≥ 0 always, and tears and mass off the manifold seen."""
 
 import numpy as np
 import pytest
 from scipy import special, stats
 
-from injflow_ext.charts import chart_kl, circle_chart, normal_quadrature, sphere_chart
 from injflow_ext.data import SYNTHETIC, load_dataset
+from injflow_ext.data.charts import chart_kl, circle_chart, normal_quadrature, sphere_chart
 
 
 def circle_push(weights, locs, kappas, shift=0.0, radius=1.0):

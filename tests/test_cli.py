@@ -63,7 +63,7 @@ def test_other_methods_train(tmp_path, method):
 
 
 def test_digits_images_trains_the_image_model(tmp_path):
-    """--data digits-images builds RectangularFlow.for_images (1 × 8 × 8), trains, evaluates,
+    """--data digits-images builds RectangularFlow.images (1 × 8 × 8), trains, evaluates,
     plots a sample grid, and load_run gives back an image model."""
     out = tmp_path / "img"
     assert main(["train", "--data", "digits-images", "--latent-dim", "2", "--out", str(out),
@@ -139,12 +139,28 @@ def test_bad_input_is_clear_and_keeps_checkpoints(tmp_path, capsys):
     with pytest.raises(SystemExit, match="latent-dim must be smaller"):
         main(["train", "--data", "von-mises", "--latent-dim", "2", "--out", str(tmp_path / "z"),
               *TINY])
-    with pytest.raises(SystemExit, match="--surrogate-noise is for --method surrogate"):
+    with pytest.raises(SystemExit, match="--noise / --surrogate-noise is not an option of "
+                       "--method exact; it is for --method surrogate"):
         train(tmp_path / "n", "--surrogate-noise", "0.1")
-    with pytest.raises(SystemExit, match="needs --probes K <= d = 1, got 2"):
+    with pytest.raises(SystemExit, match="needs probes K <= d = 1, got 2"):
         train(tmp_path / "n", "--method", "surrogate", "--probes", "2")
-    with pytest.raises(SystemExit, match="--probe orthonormal is for --method surrogate"):
+    with pytest.raises(SystemExit, match=r"probe must be one of \['normal', 'rademacher'\], "
+                       "got 'orthonormal'"):
         train(tmp_path / "n", "--method", "hutchinson", "--probe", "orthonormal")
+    # an option of the other kind of model is refused, naming the one that applies
+    with pytest.raises(SystemExit, match="--image-levels applies to image models, and "
+                       "von-mises trains a tabular model"):
+        train(tmp_path / "n", "--image-levels", "3")
+    with pytest.raises(SystemExit, match="--activation applies to tabular models, and "
+                       "digits-images trains an image model; use --image-activation"):
+        main(["train", "--data", "digits-images", "--latent-dim", "3", "--activation", "relu",
+              "--out", str(tmp_path / "n"), "--quiet"])
+    with pytest.raises(SystemExit, match="--ambient-hidden applies to tabular models, and "
+                       "digits-images trains an image model; use --image-hidden"):
+        main(["train", "--data", "digits-images", "--latent-dim", "3", "--ambient-hidden", "8",
+              "--out", str(tmp_path / "n"), "--quiet"])
+    with pytest.raises(SystemExit, match="--base-dof is for --base student-t"):
+        train(tmp_path / "n", "--base-dof", "5")
     assert (out / "checkpoint.pt").read_bytes() == before
     assert main(["train", "--out", str(tmp_path / "none"), "--resume", *TINY]) == 2
     assert "has no config.json" in capsys.readouterr().err
@@ -157,7 +173,7 @@ def test_console_entry_point_and_module():
 
 
 def test_ctrl_c_leaves_a_valid_checkpoint_and_resume_finishes(tmp_path, monkeypatch):
-    from injflow_ext.training import Trainer
+    from injflow_ext.train.loop import Trainer
 
     out = tmp_path / "run"
     original = Trainer._train_step

@@ -265,13 +265,13 @@ def test_emulated_tangent_mlp_per_layer_matches_cpu(k, last, input_only):
     L, act, last_code = len(Ws), ACTIVATIONS["tanh"], ACTIVATIONS[last] if last else 0
     out = k.tangent_mlp(XV, Ws, bs, act, 0.0, last_code)
     Y, Z, A, dA = out[0], out[1:1 + L], out[1 + L:2 * L], out[2 * L:]
-    ref = torch.ops.injflow.tangent_mlp.default(XV, Ws, bs, act, 0.0, last_code, 1)
+    ref = torch.ops.injflow.tangent_mlp.default(XV, Ws, bs, act, 0.0, last_code, 1, [])
     for o, r in zip([Y, *Z, *A, *dA], [ref[0], *ref[1], *ref[2], *ref[3]]):
         close(o, r, torch.float64)
     gY = torch.randn_like(Y)
     g = k.tangent_mlp_backward(gY, XV, Ws, Y, Z, A, dA, act, 0.0, last_code, input_only, False)
     ref_g = torch.ops.injflow.tangent_mlp_backward.default(gY, XV, Ws, *ref, act, 0.0, last_code,
-                                                           1, False)
+                                                           1, [], False)
     close(g[0], ref_g[0], torch.float64)
     for o, r in zip(g[1:], [*ref_g[1], *ref_g[2]]):
         if input_only:

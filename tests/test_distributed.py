@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from injflow_ext.cli import main
-from injflow_ext.distributed import init_from_env, shard
+from injflow_ext.train.distributed import init_from_env, shard
 
 # float64 so that the only differences are summation order; batch 63 does not split evenly over
 # 2 ranks (32 + 31) and the last batch of an epoch (320 - 5·63 = 5) neither (3 + 2). A constant
@@ -114,7 +114,7 @@ def test_launch_without_rendezvous_says_what_is_missing(monkeypatch):
 # left in a reference cycle.
 TEARDOWN_SCRIPT = """
 import os, sys, torch
-from injflow_ext.distributed import init_from_env
+from injflow_ext.train.distributed import init_from_env
 def threads():
     return len(os.listdir("/proc/self/task"))
 ctx = init_from_env("cpu")

@@ -12,7 +12,7 @@ from injflow_ext.estimators import decoder_jacobian, logdet_jtj
 
 def small_model(D=5, d=2, seed=0):
     torch.manual_seed(seed)
-    m = RectangularFlow(D, d, ambient_layers=2, ambient_hidden=(12, 12), prior_layers=1,
+    m = RectangularFlow.tabular(D, d, ambient_layers=2, ambient_hidden=(12, 12), prior_layers=1,
                         prior_hidden=(4,), actnorm=False).double()
     with torch.no_grad():  # leave the identity initialisation so that J is not trivial
         for p in m.parameters():
@@ -86,9 +86,9 @@ def test_fast_path_equals_generic_path():
     gb = grads(b.sum(), dec.params)
     for x_, y_ in zip(ga, gb):
         torch.testing.assert_close(x_, y_, rtol=1e-9, atol=1e-11)
-    h1 = logdet_jtj(dec, u, "hutchinson", hutchinson_samples=2, cg_rtol=1e-12,
+    h1 = logdet_jtj(dec, u, "hutchinson", probes=2, cg_rtol=1e-12,
                     generator=torch.Generator().manual_seed(5))
-    h2 = logdet_jtj(plain, u, "hutchinson", hutchinson_samples=2, cg_rtol=1e-12,
+    h2 = logdet_jtj(plain, u, "hutchinson", probes=2, cg_rtol=1e-12,
                     generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(h1.value, h2.value, rtol=1e-8, atol=1e-10)
     g1 = grads(h1.value.sum(), dec.params)
@@ -140,7 +140,7 @@ def test_hutchinson_many_probes_close_to_exact():
     u = torch.randn(4, 2, dtype=torch.float64)
     params = list(m.ambient.parameters())
     exact = torch.autograd.grad(logdet_jtj(m.decoder, u, "exact").value.sum(), params)
-    est = torch.autograd.grad(logdet_jtj(m.decoder, u, "hutchinson", hutchinson_samples=4000,
+    est = torch.autograd.grad(logdet_jtj(m.decoder, u, "hutchinson", probes=4000,
                                          cg_rtol=1e-12, generator=torch.Generator().manual_seed(1)
                                          ).value.sum(), params)
     num = sum(((a - b) ** 2).sum() for a, b in zip(est, exact)) ** 0.5
@@ -156,15 +156,15 @@ def test_errors():
         logdet_jtj(m.decoder, torch.randn(2, 2, dtype=torch.float64), "hutchinson", probe="x")
     with pytest.raises(ValueError, match=r"u must be a tensor \(B, d\)"):
         logdet_jtj(m.decoder, torch.randn(2, dtype=torch.float64))
-    with pytest.raises(ValueError, match="hutchinson_samples must be a positive int"):
+    with pytest.raises(ValueError, match="probes must be a positive int"):
         logdet_jtj(m.decoder, torch.randn(2, 2, dtype=torch.float64), "hutchinson",
-                   hutchinson_samples=0)
+                   probes=0)
 
 
 def test_model_decode_takes_the_fast_path_and_library_ops_under_torch_func_say_what_to_pass():
     from injflow_ext import RectangularFlow
     torch.manual_seed(0)
-    m = RectangularFlow(4, 2, ambient_layers=2, ambient_hidden=(8,), prior_layers=1,
+    m = RectangularFlow.tabular(4, 2, ambient_layers=2, ambient_hidden=(8,), prior_layers=1,
                         prior_hidden=(8,)).double()
     u = torch.randn(5, 2, dtype=torch.float64)
     assert torch.equal(logdet_jtj(m.decode, u).value, logdet_jtj(m.decoder, u).value)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from reference import batched_jacobian
 
+from injflow_ext import make_objective
 from injflow_ext.nn import (
     ChannelActNorm,
     ConvAffineCoupling,
@@ -125,13 +126,13 @@ def test_image_flow_as_the_ambient_flow_of_a_rectangular_flow():
     from injflow_ext.nn import image_flow
 
     torch.manual_seed(0)
-    m = RectangularFlow(32, 3, ambient_layers=0, prior_layers=1, prior_hidden=(4,)).double()
+    m = RectangularFlow.tabular(32, 3, ambient_layers=0, prior_layers=1, prior_hidden=(4,)).double()
     m.ambient = image_flow(SHAPE, levels=2, couplings=2, hidden=(6,)).double()
     # forward (latent to data) ends at the image; the latent end is the coarsest scale
     assert m.ambient.out_shape == SHAPE and m.ambient.shape == (8, 2, 2)
     x = torch.randn(16, 32, dtype=torch.float64)
     m.train()
-    m.loss(x)                                                          # ActNorm initialisation
+    m.initialize(x)                                                          # ActNorm initialisation
     m = perturbed(m, 0.05)
     u = m.encode(x)
     J = batched_jacobian(m.decode, u)
@@ -140,23 +141,23 @@ def test_image_flow_as_the_ambient_flow_of_a_rectangular_flow():
     ref = m.prior_log_prob(u) - 0.5 * torch.logdet(J.mT @ J)
     torch.testing.assert_close(m.log_prob(x), ref, rtol=1e-10, atol=1e-10)
     for method in ("exact", "hutchinson", "surrogate"):
-        out = m.loss(x, method)
+        out = make_objective(method).loss(m, x)
         assert torch.isfinite(out["loss"])
         out["loss"].backward()
 
 
-def test_rectangular_flow_for_images(tmp_path):
-    """RectangularFlow.for_images: encode takes (B, C, H, W) or flat, decode / project / sample
+def test_rectangular_flow_images(tmp_path):
+    """RectangularFlow.images: encode takes (B, C, H, W) or flat, decode / project / sample
     return images, log_prob is the autograd reference, every objective trains on image
     batches, and save/load rebuilds the image model."""
     from injflow_ext import RectangularFlow
 
     torch.manual_seed(0)
-    m = RectangularFlow.for_images(SHAPE, 3, levels=2, couplings=2, hidden=(6,),
+    m = RectangularFlow.images(SHAPE, 3, levels=2, couplings=2, hidden=(6,),
                                    prior_layers=1, prior_hidden=(4,)).double()
     x = torch.randn(8, *SHAPE, dtype=torch.float64)
     m.train()
-    m.loss(x)                                                          # ActNorm initialisation
+    m.initialize(x)                                                          # ActNorm initialisation
     m = perturbed(m, 0.05)
     u = m.encode(x)
     assert u.shape == (8, 3)
@@ -168,19 +169,19 @@ def test_rectangular_flow_for_images(tmp_path):
     torch.testing.assert_close(m.log_prob(x), ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(m.log_prob(x.reshape(8, -1)), ref, rtol=1e-10, atol=1e-10)
     for method in ("exact", "hutchinson", "surrogate"):
-        out = m.loss(x, method)
+        out = make_objective(method).loss(m, x)
         assert torch.isfinite(out["loss"])
         out["loss"].backward()
     for phase in ("reconstruction", "likelihood"):
-        m.loss(x, "two-step", phase=phase)["loss"].backward()
+        make_objective("two-step").loss(m, x, phase)["loss"].backward()
     m.save(str(tmp_path / "m.pt"))
     back = RectangularFlow.load(str(tmp_path / "m.pt")).eval()
     assert back.image_shape == SHAPE
     torch.testing.assert_close(back.log_prob(x), m.log_prob(x), rtol=0, atol=0)  # float64 kept
-    with pytest.raises(ValueError, match=r"images must be \(B, 2, 4, 4\) or flat \(B, 32\)"):
+    with pytest.raises(ValueError, match=r"x must be \(B, 2, 4, 4\) or flat \(B, 32\)"):
         m.encode(torch.randn(2, 2, 4, 5, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"image_shape must be \(C, H, W\) with C·H·W"):
-        RectangularFlow(30, 3, image_shape=SHAPE)
+    with pytest.raises(ValueError, match=r"must agree, got ambient.n=32, prod\(data_shape\)=30"):
+        RectangularFlow(m.ambient, 3, data_shape=(2, 3, 5))
 
 
 def test_logit_pixels_maps_onto_the_pixel_range_and_a_model_keeps_pixel_units():
@@ -191,7 +192,7 @@ def test_logit_pixels_maps_onto_the_pixel_range_and_a_model_keeps_pixel_units():
         dtype=torch.float64))
     from injflow_ext import RectangularFlow
     torch.manual_seed(0)
-    m = perturbed(RectangularFlow(5, 2, ambient_layers=2, ambient_hidden=(8,), prior_layers=1,
+    m = perturbed(RectangularFlow.tabular(5, 2, ambient_layers=2, ambient_hidden=(8,), prior_layers=1,
                                   prior_hidden=(4,), actnorm=False, logit_alpha=0.05), 0.1)
     x = torch.rand(6, 5, dtype=torch.float64) * 0.8 + 0.1
     u = m.encode(x)

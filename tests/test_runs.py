@@ -1,4 +1,4 @@
-"""The run directory (injflow_ext.runs) and the failures a user hits with it: resume needs only
+"""The run directory (injflow_ext.train.runs) and the failures a user hits with it: resume needs only
 ``--out RUN --resume`` from any working directory; damaged or foreign files give one clear
 message naming the file; checkpoints are read safely; a SIGKILLed run resumes bit-identically;
 out-of-range numbers are refused."""
@@ -16,7 +16,7 @@ import torch
 
 from injflow_ext import load_run
 from injflow_ext.cli import main
-from injflow_ext.runs import load_checkpoint, numpy_rng_state, read_config, set_numpy_rng_state
+from injflow_ext.train.runs import load_checkpoint, numpy_rng_state, read_config, set_numpy_rng_state
 
 TINY = ["--ambient-layers", "2", "--ambient-hidden", "16,16", "--prior-layers", "1",
         "--prior-hidden", "8", "--batch-size", "100", "--quiet"]
@@ -136,3 +136,49 @@ def test_sigkill_after_a_checkpoint_resumes_bit_identically(tmp_path):
         assert torch.equal(a[k], b[k]), k
     log = json.load(open(killed / "metrics.json"))
     assert log["train"]["steps"] == 400
+
+
+def test_run_directories_of_the_version_1_layout_load_and_resume(tmp_path):
+    """A run directory written before the models were composed from parts and the objective
+    options moved into ``train.objective`` (4bd1d19 and earlier): its config.json (``model``:
+    the constructor's keyword arguments; ``train``: hutchinson_samples, probe, surrogate_noise,
+    cg_rtol, beta), checkpoint.pt and model.pt load, evaluate and resume to the same weights
+    as a run of today's layout."""
+    def train(out, *extra):
+        return main(["train", "--data", "von-mises", "--n-samples", "300", "--method",
+                     "hutchinson", "--steps", "6", "--checkpoint-every", "3", "--out", str(out),
+                     "--no-eval", "--dtype", "float64", "--lr-schedule", "constant", *TINY,
+                     *extra])
+
+    new, old = tmp_path / "new", tmp_path / "old"
+    assert train(new) == 0
+    assert train(old, "--steps", "3") == 0
+    # rewrite `old` as version 1 wrote it
+    cfg = json.loads((old / "config.json").read_text())
+    m = cfg["model"]
+    v1_model = dict(ambient_dim=m["ambient_dim"], latent_dim=m["latent_dim"],
+                    ambient_layers=m["ambient_layers"], ambient_hidden=m["ambient_hidden"],
+                    prior_layers=m["prior_layers"], prior_hidden=m["prior_hidden"],
+                    prior_spline_bins=0, activation="tanh", scale="tanh", actnorm=True, seed=0,
+                    permutation="random", base="normal", base_dof=3, image_shape=None,
+                    image_levels=2, image_hidden=[32, 32], image_activation="relu",
+                    logit_alpha=None, data_shift=m["data_shift"], data_scale=m["data_scale"])
+    train_cfg = dict(cfg["train"])
+    train_cfg.pop("objective")
+    train_cfg.update(hutchinson_samples=1, probe=None, surrogate_noise=0.0, beta=50.0,
+                     cg_rtol=1e-5, steps=6)
+    cfg.update(model=v1_model, train=train_cfg)
+    (old / "config.json").write_text(json.dumps(cfg))
+    state = torch.load(old / "checkpoint.pt", weights_only=True)
+    state["model_config"] = v1_model
+    state["train_config"] = train_cfg
+    torch.save(state, old / "checkpoint.pt")
+    model = torch.load(old / "model.pt", weights_only=True)
+    torch.save({"format": "injflow_ext.RectangularFlow/1", "version": "0.1.0",
+                "config": v1_model, "state_dict": model["state_dict"]}, old / "model.pt")
+    assert load_run(str(old)).config["builder"] == "tabular"
+    assert main(["eval", str(old)]) == 0
+    assert main(["train", "--out", str(old), "--resume", "--quiet", "--no-eval"]) == 0
+    a = load_run(str(new)).state_dict()
+    b = load_run(str(old)).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

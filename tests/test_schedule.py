@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from injflow_ext import RectangularFlow, training
-from injflow_ext.step import TrainStep
-from injflow_ext.training import TrainConfig, Trainer, learning_rate, likelihood_weight, warmup_steps
+from injflow_ext import RectangularFlow
+from injflow_ext.train import loop as training
+from injflow_ext.train.loop import TrainConfig, Trainer, learning_rate, likelihood_weight, warmup_steps
+from injflow_ext.train.step import TrainStep
 
 
 def test_warmup_spec_in_steps_percentages_or_epochs():
@@ -48,7 +49,7 @@ def test_learning_rate_schedules():
 
 def test_grad_clip_bounds_the_update_norm():
     torch.manual_seed(0)
-    model = RectangularFlow(3, 1, ambient_layers=2, ambient_hidden=(8,), prior_layers=0,
+    model = RectangularFlow.tabular(3, 1, ambient_layers=2, ambient_hidden=(8,), prior_layers=0,
                             actnorm=False)
     x = torch.randn(64, 3) * 5
     seen = []
@@ -71,7 +72,7 @@ def _trainer(tmp_path, **cfg):
     t = rng.uniform(-np.pi, np.pi, 400)
     x = np.stack([np.cos(t), np.sin(t)], 1)
     torch.manual_seed(0)
-    model = RectangularFlow(2, 1, ambient_layers=2, ambient_hidden=(8,), prior_layers=0)
+    model = RectangularFlow.tabular(2, 1, ambient_layers=2, ambient_hidden=(8,), prior_layers=0)
     config = TrainConfig(batch_size=100, steps=60, log_every=1000, patience=1, **cfg)
     return Trainer(model, x[:300], x[300:], config, str(tmp_path), progress=False)
 

@@ -8,14 +8,14 @@ import torch
 from conftest import _cuda_usable
 
 from injflow_ext import RectangularFlow, TrainStep
-from injflow_ext.objectives import (
+from injflow_ext.train.objectives import (
     ExactObjective,
     HutchinsonObjective,
     SurrogateObjective,
     TwoStepObjective,
     make_objective,
 )
-from injflow_ext.step import resolve_mode
+from injflow_ext.train.step import resolve_mode
 
 needs_cuda = pytest.mark.skipif(not _cuda_usable(),
                                 reason="needs a GPU and an extension built with CUDA kernels")
@@ -23,9 +23,9 @@ needs_cuda = pytest.mark.skipif(not _cuda_usable(),
 
 def small_model(device="cpu", dtype=torch.float64):
     torch.manual_seed(0)
-    m = RectangularFlow(6, 2, ambient_layers=2, ambient_hidden=(16,), prior_layers=1,
+    m = RectangularFlow.tabular(6, 2, ambient_layers=2, ambient_hidden=(16,), prior_layers=1,
                         prior_hidden=(8,)).to(device=device, dtype=dtype)
-    m.loss(torch.randn(64, 6, device=device, dtype=dtype))  # ActNorm initialisation
+    m.initialize(torch.randn(64, 6, device=device, dtype=dtype))  # ActNorm initialisation
     return m
 
 
@@ -35,8 +35,8 @@ def batches(n, device="cpu", dtype=torch.float64):
 
 
 OBJECTIVES = {"exact": lambda: ExactObjective(beta=10.0),
-              "hutchinson": lambda: HutchinsonObjective(beta=10.0, samples=2),
-              "surrogate": lambda: SurrogateObjective(beta=10.0, samples=2),
+              "hutchinson": lambda: HutchinsonObjective(beta=10.0, probes=2),
+              "surrogate": lambda: SurrogateObjective(beta=10.0, probes=2),
               "two-step": lambda: TwoStepObjective(beta=10.0)}
 
 
@@ -97,7 +97,7 @@ def test_compiled_step_trains_like_the_eager_one(objective):
     """The compiled step draws its probes from the default generator; with K = d orthonormal
     probes the surrogate is its expectation whatever the draw, so its trajectories agree too."""
     torch._dynamo.reset()
-    make = {"exact": lambda: "exact", "surrogate": lambda: SurrogateObjective(samples=2)}[objective]
+    make = {"exact": lambda: "exact", "surrogate": lambda: SurrogateObjective(probes=2)}[objective]
     xs, ws = batches(4), [0.0, 0.5, 1.0, 1.0]
     a, b = small_model(), small_model()
     eager = TrainStep(a, make(), lr=1e-2)
@@ -149,10 +149,13 @@ def test_bad_arguments_say_what_to_change():
         TrainStep(m, "exact", torch.optim.Adam(m.parameters()), update=False)
     with pytest.raises(TypeError, match="compile must be a bool or a dict"):
         TrainStep(m, "exact", compile="yes")
-    with pytest.raises(ValueError, match="beta must be >= 0"):
+    with pytest.raises(ValueError, match="beta must be a number >= 0"):
         ExactObjective(beta=-1.0)
-    with pytest.raises(ValueError, match="samples must be a positive int"):
-        HutchinsonObjective(samples=0)
+    with pytest.raises(ValueError, match="probes must be a positive int"):
+        HutchinsonObjective(probes=0)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['samples'\]; it takes "
+                       r"\['beta', 'cg_max_iter', 'cg_rtol', 'probe', 'probes'\]"):
+        HutchinsonObjective(samples=2)
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -237,9 +240,9 @@ def test_cuda_captured_step_outlives_another_captured_graph():
 
     def model():
         torch.manual_seed(0)
-        m = RectangularFlow(43, 21, ambient_layers=2, ambient_hidden=(128, 128), prior_layers=1,
+        m = RectangularFlow.tabular(43, 21, ambient_layers=2, ambient_hidden=(128, 128), prior_layers=1,
                             prior_hidden=(32,)).cuda()
-        m.loss(torch.randn(400, 43, device="cuda"))  # ActNorm initialisation
+        m.initialize(torch.randn(400, 43, device="cuda"))  # ActNorm initialisation
         return m
 
     x = torch.randn(400, 43, generator=torch.Generator().manual_seed(2)).cuda()
@@ -265,7 +268,7 @@ def test_cuda_captured_refuses_a_non_capturable_optimizer():
 
 
 def test_precision_sets_the_gemm_mode_inside_the_step_only():
-    from injflow_ext.step import matmul_precision
+    from injflow_ext.train.step import matmul_precision
     seen = []
     torch.backends.cuda.matmul.allow_tf32 = False
     with matmul_precision("tf32"):

@@ -11,12 +11,12 @@ from reference import batched_jacobian, plain_decoder
 from injflow_ext import RectangularFlow
 from injflow_ext.benchmarks import plain_reference
 from injflow_ext.estimators import decoder_jacobian, logdet_jtj, orthonormal_probes
-from injflow_ext.objectives import ExactObjective, SurrogateObjective
+from injflow_ext.train.objectives import ExactObjective, SurrogateObjective, make_objective
 
 
 def small_model(D=5, d=2, seed=0, perturb=0.2, actnorm=False):
     torch.manual_seed(seed)
-    m = RectangularFlow(D, d, ambient_layers=2, ambient_hidden=(12, 12), prior_layers=1,
+    m = RectangularFlow.tabular(D, d, ambient_layers=2, ambient_hidden=(12, 12), prior_layers=1,
                         prior_hidden=(4,), actnorm=actnorm).double()
     with torch.no_grad():  # leave the identity initialisation so that J is not trivial
         for p in m.parameters():
@@ -47,7 +47,7 @@ def test_value_is_2d_on_the_manifold():
     gives vᵀf′Jv = |v|² = d and the value is 2d exactly."""
     m = small_model()
     u = torch.randn(7, 2, dtype=torch.float64)
-    res = logdet_jtj(m.decoder, u, "surrogate", hutchinson_samples=2,
+    res = logdet_jtj(m.decoder, u, "surrogate", probes=2,
                      generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(res.value, torch.full((7,), 4.0, dtype=torch.float64))
     torch.testing.assert_close(res.decoded, m.decode(u))
@@ -61,7 +61,7 @@ def test_gradient_equals_the_trace_formula(at):
     m = small_model()
     x = torch.randn(6, 5, dtype=torch.float64)
     params = list(m.parameters())
-    obj = SurrogateObjective(samples=2, encoder_at=at)
+    obj = SurrogateObjective(probes=2, encoder_at=at)
     _, res = obj._encode_and_volume(m, x, torch.Generator().manual_seed(0))
     got = flat_grad(res.value.sum(), params)
 
@@ -79,13 +79,13 @@ def test_exact_where_the_encoder_is_the_pseudo_inverse():
     orthogonal, so f′ = J⁺ and the surrogate's expected gradient is the exact one, also for
     the parameters of the conditioners (whose gradients are not zero there)."""
     torch.manual_seed(0)
-    m = RectangularFlow(6, 3, ambient_layers=3, ambient_hidden=(8,), prior_layers=1).double()
+    m = RectangularFlow.tabular(6, 3, ambient_layers=3, ambient_hidden=(8,), prior_layers=1).double()
     x = torch.randn(32, 6, dtype=torch.float64)
-    m.loss(x)                                                    # ActNorm initialisation
+    m.initialize(x)                                                    # ActNorm initialisation
     params = list(m.parameters())
     exact = flat_grad(ExactObjective().loss(m, x)["loss"], params)
     for at in ("data", "manifold"):
-        sur = flat_grad(SurrogateObjective(samples=3, encoder_at=at).loss(m, x)["loss"], params)
+        sur = flat_grad(SurrogateObjective(probes=3, encoder_at=at).loss(m, x)["loss"], params)
         torch.testing.assert_close(sur, exact, rtol=1e-9, atol=1e-11)
     _, res = ExactObjective()._encode_and_volume(m, x, None)
     assert flat_grad(res.value.sum(), list(m.ambient.parameters())).norm() > 1e-2
@@ -100,7 +100,7 @@ def test_generic_path_with_a_user_decoder_and_its_pseudo_inverse_encoder():
     pinv = torch.linalg.pinv(A.detach())
     encoder = lambda x: x @ pinv.T                               # noqa: E731
     u = torch.randn(4, 3, dtype=torch.float64)
-    res = logdet_jtj(decoder, u, "surrogate", hutchinson_samples=3, encoder=encoder)
+    res = logdet_jtj(decoder, u, "surrogate", probes=3, encoder=encoder)
     torch.testing.assert_close(res.value, torch.full((4,), 6.0, dtype=torch.float64))
     g, = torch.autograd.grad(res.value.sum(), A)
     torch.testing.assert_close(g, 4 * 2 * pinv.T)
@@ -139,15 +139,15 @@ def test_objective_equals_the_plain_pytorch_reference(K):
     plain encoder, plain tangent pass) on the same weights and probes: loss and every
     gradient."""
     torch.manual_seed(4)
-    m = RectangularFlow(5, 2, ambient_layers=3, ambient_hidden=(12,), prior_layers=2,
+    m = RectangularFlow.tabular(5, 2, ambient_layers=3, ambient_hidden=(12,), prior_layers=2,
                         prior_hidden=(6,)).double()
     x = torch.randn(9, 5, dtype=torch.float64)
-    m.loss(x)                                                    # ActNorm initialisation
+    m.initialize(x)                                                    # ActNorm initialisation
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.1 * torch.randn_like(p))
     params = list(m.parameters())
-    ours = SurrogateObjective(samples=K).loss(m, x, generator=torch.Generator().manual_seed(7))
+    ours = SurrogateObjective(probes=K).loss(m, x, generator=torch.Generator().manual_seed(7))
     ref = plain_reference.encoder_surrogate(m, x, 50.0, K, torch.Generator().manual_seed(7))
     torch.testing.assert_close(ours["loss"], ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(flat_grad(ours["loss"], params), flat_grad(ref, params),
@@ -164,7 +164,7 @@ def test_blind_to_a_shear_off_the_manifold():
     params = list(m.parameters())
     u = torch.randn(5, 2, dtype=torch.float64)
     exact = flat_grad(logdet_jtj(m.decoder, u, "exact").value.sum(), params)
-    sur = flat_grad(logdet_jtj(m.decoder, u, "surrogate", hutchinson_samples=2).value.sum(),
+    sur = flat_grad(logdet_jtj(m.decoder, u, "surrogate", probes=2).value.sum(),
                     params)
     assert exact.norm() > 1.0
     assert sur.norm() < 1e-12
@@ -177,10 +177,10 @@ def test_one_probe_gradients_average_to_the_expectation(probe):
     m = small_model(D=4, d=3, seed=2)
     x = torch.randn(3, 4, dtype=torch.float64)
     params = list(m.parameters())
-    expected = flat_grad(SurrogateObjective(samples=3).loss(m, x)["loss"], params)
+    expected = flat_grad(SurrogateObjective(probes=3).loss(m, x)["loss"], params)
     gen = torch.Generator().manual_seed(0)
     M = 400
-    obj = SurrogateObjective(samples=1, probe=probe)
+    obj = SurrogateObjective(probes=1, probe=probe)
     draws = torch.stack([flat_grad(obj.loss(m, x, generator=gen)["loss"], params)
                          for _ in range(M)])
     mean, se = draws.mean(0), draws.std(0) / M ** 0.5
@@ -199,11 +199,11 @@ def test_bias_on_a_trained_model():
     hold seed 0 with room for rounding across platforms; docs/experiments.md §5 measures the
     fully trained models."""
     from injflow_ext.data import load_dataset
-    from injflow_ext.step import TrainStep
+    from injflow_ext.train.step import TrainStep
 
     data = load_dataset("von-mises", seed=0)
     torch.manual_seed(0)
-    m = RectangularFlow(2, 1, ambient_layers=4, ambient_hidden=(32, 32), prior_layers=2,
+    m = RectangularFlow.tabular(2, 1, ambient_layers=4, ambient_hidden=(32, 32), prior_layers=2,
                         prior_hidden=(8,))
     xs = torch.as_tensor(data.train, dtype=torch.float32)
     step = TrainStep(m, ExactObjective(), lr=3e-3)
@@ -222,9 +222,9 @@ def test_bias_on_a_trained_model():
         return flat_grad(0.5 * res.value.mean(), params)
 
     # d = 1: the one orthonormal probe is ±1, so K = 1 is the expectation (no probe noise)
-    rel, cos = compare(volume(SurrogateObjective(samples=1)), volume(ExactObjective()))
+    rel, cos = compare(volume(SurrogateObjective(probes=1)), volume(ExactObjective()))
     assert 0.6 < rel < 1.5 and 0.3 < cos < 0.8, (rel, cos)      # biased, not unrelated
-    rel, cos = compare(flat_grad(SurrogateObjective(samples=1).loss(m, x)["loss"], params),
+    rel, cos = compare(flat_grad(SurrogateObjective(probes=1).loss(m, x)["loss"], params),
                        flat_grad(ExactObjective().loss(m, x)["loss"], params))
     assert rel < 0.5 and cos > 0.9, (rel, cos)
 
@@ -233,7 +233,7 @@ def test_noise_is_a_denoising_reconstruction():
     """noise σ: the encoder sees x + σε and the reconstruction target is the clean x."""
     m = small_model()
     x = torch.randn(6, 5, dtype=torch.float64)
-    out = SurrogateObjective(samples=2, noise=0.3).loss(m, x, generator=torch.Generator()
+    out = SurrogateObjective(probes=2, noise=0.3).loss(m, x, generator=torch.Generator()
                                                         .manual_seed(2))
     eps = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(2))
     x_noisy = x + 0.3 * eps
@@ -250,10 +250,10 @@ def test_cuda_float32_matches_the_cpu_in_float64():
     m = small_model()
     x = torch.randn(64, 5, dtype=torch.float64)
     params = list(m.parameters())
-    ref = SurrogateObjective(samples=2).loss(m, x)["loss"]
+    ref = SurrogateObjective(probes=2).loss(m, x)["loss"]
     g_ref = flat_grad(ref, params)
     mc = small_model().to("cuda", torch.float32)
-    out = SurrogateObjective(samples=2).loss(mc, x.to("cuda", torch.float32))["loss"]
+    out = SurrogateObjective(probes=2).loss(mc, x.to("cuda", torch.float32))["loss"]
     g = flat_grad(out, list(mc.parameters())).double().cpu()
     assert abs(float(out) - float(ref)) <= 1e-4 * abs(float(ref))
     assert float((g - g_ref).norm() / g_ref.norm()) < 1e-4
@@ -263,7 +263,7 @@ def test_errors():
     m = small_model()
     u = torch.randn(2, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match="orthonormal probes need K <= d"):
-        logdet_jtj(m.decoder, u, "surrogate", hutchinson_samples=3)
+        logdet_jtj(m.decoder, u, "surrogate", probes=3)
     with pytest.raises(ValueError, match="probe must be 'orthonormal', 'normal' or 'rademacher'"):
         logdet_jtj(m.decoder, u, "surrogate", probe="sphere")
     with pytest.raises(TypeError, match="needs the encoder"):
@@ -272,18 +272,18 @@ def test_errors():
         logdet_jtj(m.decoder, u, "surrogate", x=torch.randn(2, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"the encoder must map x \(2, 5\) to u of shape \(2, 2\)"):
         logdet_jtj(m.decoder, u, "surrogate", encoder=lambda x: x[:, :1])
-    with pytest.raises(ValueError, match="encoder_at must be 'data' or 'manifold'"):
+    with pytest.raises(ValueError, match=r"encoder_at must be one of \['data', 'manifold'\]"):
         SurrogateObjective(encoder_at="both")
-    with pytest.raises(ValueError, match="samples must be a positive int"):
-        SurrogateObjective(samples=0)
-    with pytest.raises(ValueError, match="noise must be >= 0"):
+    with pytest.raises(ValueError, match="probes must be a positive int"):
+        SurrogateObjective(probes=0)
+    with pytest.raises(ValueError, match="noise must be a number >= 0"):
         SurrogateObjective(noise=-1.0)
 
 
-def test_model_loss_and_rademacher_and_normal_probes_run():
+def test_objective_loss_and_rademacher_and_normal_probes_run():
     m = small_model()
     x = torch.randn(8, 5, dtype=torch.float64)
-    for probe in (None, "normal", "rademacher"):
-        out = m.loss(x, "surrogate", probe=probe, hutchinson_samples=2)
+    for probe in ("orthonormal", "normal", "rademacher"):
+        out = make_objective("surrogate", probe=probe, probes=2).loss(m, x)
         assert torch.isfinite(out["loss"]) and out["nll"] is None and out["logdet"] is None
         out["loss"].backward()

@@ -3,7 +3,7 @@ plain network in float64, gradcheck, opcheck, torch.compile; on CUDA the fused k
 the CPU op (float64 to rounding, float32 within a multiple of PyTorch's own float32 error),
 CUDA-graph capture, determinism, and argument errors."""
 
-import os
+import dataclasses
 from contextlib import contextmanager
 
 import pytest
@@ -11,9 +11,11 @@ import torch
 from conftest import DEVICES, _cuda_usable
 from reference import PLAIN_ACTIVATIONS
 
-from injflow_ext import tangent_linear_packed, tangent_mlp
+from injflow_ext import tangent_linear_packed
+from injflow_ext.ops import FusedMlp
+from injflow_ext.ops import tangent_mlp as library_tangent_mlp
 from injflow_ext.ops.tangent import MLP_PATHS
-from injflow_ext.step import matmul_precision
+from injflow_ext.train.step import matmul_precision
 
 PLAIN = PLAIN_ACTIVATIONS
 needs_cuda = pytest.mark.skipif(not _cuda_usable(),
@@ -46,42 +48,46 @@ def reference(XV, Ws, bs, activation, last_activation=None):
     return torch.stack(rows, dim=1)
 
 
+# The fused path's options of the current block, innermost last (the CUDA tests pin one at a
+# time); tangent_mlp below passes them to the library's op as its `fused` argument
+_FUSED = [FusedMlp()]
+
+
+def tangent_mlp(*args, path="auto", fused=None, **kwargs):
+    """The library's tangent_mlp with the block's fused options (see ``fused_options``)."""
+    return library_tangent_mlp(*args, path=path, fused=fused or _FUSED[-1], **kwargs)
+
+
 @contextmanager
-def env_var(name, value):
-    """Set an environment variable read by the CUDA launch plan (None: unset) for a block."""
-    old = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = str(value)
+def fused_options(**changes):
+    """Pin fields of the fused path's options (FusedMlp) for a block; None leaves a field."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    _FUSED.append(dataclasses.replace(_FUSED[-1], **changes))
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+        _FUSED.pop()
 
 
 def samples_per_block(n):
     """Pin the fused kernels' samples per block."""
-    return env_var("INJFLOW_MLP_SAMPLES_PER_BLOCK", n)
+    return fused_options(samples_per_block=n)
 
 
 def mlp_math(math):
     """Pin the fused kernels' float32 arithmetic: "fma", "tf32", "tf32x3" (None: follow
     torch's TF32 switch for matmuls)."""
-    return env_var("INJFLOW_MLP_MATH", math)
+    return fused_options(math=math)
 
 
 def mlp_pipeline(pipe):
     """Pin the fused kernels' weight staging: "registers" or "async" (cp.async, sm_80+)."""
-    return env_var("INJFLOW_MLP_PIPELINE", pipe)
+    return fused_options(pipeline=pipe)
 
 
 def mlp_wgrad(how):
     """How the fused backward computes the weight gradients: "cublas" or "kernel"."""
-    return env_var("INJFLOW_MLP_WGRAD", how)
+    return fused_options(weight_grads=how)
 
 
 def replayed(step):
@@ -230,20 +236,21 @@ def test_opcheck(device, dtype, requires_grad):
     XV = torch.randn(5, 3, 4, **kw, requires_grad=requires_grad)
     Ws, bs = make_mlp([4, 8, 6], dtype=dtype, device=device, requires_grad=requires_grad)
     codes = [0, 1] + ([2] if torch.device(device).type == "cuda" else [])
+    fused = FusedMlp(pipeline="async").codes()   # the fused path's options, through the schema
     for path in codes:
         torch.library.opcheck(torch.ops.injflow.tangent_mlp.default,
-                              (XV, Ws, bs, 1, 0.0, 0, path))
+                              (XV, Ws, bs, 1, 0.0, 0, path, []))
         torch.library.opcheck(torch.ops.injflow.tangent_mlp.default,
-                              (XV, Ws, bs, 3, 0.01, 1, path))
+                              (XV, Ws, bs, 3, 0.01, 1, path, fused))
         with torch.no_grad():
-            Y, Z, A, dA = torch.ops.injflow.tangent_mlp.default(XV, Ws, bs, 1, 0.0, 1, path)
+            Y, Z, A, dA = torch.ops.injflow.tangent_mlp.default(XV, Ws, bs, 1, 0.0, 1, path, [])
         gY = torch.randn_like(Y)
         torch.library.opcheck(torch.ops.injflow.tangent_mlp_backward.default,
                               (gY, XV.detach(), [W.detach() for W in Ws], Y, Z, A, dA, 1, 0.0,
-                               1, path))
+                               1, path, fused))
         torch.library.opcheck(torch.ops.injflow.tangent_mlp_backward.default,
                               (gY, XV.detach(), [W.detach() for W in Ws], Y, Z, A, dA, 1, 0.0,
-                               1, path, True))
+                               1, path, [], True))
 
 
 def test_input_gradient_alone_equals_the_full_backward(device):
@@ -260,10 +267,10 @@ def test_input_gradient_alone_equals_the_full_backward(device):
         torch.testing.assert_close(only_x, full[0], rtol=0, atol=0)
         with torch.no_grad():
             Yp, Z, A, dA = torch.ops.injflow.tangent_mlp.default(
-                XV, Ws, bs, 1, 0.0, 0, MLP_PATHS[path])
+                XV, Ws, bs, 1, 0.0, 0, MLP_PATHS[path], [])
             g = torch.ops.injflow.tangent_mlp_backward.default(
                 gY, XV.detach(), [W.detach() for W in Ws], Yp, Z, A, dA, 1, 0.0, 0,
-                MLP_PATHS[path], True)
+                MLP_PATHS[path], [], True)
         torch.testing.assert_close(g[0], full[0], rtol=0, atol=0)
         assert not any(t.any() for t in [*g[1], *g[2]])
 
@@ -354,7 +361,7 @@ def test_cuda_fused_matches_cpu_float64(B, R, widths, activation, last):
         L = len(Ws)
         Y, Z, A, dA = torch.ops.injflow.tangent_mlp.default(args[0], args[1:1 + L],
                                                             args[1 + L:], act, 0.0, last_code,
-                                                            path)
+                                                            path, [])
         grads = torch.autograd.grad((Y * gY.to(dev)).sum(), args)
         results.append([t.detach().cpu() for t in (Y, *Z, *A, *dA, *grads)])
     for i, (c, g) in enumerate(zip(*results)):
@@ -463,9 +470,9 @@ def test_tf32_reference_helpers():
 
 @needs_cuda
 @pytest.mark.parametrize("B,R,widths", CUDA_SHAPES + [(13, 21, [392, 512, 512, 784])])
-@pytest.mark.parametrize("how", ["allow_tf32", "env"])
+@pytest.mark.parametrize("how", ["allow_tf32", "option"])
 def test_cuda_fused_tf32_every_layer_is_a_tf32_gemm(B, R, widths, how):
-    """With TF32 on (torch's matmul switch, or INJFLOW_MLP_MATH=tf32), every layer's saved
+    """With TF32 on (torch's matmul switch, or the fused math option tf32), every layer's saved
     pre-activation Z_l equals the GEMM of the TF32-rounded layer input (the op's own A_{l-1})
     and weight, within float32 accumulation error, element by element: a wrong fragment
     layout, a missed row, column or input feature, or operands not rounded to nearest would
@@ -474,8 +481,9 @@ def test_cuda_fused_tf32_every_layer_is_a_tf32_gemm(B, R, widths, how):
     Ws, bs = make_mlp(widths, dtype=torch.float32, device="cuda")
     torch.full((64 << 20,), float("nan"), device="cuda")
     with matmul_precision("tf32" if how == "allow_tf32" else "float32"), \
-            mlp_math("tf32" if how == "env" else None):
-        Y, Z, A, dA = torch.ops.injflow.tangent_mlp.default(XV, Ws, bs, 1, 0.0, 0, 2)
+            mlp_math("tf32" if how == "option" else None):
+        Y, Z, A, dA = torch.ops.injflow.tangent_mlp.default(XV, Ws, bs, 1, 0.0, 0, 2,
+                                                            _FUSED[-1].codes())
     assert_layers_are_tf32_gemms(XV, Ws, bs, Y, Z, A, dA)
 
 
@@ -554,9 +562,9 @@ def test_cuda_fused_tf32_network_error_is_tf32_sized(B, R, widths, wgrad):
                                         (torch.float32, "tf32"), (torch.float32, "tf32x3")])
 @pytest.mark.parametrize("per_block", [1, 3])
 def test_cuda_fused_async_pipeline_equals_the_register_pipeline(dtype, math, per_block):
-    """The cp.async weight pipeline (INJFLOW_MLP_PIPELINE=async) gives the register pipeline's
+    """The cp.async weight pipeline (FusedMlp(pipeline="async")) gives the register pipeline's
     outputs and gradients bit for bit (the same arithmetic in the same order), also captured
-    in a CUDA graph; a bad value is an error naming the values it takes."""
+    in a CUDA graph."""
     XV = torch.randn(7, 21, 37, dtype=dtype, device="cuda", requires_grad=True)
     Ws, bs = make_mlp([37, 200, 130, 19], dtype=dtype, device="cuda", requires_grad=True)
 
@@ -570,21 +578,18 @@ def test_cuda_fused_async_pipeline_equals_the_register_pipeline(dtype, math, per
         with mlp_pipeline("async"):
             first = step()
             captured = replayed(step)
-        with mlp_pipeline("cp.async"), pytest.raises(
-                RuntimeError, match="INJFLOW_MLP_PIPELINE must be registers or async"):
-            step()
     for a, b, c in zip(regs, first, captured):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("rows", [None, "16"])
+@pytest.mark.parametrize("rows", [None, 16])
 def test_cuda_fused_weight_grad_kernel(dtype, rows):
-    """INJFLOW_MLP_WGRAD=kernel (the weight gradients by mlp_weight_grad_kernel instead of
-    cuBLAS GEMMs): the same gradients as the GEMMs within summation error (float64 1e-10),
-    the other outputs bit for bit, deterministic, also captured in a CUDA graph; a bad value
-    is an error naming the values it takes. rows: INJFLOW_MLP_WGRAD_ROWS (the split)."""
+    """FusedMlp(weight_grads="kernel") (the weight gradients by mlp_weight_grad_kernel instead
+    of cuBLAS GEMMs): the same gradients as the GEMMs within summation error (float64 1e-10),
+    the other outputs bit for bit, deterministic, also captured in a CUDA graph. rows:
+    FusedMlp(weight_grad_rows=...) (the split)."""
     XV = torch.randn(23, 21, 37, dtype=dtype, device="cuda", requires_grad=True)
     Ws, bs = make_mlp([37, 200, 130, 19], dtype=dtype, device="cuda", requires_grad=True)
     L = len(Ws)
@@ -596,12 +601,9 @@ def test_cuda_fused_weight_grad_kernel(dtype, rows):
     with mlp_math("fma"):
         with mlp_wgrad("cublas"):
             gemm = step()
-        with mlp_wgrad("kernel"), env_var("INJFLOW_MLP_WGRAD_ROWS", rows):
+        with mlp_wgrad("kernel"), fused_options(weight_grad_rows=rows):
             first, again = step(), step()
             captured = replayed(step)
-        with mlp_wgrad("triton"), pytest.raises(
-                RuntimeError, match="INJFLOW_MLP_WGRAD must be cublas or kernel"):
-            step()
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     for i, (g, k, a, c) in enumerate(zip(gemm, first, again, captured)):
         assert torch.equal(k, a) and torch.equal(k, c), i
@@ -640,8 +642,7 @@ def test_cuda_fused_weight_grad_kernel_on_the_tensor_cores(math, B, R, n_in, n_o
 @needs_cuda
 def test_cuda_fused_tf32_switch_is_honoured():
     """TF32 off (torch's default): the fused float32 kernels are the FMA kernels, bit for bit;
-    float64 ignores the switch (FMAs, float64 rounding); a bad INJFLOW_MLP_MATH is an error
-    naming the values it takes."""
+    float64 ignores the switch (FMAs, float64 rounding)."""
     XV = torch.randn(40, 9, 21, device="cuda")
     Ws, bs = make_mlp([21, 64, 64, 10], dtype=torch.float32, device="cuda")
     with matmul_precision("float32"):
@@ -654,9 +655,6 @@ def test_cuda_fused_tf32_switch_is_honoured():
         y64 = tangent_mlp(XV.double(), W64, b64, path="fused")
     ref = tangent_mlp(XV.double().cpu(), [W.cpu() for W in W64], [b.cpu() for b in b64])
     torch.testing.assert_close(y64.cpu(), ref, rtol=1e-11, atol=1e-11)
-    with mlp_math("tf64"), pytest.raises(RuntimeError, match="INJFLOW_MLP_MATH must be fma, "
-                                                              "tf32 or tf32x3"):
-        tangent_mlp(XV, Ws, bs, path="fused")
 
 
 @needs_cuda
@@ -681,3 +679,35 @@ def test_mlp_module_runs_through_tangent_mlp(dev):
     torch.testing.assert_close(mlp.forward_packed(XV), ref, rtol=1e-12, atol=1e-12)
     mlp.path = "per_layer"
     torch.testing.assert_close(mlp.forward_packed(XV), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_options_are_checked_where_they_are_given(device):
+    """The fused path's options are arguments of the op (schema ``int[] fused``), checked on
+    every device and path: FusedMlp refuses a bad name naming the values it takes, the op a
+    bad code; the per-layer path runs with any valid options, unchanged."""
+    XV = torch.randn(5, 3, 4, dtype=torch.float64, device=device)
+    Ws, bs = make_mlp([4, 8, 2], device=device)
+    for field, bad, pattern in (("math", "tf64", r"math must be one of \['auto', 'fma', "
+                                 r"'tf32', 'tf32x3'\]"),
+                                ("pipeline", "cp.async", r"pipeline must be one of "
+                                 r"\['registers', 'async'\]"),
+                                ("weight_grads", "triton", r"weight_grads must be one of "
+                                 r"\['cublas', 'kernel'\]"),
+                                ("samples_per_block", -1, "samples_per_block must be an int")):
+        with pytest.raises(ValueError, match=pattern):
+            FusedMlp(**{field: bad})
+    plain = library_tangent_mlp(XV, Ws, bs, path="per_layer")
+    pinned = library_tangent_mlp(XV, Ws, bs, path="per_layer",
+                                 fused=FusedMlp("tf32x3", "async", "kernel", 3, 16))
+    assert torch.equal(plain, pinned)
+    op = torch.ops.injflow.tangent_mlp.default
+    for codes, pattern in (([0, 5, 0, 0, 0], r"fused pipeline must be 0 \(registers\) or 1"),
+                           ([9, 0, 0, 0, 0], r"fused math must be 0 \(auto\)"),
+                           ([0, 0, 2, 0, 0], r"fused weight_grads must be 0 \(cublas\)"),
+                           ([0, 0, 0, -1, 0], "must be >= 0"),
+                           ([1, 2], r"fused must be \[\] or \[math, pipeline")):
+        with pytest.raises(RuntimeError, match=pattern):
+            op(XV, Ws, bs, 1, 0.0, 0, MLP_PATHS["per_layer"], codes)
+    with pytest.raises(TypeError, match="fused must be None or an injflow_ext.ops.FusedMlp"):
+        library_tangent_mlp(XV, Ws, bs, fused={"math": "fma"})

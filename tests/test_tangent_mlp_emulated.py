@@ -28,7 +28,7 @@ from test_tangent_mlp import (
     weight_grad_bounds,
 )
 
-from injflow_ext.step import matmul_precision
+from injflow_ext.train.step import matmul_precision
 
 # CI sets INJFLOW_REQUIRE_CUDA_EMULATION=1: there, a missing compiler fails instead of skipping
 pytestmark = pytest.mark.skipif(
@@ -58,7 +58,7 @@ def cpu_op(XV, Ws, bs, gY, activation, last):
     L = len(Ws)
     args = [t.detach().clone().requires_grad_() for t in (XV, *Ws, *bs)]
     Y, Z, A, dA = torch.ops.injflow.tangent_mlp.default(args[0], args[1:1 + L], args[1 + L:],
-                                                        ACT[activation], 0.0, ACT[last], 1)
+                                                        ACT[activation], 0.0, ACT[last], 1, [])
     grads = torch.autograd.grad((Y * gY).sum(), args)
     return [t.detach() for t in (Y, *Z, *A, *dA)], list(grads)
 
@@ -302,7 +302,7 @@ def test_emulated_tf32_network_error_is_tf32_sized(B, R, widths, wgrad):
 @pytest.mark.parametrize("B,R,widths", SHAPES)
 @pytest.mark.parametrize("activation,last", [("tanh", None), ("silu", "tanh")])
 def test_emulated_weight_grad_kernel_matches_cpu_float64(B, R, widths, activation, last):
-    """INJFLOW_MLP_WGRAD=kernel: the backward with every weight gradient from
+    """FusedMlp(weight_grads="kernel"): the backward with every weight gradient from
     mlp_weight_grad_kernel (split over the rows, the splits added by sum_partials_kernel, as
     are the bias partials) equals the CPU op's to float64 rounding."""
     ts, L = inputs(B, R, widths, torch.float64)

@@ -12,8 +12,8 @@ namespace {
 
 MlpForwardResult tangent_mlp_cpu(const at::Tensor& XV, at::TensorList weights,
                                  at::TensorList biases, int64_t act, double slope,
-                                 int64_t last_act, int64_t path) {
-  check_tangent_mlp_args(XV, weights, biases, act, last_act, path);
+                                 int64_t last_act, int64_t path, at::IntArrayRef fused) {
+  check_tangent_mlp_args(XV, weights, biases, act, last_act, path, fused);
   TORCH_CHECK(path != kMlpFused, "tangent_mlp: the fused path (path=\"fused\", 2) runs on CUDA "
               "only; use path=\"auto\" (0) or \"per_layer\" (1) on the CPU");
   return tangent_mlp_per_layer(XV, weights, biases, act, slope, last_act, &tangent_linear_cpu);
@@ -23,8 +23,9 @@ MlpBackwardResult tangent_mlp_backward_cpu(const at::Tensor& gY, const at::Tenso
                                            at::TensorList weights, const at::Tensor& Y,
                                            at::TensorList Z, at::TensorList A,
                                            at::TensorList dA, int64_t act, double slope,
-                                           int64_t last_act, int64_t path, bool input_only) {
-  check_tangent_mlp_backward_args(gY, XV, weights, Y, Z, A, dA, act, last_act, path);
+                                           int64_t last_act, int64_t path,
+                                           at::IntArrayRef fused, bool input_only) {
+  check_tangent_mlp_backward_args(gY, XV, weights, Y, Z, A, dA, act, last_act, path, fused);
   return tangent_mlp_backward_per_layer(gY, XV, weights, Y, Z, A, dA, act, slope, last_act,
                                         input_only, &tangent_linear_backward_cpu);
 }

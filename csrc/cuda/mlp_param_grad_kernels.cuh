@@ -4,8 +4,8 @@
 //   gW_l = GZ_lᵀ A_{l-1}   (A_0 = XV; summed over all M = B·R rows, primal and tangent rows)
 //   gb_l = Σ over the primal rows of GZ_l = the column sums of the bias partial buffer.
 // Two launches for all layers together, deterministic (fixed summation order, no atomics):
-// - mlp_weight_grad_kernel (INJFLOW_MLP_WGRAD=kernel; cuBLAS GEMMs otherwise): split-K over the
-//   rows. Block (tile, split) computes a 64 × 64 tile of one layer's gW over one contiguous
+// - mlp_weight_grad_kernel (the op's fused weight_grads option "kernel"; cuBLAS GEMMs
+//   otherwise): split-K over the rows. Block (tile, split) computes a 64 × 64 tile of one layer's gW over one contiguous
 //   range of rows, staging 16 rows of GZ and A at a time in shared memory (the next 16 rows
 //   are loaded into registers while the current ones are used); 64 threads. With FMAs each
 //   thread takes 8 × 8 outputs strided by 8 (rows ty + 8u, columns tx + 8v), so that a warp's

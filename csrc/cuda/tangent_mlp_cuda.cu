@@ -14,7 +14,7 @@
 // Backward (mlp_backward_kernel): the same tiling runs the chain GZ_L → gA_{L-1} = GZ_L W_L →
 // GZ_{L-1} → … → gXV = GZ_1 W_1, writing each GZ_l to global memory and the block's partial bias
 // gradient (the sum of its primal rows of GZ_l) to a (blocks, Σ n_l) buffer. The weight
-// gradients gW_l = GZ_lᵀ A_{l-1} are cuBLAS GEMMs over all rows, or with INJFLOW_MLP_WGRAD=kernel
+// gradients gW_l = GZ_lᵀ A_{l-1} are cuBLAS GEMMs over all rows, or with weight_grads=kernel
 // one launch of mlp_weight_grad_kernel for every layer (mlp_param_grad_kernels.cuh, in the
 // call's arithmetic below); the bias gradients (and that kernel's split partials) are added up
 // by one sum_partials_kernel: 2 + L launches for the whole backward (3 with the weight-gradient
@@ -30,11 +30,11 @@
 //   fused kernels follow the same switch as the per-layer path's cuBLAS GEMMs.
 // - kMathTf32x3: 3×TF32 (each operand split into a TF32 head and a TF32 tail, three mma per
 //   tile, head·head + head·tail + tail·head): float32-level accuracy on the tensor cores. Only
-//   through INJFLOW_MLP_MATH=tf32x3 (benchmarks) until a GPU run shows it pays.
+//   through the op's fused math option tf32x3 (benchmarks) until a GPU run shows it pays.
 //
 // Weight staging (MlpPipe, see mlp_pipe): kPipeRegisters (the default) holds the next chunk of
 // the weight in registers while the current one is used, two barriers per chunk; kPipeAsync
-// (INJFLOW_MLP_PIPELINE=async, sm_80+) keeps two chunks in flight with cp.async into three
+// (the op's fused pipeline option async, sm_80+) keeps two chunks in flight with cp.async into three
 // shared-memory buffers, one barrier per chunk (item 2 of the H200 profile's list; unmeasured).
 //
 // Status (bench/RESULTS.md, "Fused tangent MLP", H200): the FMA kernels are correct, but slower
@@ -49,10 +49,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <initializer_list>
 #include <mutex>
-#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -81,62 +78,43 @@ const DeviceFacts& device_facts(int device) {
   return facts[device];
 }
 
-// The value of the environment switch `name` among `choices` (name → value); `fallback` when
-// it is unset or empty, an error naming the choices for anything else.
-int env_choice(const char* name, std::initializer_list<std::pair<const char*, int>> choices,
-               int fallback) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || *env == '\0') return fallback;
-  const std::string v(env);
-  std::string names;
-  size_t i = 0;
-  for (const auto& [choice, value] : choices) {
-    if (v == choice) return value;
-    if (i > 0) names += i + 1 == choices.size() ? " or " : ", ";
-    names += choice;
-    ++i;
-  }
-  TORCH_CHECK(false, name, " must be ", names, " (or unset), got '", v, "'");
-  return fallback;  // not reached
-}
-
-// How the fused kernels stage the weights: INJFLOW_MLP_PIPELINE = registers (the default: the
-// next chunk's loads held in registers) | async (cp.async into three chunk buffers, sm_80+;
-// not yet measured on a GPU, so opt-in).
-int mlp_pipe() {
-  return env_choice("INJFLOW_MLP_PIPELINE",
-                    {{"registers", kPipeRegisters}, {"async", kPipeAsync}}, kPipeRegisters);
+// How the fused kernels stage the weights (the op's fused pipeline option): registers (the
+// default: the next chunk's loads held in registers) | async (cp.async into three chunk
+// buffers, sm_80+; not yet measured on a GPU, so opt-in).
+int mlp_pipe(const FusedMlpOptions& o) {
+  return o.pipeline == kFusedPipeAsync ? kPipeAsync : kPipeRegisters;
 }
 
 // The arithmetic of the fused kernels for this call (see the top of the file): float64 and
 // devices below sm_80 use FMAs; float32 follows torch's TF32 switch for matmuls
-// (at::globalContext().allowTF32CuBLAS(), as cuBLAS does for the per-layer path), unless
-// INJFLOW_MLP_MATH = fma | tf32 | tf32x3 says otherwise (benchmarks, tests).
-int mlp_math(at::ScalarType dtype, int device) {
+// (at::globalContext().allowTF32CuBLAS(), as cuBLAS does for the per-layer path), unless the
+// op's fused math option pins fma, tf32 or tf32x3.
+int mlp_math(at::ScalarType dtype, int device, const FusedMlpOptions& o) {
   if (dtype != at::kFloat || device_facts(device).major < 8) return kMathFma;
-  const int pinned = env_choice("INJFLOW_MLP_MATH",
-                                {{"fma", kMathFma}, {"tf32", kMathTf32}, {"tf32x3", kMathTf32x3}},
-                                -1);
-  if (pinned >= 0) return pinned;
-  return at::globalContext().allowTF32CuBLAS() ? kMathTf32 : kMathFma;
+  switch (o.math) {
+    case kFusedMathFma: return kMathFma;
+    case kFusedMathTf32: return kMathTf32;
+    case kFusedMathTf32x3: return kMathTf32x3;
+    default: return at::globalContext().allowTF32CuBLAS() ? kMathTf32 : kMathFma;
+  }
 }
 
 // The fused kernels' plan for this call on XV's device (plan_network; widths: the activation
 // buffers'), or an error that says why the fused path cannot take the shapes. The fused path
 // runs only when asked for (path=2); auto is the per-layer path: on an H200 the fused kernels
 // were slower than the per-layer cuBLAS GEMMs at every measured size (bench/RESULTS.md, "Fused
-// tangent MLP"). INJFLOW_MLP_SAMPLES_PER_BLOCK pins the samples per block (benchmarks, tests).
+// tangent MLP"). The fused samples_per_block option pins the samples per block (benchmarks,
+// tests).
 MlpPlan fused_plan(const at::Tensor& XV, at::TensorList weights, bool backward, const char* op,
-                   std::pair<int, int>* widths) {
+                   const FusedMlpOptions& o, std::pair<int, int>* widths) {
   std::vector<int> n_out;
   for (const auto& W : weights) n_out.push_back(static_cast<int>(W.size(0)));
-  int64_t per_block = 0;
-  if (const char* env = std::getenv("INJFLOW_MLP_SAMPLES_PER_BLOCK")) per_block = std::atoll(env);
   const int device = XV.get_device();
   const MlpPlan plan = plan_network(XV.size(0), XV.size(1), n_out,
                                     static_cast<int>(weights.front().size(1)), backward,
-                                    XV.element_size(), mlp_math(XV.scalar_type(), device),
-                                    mlp_pipe(), device_facts(device), per_block, widths);
+                                    XV.element_size(), mlp_math(XV.scalar_type(), device, o),
+                                    mlp_pipe(o), device_facts(device), o.samples_per_block,
+                                    widths);
   TORCH_CHECK(plan.why_not.empty(), op,
               ": the fused path (path=\"fused\", 2) cannot take these shapes: ", plan.why_not,
               "; use path=\"auto\" (0) or \"per_layer\" (1)");
@@ -163,8 +141,8 @@ void launch(const MlpPlan& plan, const MlpArgs<T>& args, int device, cudaStream_
 
 MlpForwardResult tangent_mlp_cuda(const at::Tensor& XV_in, at::TensorList weights,
                                   at::TensorList biases, int64_t act, double slope,
-                                  int64_t last_act, int64_t path) {
-  check_tangent_mlp_args(XV_in, weights, biases, act, last_act, path);
+                                  int64_t last_act, int64_t path, at::IntArrayRef fused) {
+  check_tangent_mlp_args(XV_in, weights, biases, act, last_act, path, fused);
   const c10::cuda::CUDAGuard guard(XV_in.device());
   const int64_t B = XV_in.size(0), R = XV_in.size(1);
   const size_t L = weights.size();
@@ -173,7 +151,8 @@ MlpForwardResult tangent_mlp_cuda(const at::Tensor& XV_in, at::TensorList weight
     return tangent_mlp_per_layer(XV_in, weights, biases, act, slope, last_act,
                                  &tangent_linear_cuda);
   std::pair<int, int> widths;
-  const MlpPlan plan = fused_plan(XV_in, weights, false, "tangent_mlp", &widths);
+  const MlpPlan plan = fused_plan(XV_in, weights, false, "tangent_mlp",
+                                  fused_mlp_options(fused, "tangent_mlp"), &widths);
   const at::Tensor XV = XV_in.contiguous();
   std::vector<at::Tensor> W(L), b(L), Z(L), A, dA(L);
   at::Tensor Y;
@@ -207,13 +186,6 @@ MlpForwardResult tangent_mlp_cuda(const at::Tensor& XV_in, at::TensorList weight
   return {Y, Z, A, dA};
 }
 
-// How the fused backward computes the weight gradients: INJFLOW_MLP_WGRAD = cublas (the
-// default: one GEMM per layer) | kernel (mlp_weight_grad_kernel, every layer in one launch;
-// not yet measured on a GPU, so opt-in).
-bool weight_grad_kernel() {
-  return env_choice("INJFLOW_MLP_WGRAD", {{"cublas", 0}, {"kernel", 1}}, 0) == 1;
-}
-
 // One launch of mlp_weight_grad_kernel on `grid` in `math` (the tensor cores: float32 only).
 template <typename T>
 void launch_weight_grad(const GradArgs<T>& args, int math, dim3 grid, cudaStream_t stream) {
@@ -236,15 +208,18 @@ void launch_weight_grad(const GradArgs<T>& args, int math, dim3 grid, cudaStream
 // gW_l and gb_l of the fused backward (mlp_param_grad_kernels.cuh) from GZ (every layer's
 // pre-activation gradient, (B, R, n_out)), the layers' inputs (XV, then A_in) and the backward
 // kernel's per-block bias partials (blocks, Σ n_out): the bias sums, and the weight gradients
-// with INJFLOW_MLP_WGRAD=kernel, in one launch of sum_partials_kernel (after one of
+// with the fused weight_grads option "kernel", in one launch of sum_partials_kernel (after one of
 // mlp_weight_grad_kernel, in the fused kernels' math); without it the weight gradients are
 // cuBLAS GEMMs (TF32 under the same switch). The launches' arguments come from
 // plan_param_grads and add_param_grad_sums, which the CUDA emulation's tests run too.
 void param_grads(const at::Tensor& XV, const std::vector<at::Tensor>& W, at::TensorList A_in,
                  const std::vector<at::Tensor>& GZ, const at::Tensor& partial, int64_t M,
-                 int math, int device, std::vector<at::Tensor>& gW, std::vector<at::Tensor>& gb) {
+                 int math, int device, const FusedMlpOptions& o, std::vector<at::Tensor>& gW,
+                 std::vector<at::Tensor>& gb) {
   const size_t L = W.size();
-  const bool own_gemm = weight_grad_kernel();
+  // how the weight gradients are computed: one cuBLAS GEMM per layer (the default) or
+  // mlp_weight_grad_kernel, every layer in one launch (not yet measured on a GPU, so opt-in)
+  const bool own_gemm = o.weight_grads == kFusedWgradKernel;
   std::vector<at::Tensor> in(L);
   std::vector<int> n_out(L), n_in(L);
   for (size_t l = 0; l < L; ++l) {
@@ -255,8 +230,7 @@ void param_grads(const at::Tensor& XV, const std::vector<at::Tensor>& W, at::Ten
     gW[l] = own_gemm ? at::empty_like(W[l])
                      : at::mm(GZ[l].view({M, n_out[l]}).t(), in[l].view({M, n_in[l]}));
   }
-  int64_t pinned = 0;
-  if (const char* env = std::getenv("INJFLOW_MLP_WGRAD_ROWS")) pinned = std::atoll(env);
+  const int64_t pinned = o.weight_grad_rows;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(XV.scalar_type(), "tangent_mlp_param_grads", [&] {
     std::vector<const scalar_t*> gz_ptr(L), in_ptr(L);
@@ -291,8 +265,11 @@ MlpBackwardResult tangent_mlp_backward_cuda(const at::Tensor& gY_in, const at::T
                                             at::TensorList weights, const at::Tensor& Y,
                                             at::TensorList Z_in, at::TensorList A_in,
                                             at::TensorList dA, int64_t act, double slope,
-                                            int64_t last_act, int64_t path, bool input_only) {
-  check_tangent_mlp_backward_args(gY_in, XV_in, weights, Y, Z_in, A_in, dA, act, last_act, path);
+                                            int64_t last_act, int64_t path,
+                                            at::IntArrayRef fused, bool input_only) {
+  check_tangent_mlp_backward_args(gY_in, XV_in, weights, Y, Z_in, A_in, dA, act, last_act, path,
+                                  fused);
+  const FusedMlpOptions options = fused_mlp_options(fused, "tangent_mlp_backward");
   const c10::cuda::CUDAGuard guard(XV_in.device());
   const NoAutocast no_autocast(c10::autocast_dispatch_keyset);  // see tangent_ops.h
   const int64_t B = XV_in.size(0), R = XV_in.size(1);
@@ -302,7 +279,8 @@ MlpBackwardResult tangent_mlp_backward_cuda(const at::Tensor& gY_in, const at::T
     return tangent_mlp_backward_per_layer(gY_in, XV_in, weights, Y, Z_in, A_in, dA, act, slope,
                                           last_act, input_only, &tangent_linear_backward_cuda);
   std::pair<int, int> widths;
-  const MlpPlan plan = fused_plan(XV_in, weights, true, "tangent_mlp_backward", &widths);
+  const MlpPlan plan = fused_plan(XV_in, weights, true, "tangent_mlp_backward", options,
+                                  &widths);
   const at::Tensor XV = XV_in.contiguous(), gY = gY_in.contiguous();
   std::vector<at::Tensor> W(L), Z(L), GZ(L), gW(L), gb(L);
   int64_t bias_total = 0;
@@ -352,7 +330,7 @@ MlpBackwardResult tangent_mlp_backward_cuda(const at::Tensor& gY_in, const at::T
     }
     return {gXV, gW, gb};
   }
-  param_grads(XV, W, A_in, GZ, partial, B * R, plan.math, device, gW, gb);
+  param_grads(XV, W, A_in, GZ, partial, B * R, plan.math, device, options, gW, gb);
   return {gXV, gW, gb};
 }
 

@@ -19,23 +19,23 @@ both on their GPU with the wheel alone.
 from __future__ import annotations
 
 import math
-import os
-from contextlib import contextmanager
+from dataclasses import asdict
 
 import torch
 
-from ..models import RectangularFlow
+from ..flows import RectangularFlow
 from ..nn import set_mlp_path
-from ..objectives import ExactObjective
 from ..ops import gram_logdet, tangent_mlp
-from ..ops.tangent import MLP_PATHS
-from ..step import TrainStep, matmul_precision
+from ..ops.tangent import MLP_PATHS, FusedMlp
+from ..train.objectives import BETA as _BETA_OPTION
+from ..train.objectives import ExactObjective
+from ..train.step import TrainStep, matmul_precision
 from . import plain_reference
 from .timing import environment, median_time, print_table, write_json
 
-__all__ = ["run_bench", "env_var", "STEP_CONFIGS"]
+__all__ = ["run_bench", "STEP_CONFIGS"]
 
-BETA = 50.0
+BETA = _BETA_OPTION.default
 # name: (D, d, batch, hidden) — the paper's tabular sizes (bench/step.py has more)
 STEP_CONFIGS = {"HEPMASS": (21, 10, 750, (128,) * 4), "MINIBOONE": (43, 21, 400, (128,) * 4)}
 QUICK_STEP_CONFIGS = {"TINY": (6, 2, 64, (16,) * 2)}
@@ -90,15 +90,15 @@ def bench_gram_logdet(device, dtype, budget, quick) -> list:
     return [_gram_case(B, D, d, device, dtype, budget) for B, D, d in cases]
 
 
-def bench_tangent_mlp(device, dtype, budget, quick, mlp_path="auto") -> list:
+def bench_tangent_mlp(device, dtype, budget, quick, mlp_path="auto", fused=None) -> list:
     cases = [(64, 3, [3, 16, 16, 6])] if quick else [(400, 21, [21, 128, 128, 128, 128, 44]),
                                                       (750, 10, [10, 128, 128, 128, 128, 22])]
     g = torch.Generator().manual_seed(0)
-    return [_mlp_case(B, K, widths, g, device, dtype, budget, mlp_path)
+    return [_mlp_case(B, K, widths, g, device, dtype, budget, mlp_path, fused)
             for B, K, widths in cases]
 
 
-def _mlp_case(B, K, widths, g, device, dtype, budget, mlp_path) -> dict:
+def _mlp_case(B, K, widths, g, device, dtype, budget, mlp_path, fused) -> dict:
     XV = torch.randn(B, 1 + K, widths[0], generator=g).to(device, dtype).requires_grad_()
     Ws = [(torch.randn(b, a, generator=g) / math.sqrt(a)).to(device, dtype).requires_grad_()
           for a, b in zip(widths[:-1], widths[1:])]
@@ -111,7 +111,7 @@ def _mlp_case(B, K, widths, g, device, dtype, budget, mlp_path) -> dict:
         return lambda: torch.autograd.grad((fn(XV, Ws, bs) * G).sum(), params)
 
     def ours_fn(x, w, b):
-        return tangent_mlp(x, w, b, "tanh", path=mlp_path)
+        return tangent_mlp(x, w, b, "tanh", path=mlp_path, fused=fused)
 
     ours, plain = step(ours_fn), step(plain_reference.plain_tangent_mlp)
     err = _rel_err(ours(), plain())
@@ -131,20 +131,20 @@ def _clear(model):
         p.grad = None
 
 
-def bench_step(device, dtype, budget, quick, mlp_path="auto") -> list:
+def bench_step(device, dtype, budget, quick, mlp_path="auto", fused=None) -> list:
     configs = QUICK_STEP_CONFIGS if quick else STEP_CONFIGS
-    return [_step_case(name, *cfg, device, dtype, budget, mlp_path)
+    return [_step_case(name, *cfg, device, dtype, budget, mlp_path, fused)
             for name, cfg in configs.items()]
 
 
-def _step_case(name, D, d, B, hidden, device, dtype, budget, mlp_path) -> dict:
+def _step_case(name, D, d, B, hidden, device, dtype, budget, mlp_path, fused) -> dict:
     torch.manual_seed(0)
-    model = RectangularFlow(D, d, ambient_layers=10, ambient_hidden=hidden, prior_layers=5,
+    model = RectangularFlow.tabular(D, d, ambient_layers=10, ambient_hidden=hidden, prior_layers=5,
                             prior_hidden=(32, 32)).to(device=device, dtype=dtype)
-    set_mlp_path(model, mlp_path)   # ours; the plain reference does not use the MLP ops
+    set_mlp_path(model, mlp_path, fused)   # ours; the plain reference does not use the MLP ops
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(B, D, generator=g) * 0.5).to(device=device, dtype=dtype)
-    model.loss(x)   # ActNorm initialisation
+    model.initialize(x)   # ActNorm initialisation
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -175,36 +175,17 @@ def _step_case(name, D, d, B, hidden, device, dtype, budget, mlp_path) -> dict:
     return row
 
 
-@contextmanager
-def env_var(name: str, value: str | None):
-    """The environment variable ``name`` set to ``value`` for a block (None: left as it is)."""
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if value is not None:
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
-
-
 def run_bench(device="cpu", dtype=torch.float32, quick=False, budget=None,
               json_path: str | None = None, verbose: bool = True, mlp_path: str = "auto",
-              precision: str | None = None, mlp_pipeline: str | None = None,
-              mlp_wgrad: str | None = None) -> dict:
+              precision: str | None = None, fused: FusedMlp | None = None) -> dict:
     """Run every benchmark on ``device``; print the tables (``verbose``) and write JSON to
     ``json_path``. Returns the results. Raises if ours and plain PyTorch disagree (relative
     error above 1e-3 in float32, 1e-2 with TF32, 1e-8 in float64), before anything is reported
     as a speed-up. ``mlp_path``: ours' conditioner path ("auto", "per_layer", "fused" (CUDA));
     ``precision``: None (torch's setting), "float32" or "tf32", the float32 GEMMs of ours and
-    of plain PyTorch alike (CUDA; :func:`injflow_ext.step.matmul_precision`, which checks it);
-    ``mlp_pipeline``: None (the default), "registers" or "async", how the fused kernels stage
-    their weights (``INJFLOW_MLP_PIPELINE``; with ``mlp_path="fused"`` only); ``mlp_wgrad``:
-    None (the default), "cublas" or "kernel", how the fused backward computes the weight
-    gradients (``INJFLOW_MLP_WGRAD``; with ``mlp_path="fused"`` only)."""
+    of plain PyTorch alike (CUDA; :func:`injflow_ext.train.step.matmul_precision`, which checks it);
+    ``fused``: the fused kernels' options (:class:`~injflow_ext.ops.FusedMlp`; with
+    ``mlp_path="fused"`` only; None: their defaults)."""
     device = torch.device(device)
     if mlp_path not in MLP_PATHS:
         raise ValueError(f"injflow bench: mlp_path must be one of {list(MLP_PATHS)}, got "
@@ -212,26 +193,17 @@ def run_bench(device="cpu", dtype=torch.float32, quick=False, budget=None,
     if mlp_path == "fused" and device.type != "cuda":
         raise ValueError(f"injflow bench: mlp_path='fused' runs the CUDA kernels; got device "
                          f"{device} (use --device cuda, or --mlp-path auto on the CPU)")
-    for name, value, choices, what in (
-            ("mlp_pipeline", mlp_pipeline, ("registers", "async"),
-             "how the fused kernels stage their weights"),
-            ("mlp_wgrad", mlp_wgrad, ("cublas", "kernel"),
-             "how the fused backward computes the weight gradients")):
-        if value not in (None, *choices):
-            raise ValueError(f"injflow bench: {name} must be {choices[0]!r} or {choices[1]!r}, "
-                             f"got {value!r}")
-        if value is not None and mlp_path != "fused":
-            raise ValueError(f"injflow bench: {name} is {what}; it needs mlp_path='fused', got "
-                             f"{mlp_path!r}")
+    if fused is not None and mlp_path != "fused":
+        raise ValueError(f"injflow bench: fused options are for the fused kernels; they need "
+                         f"mlp_path='fused', got {mlp_path!r}")
     budget = budget if budget is not None else (0.2 if quick else 1.0)
     # two TF32 computations of the same thing differ by TF32's rounding (2^-11 per operand)
     tf32 = precision == "tf32" and device.type == "cuda" and dtype == torch.float32
     tol = (1e-2 if tf32 else 1e-3) if dtype == torch.float32 else 1e-8
-    with matmul_precision(precision), env_var("INJFLOW_MLP_PIPELINE", mlp_pipeline), \
-            env_var("INJFLOW_MLP_WGRAD", mlp_wgrad):
+    with matmul_precision(precision):
         ops = bench_gram_logdet(device, dtype, budget, quick) + \
-            bench_tangent_mlp(device, dtype, budget, quick, mlp_path)
-        steps = bench_step(device, dtype, budget, quick, mlp_path)
+            bench_tangent_mlp(device, dtype, budget, quick, mlp_path, fused)
+        steps = bench_step(device, dtype, budget, quick, mlp_path, fused)
     for r in ops + steps:
         err = r.get("rel_err", r.get("grad_rel_err"))
         if not err <= tol:
@@ -240,7 +212,7 @@ def run_bench(device="cpu", dtype=torch.float32, quick=False, budget=None,
                                  f"relative error {err:.2e} > {tol:.0e}")
     env = environment(device)
     result = {"benchmark": "injflow bench", "dtype": str(dtype).replace("torch.", ""),
-              "mlp_path": mlp_path, "mlp_pipeline": mlp_pipeline, "mlp_wgrad": mlp_wgrad,
+              "mlp_path": mlp_path, "fused": None if fused is None else asdict(fused),
               "precision": precision,
               "tf32": tf32,
               "environment": env, "metric": "median ms of forward + backward",

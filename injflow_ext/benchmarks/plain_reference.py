@@ -11,7 +11,7 @@ They are what a user would write without this library (docs/design.md §5, bench
 - ``encoder_surrogate``: the encoder-Jacobian surrogate of free-form injective flows, the way
   their code writes it: ``vᵀ f′(x)`` by autograd through the encoder, ``J v`` by a tangent pass.
 Each returns the loss (a scalar to backpropagate). They take fully connected models and image
-models (``RectangularFlow.for_images``): an image coupling's CNN runs the plain way, one
+models (``RectangularFlow.images``): an image coupling's CNN runs the plain way, one
 ``F.conv2d`` of the primal and tangent images stacked as one batch per layer, the activation's
 tangent rule as elementwise torch ops after it.
 """
@@ -25,6 +25,9 @@ import torch.nn.functional as F
 
 from ..nn import ActNorm, AffineCoupling, InvertibleLinear, Permutation
 from ..nn.image import ConvAffineCoupling, InvertibleConv1x1
+from ..train.objectives import BETA as _BETA_OPTION
+
+BETA = _BETA_OPTION.default   # the objectives' default β
 
 __all__ = ["exact_batched", "exact_one_tangent", "exact_jacfwd", "hutchinson_cg", "encoder_surrogate",
            "reference_cg", "mlp_tangents", "ambient_tangents", "plain_tangent_mlp"]
@@ -212,7 +215,7 @@ def _loss(model, x, u, x_rec, logdet, beta):
     return (-prior_log_prob(model, u) + 0.5 * logdet + beta * rec).mean()
 
 
-def exact_batched(model, x, beta=50.0):
+def exact_batched(model, x, beta=BETA):
     u = encode(model, x)
     d = model.latent_dim
     eye = torch.eye(d, dtype=x.dtype, device=x.device).expand(x.shape[0], d, d)
@@ -220,7 +223,7 @@ def exact_batched(model, x, beta=50.0):
     return _loss(model, x, u, x_rec, _cholesky_logdet(JT.mT), beta)
 
 
-def exact_one_tangent(model, x, beta=50.0):
+def exact_one_tangent(model, x, beta=BETA):
     u = encode(model, x)
     d = model.latent_dim
     cols = []
@@ -232,7 +235,7 @@ def exact_one_tangent(model, x, beta=50.0):
     return _loss(model, x, u, x_rec, _cholesky_logdet(torch.stack(cols, -1)), beta)
 
 
-def exact_jacfwd(model, x, beta=50.0):
+def exact_jacfwd(model, x, beta=BETA):
     u = encode(model, x)
 
     def decode_one(ui):
@@ -266,7 +269,7 @@ def reference_cg(matvec, b, rtol, max_iter):
     return x, it
 
 
-def hutchinson_cg(model, x, beta=50.0, K=1, rtol=1e-5, generator=None, return_iterations=False):
+def hutchinson_cg(model, x, beta=BETA, K=1, rtol=1e-5, generator=None, return_iterations=False):
     u = encode(model, x)
     B, d = u.shape
     eps = torch.randn(B, K, d, dtype=x.dtype, device=x.device, generator=generator)
@@ -289,7 +292,7 @@ def hutchinson_cg(model, x, beta=50.0, K=1, rtol=1e-5, generator=None, return_it
     return (loss, iterations) if return_iterations else loss
 
 
-def encoder_surrogate(model, x, beta=50.0, K=1, generator=None):
+def encoder_surrogate(model, x, beta=BETA, K=1, generator=None):
     """RNF-ML with ``2 mean_k <sg(v_kᵀ f′(x)), J v_k>`` in place of ``log det JᵀJ``; probes
     orthonormal (Gram–Schmidt of ``randn(B, K, d)``) scaled to norm ``√d``."""
     x0 = x.detach().requires_grad_(True)

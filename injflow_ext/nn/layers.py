@@ -127,7 +127,7 @@ class ActNorm(Bijection):
 
     def _maybe_initialize(self, data, direction):
         # the buffer is read (a host sync on a GPU) only until it is seen set, so that training
-        # steps can be captured in a CUDA graph (injflow_ext.CapturedStep)
+        # steps can be captured in a CUDA graph (TrainStep(mode="captured"))
         if self.training and not self._seen_initialized:
             if bool(self.initialized):
                 self._seen_initialized = True

@@ -10,6 +10,7 @@ from .tangent import (
                       ACTIVATIONS,
                       COUPLING_SCALES,
                       MLP_PATHS,
+                      FusedMlp,
                       tangent_affine_coupling,
                       tangent_conv2d,
                       tangent_conv2d_packed,
@@ -22,7 +23,7 @@ from .tangent import (
 
 __all__ = [
     "gram_logdet", "GramLogdetInfo", "GRAM_OK", "GRAM_JITTERED", "GRAM_FAILED",
-    "tangent_linear", "tangent_linear_packed", "tangent_mlp", "MLP_PATHS",
+    "tangent_linear", "tangent_linear_packed", "tangent_mlp", "MLP_PATHS", "FusedMlp",
     "tangent_affine_coupling", "tangent_conv2d", "tangent_conv2d_packed",
     "tangent_epilogue_packed",
     "tangent_coupling_packed", "ACTIVATIONS", "COUPLING_SCALES", "cg_solve", "CGResult",

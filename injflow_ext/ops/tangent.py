@@ -20,12 +20,15 @@ All are differentiable (first order) with respect to every input.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .._extension import _C
 from ._checks import autocast_float32, check_tensor
 
-__all__ = ["ACTIVATIONS", "COUPLING_SCALES", "MLP_PATHS", "tangent_linear", "tangent_epilogue_packed",
+__all__ = ["ACTIVATIONS", "COUPLING_SCALES", "MLP_PATHS", "FusedMlp", "tangent_linear",
+           "tangent_epilogue_packed",
            "tangent_conv2d", "tangent_conv2d_packed",
            "tangent_linear_packed", "tangent_mlp", "tangent_affine_coupling",
            "tangent_coupling_packed", "activation_code"]
@@ -37,6 +40,57 @@ ACTIVATIONS = {None: _C.ACTIVATION_CODES["none"], "identity": _C.ACTIVATION_CODE
 ACTIVATION_PARAM = {"leaky_relu": 0.01, "elu": 1.0}
 COUPLING_SCALES = dict(_C.COUPLING_SCALE_CODES)
 MLP_PATHS = dict(_C.MLP_PATH_CODES)
+FUSED_MATH = dict(_C.MLP_FUSED_MATH_CODES)
+FUSED_PIPELINES = dict(_C.MLP_FUSED_PIPELINE_CODES)
+FUSED_WEIGHT_GRADS = dict(_C.MLP_FUSED_WEIGHT_GRAD_CODES)
+
+
+@dataclass(frozen=True)
+class FusedMlp:
+    """How the fused path of :func:`tangent_mlp` (``path="fused"``, CUDA) computes: arguments
+    of the op, so that fake kernels, ``torch.compile`` and CUDA-graph capture see them (the
+    other paths check and ignore them).
+
+    Args:
+        math: "auto" (float32 follows ``torch.backends.cuda.matmul.allow_tf32``, as cuBLAS
+            does: TF32 tensor cores with float32 accumulation when it is on, float32 FMAs
+            otherwise), "fma", "tf32", or "tf32x3" (3×TF32: float32-level accuracy on the
+            tensor cores; for benchmarks until measured). Float64 always uses FMAs.
+        pipeline: "registers" (the next weight chunk's loads in registers) or "async"
+            (cp.async into three shared-memory buffers, sm_80+; the same results bit for bit;
+            unmeasured, so opt-in).
+        weight_grads: "cublas" (the backward's weight gradients as one cuBLAS GEMM per layer)
+            or "kernel" (one split-K kernel for all layers, in the fused kernels' arithmetic;
+            deterministic; unmeasured, so opt-in).
+        samples_per_block: samples per thread block (0: planned from the device; benchmarks).
+        weight_grad_rows: rows per split of the weight-gradient kernel (0: planned).
+    """
+
+    math: str = "auto"
+    pipeline: str = "registers"
+    weight_grads: str = "cublas"
+    samples_per_block: int = 0
+    weight_grad_rows: int = 0
+
+    def __post_init__(self):
+        for name, value, choices in (("math", self.math, FUSED_MATH),
+                                     ("pipeline", self.pipeline, FUSED_PIPELINES),
+                                     ("weight_grads", self.weight_grads, FUSED_WEIGHT_GRADS)):
+            if value not in choices:
+                raise ValueError(f"FusedMlp: {name} must be one of {list(choices)}, got "
+                                 f"{value!r}")
+        for name in ("samples_per_block", "weight_grad_rows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"FusedMlp: {name} must be an int >= 0 (0: planned), got "
+                                 f"{value!r}")
+
+    def codes(self) -> list[int]:
+        """The op's ``fused`` argument: [math, pipeline, weight_grads, samples_per_block,
+        weight_grad_rows]."""
+        return [FUSED_MATH[self.math], FUSED_PIPELINES[self.pipeline],
+                FUSED_WEIGHT_GRADS[self.weight_grads], self.samples_per_block,
+                self.weight_grad_rows]
 
 
 def activation_code(activation, param=None) -> tuple[int, float]:
@@ -90,7 +144,7 @@ def tangent_linear(x: torch.Tensor, V: torch.Tensor, W: torch.Tensor,
 
 def tangent_mlp(XV: torch.Tensor, weights, biases=None, activation: str | None = "tanh",
                 last_activation: str | None = None, activation_param: float | None = None,
-                path: str = "auto") -> torch.Tensor:
+                path: str = "auto", fused: FusedMlp | None = None) -> torch.Tensor:
     """A fully connected network on stacked primal and tangent rows, every layer at once.
 
     Args:
@@ -104,18 +158,11 @@ def tangent_mlp(XV: torch.Tensor, weights, biases=None, activation: str | None =
             ``tangent_linear`` per layer) or "fused" (CUDA: the whole forward in one kernel,
             the backward's gradient chain in another; an error where the shapes do not fit
             it). On an H200 the fused kernels are correct but slower than the per-layer path
-            at every measured size (bench/RESULTS.md), hence not the default. In float32 the
-            fused kernels follow ``torch.backends.cuda.matmul.allow_tf32`` as cuBLAS does
-            (what ``TrainStep(precision="tf32")`` sets): TF32 tensor cores (mma.sync, float32
-            accumulation) when it is on, float32 FMAs otherwise; ``INJFLOW_MLP_MATH=fma |
-            tf32 | tf32x3`` overrides it (3×TF32: float32-level accuracy on the tensor
-            cores; for benchmarks until measured). Float64 always uses FMAs.
-            ``INJFLOW_MLP_PIPELINE=async`` stages the weights with cp.async (sm_80+, three
-            shared-memory buffers) instead of through registers: the same results bit for
-            bit; unmeasured, so opt-in. ``INJFLOW_MLP_WGRAD=kernel`` computes the fused
-            backward's weight gradients with one split-K kernel for all layers, in the
-            fused kernels' arithmetic (FMAs, or TF32 / 3×TF32 tensor cores as above;
-            deterministic) instead of one cuBLAS GEMM per layer; unmeasured, so opt-in.
+            at every measured size (bench/RESULTS.md), hence not the default.
+        fused: the fused path's choices (:class:`FusedMlp`: arithmetic, weight staging,
+            weight gradients); None: the defaults (in float32 the fused kernels follow
+            ``torch.backends.cuda.matmul.allow_tf32`` as cuBLAS does, what
+            ``TrainStep(precision="tf32")`` sets).
     Returns:
         ``(B, 1+K, n_L)``: row 0 the network at ``x``, rows k its Jacobian times tangent k.
     """
@@ -139,6 +186,9 @@ def tangent_mlp(XV: torch.Tensor, weights, biases=None, activation: str | None =
         n = W.shape[0]
     if path not in MLP_PATHS:
         raise ValueError(f"{op}: path must be one of {list(MLP_PATHS)}, got {path!r}")
+    if fused is not None and not isinstance(fused, FusedMlp):
+        raise TypeError(f"{op}: fused must be None or an injflow_ext.ops.FusedMlp, got "
+                        f"{type(fused).__name__}")
     code, param = activation_code(activation, activation_param)
     last_code, last_param = activation_code(last_activation, activation_param)
     # one parameter serves both activations: only leaky_relu and elu read it
@@ -147,8 +197,9 @@ def tangent_mlp(XV: torch.Tensor, weights, biases=None, activation: str | None =
         raise ValueError(f"{op}: {activation!r} and {last_activation!r} have different default "
                          "parameters and the op takes one; pass activation_param")
     param = param if activation in ACTIVATION_PARAM else last_param
-    Y, _, _, _ = torch.ops.injflow.tangent_mlp.default(XV, weights, biases, code, param,
-                                                       last_code, MLP_PATHS[path])
+    Y, _, _, _ = torch.ops.injflow.tangent_mlp.default(
+        XV, weights, biases, code, param, last_code, MLP_PATHS[path],
+        [] if fused is None else fused.codes())
     return Y
 
 
@@ -324,7 +375,7 @@ def _tangent_coupling_backward_fake(grad_Y, grad_logabsdet, XV, ST, scale):
 
 
 @torch.library.register_fake("injflow::tangent_mlp")
-def _tangent_mlp_fake(XV, weights, biases, activation, slope, last_activation, path):
+def _tangent_mlp_fake(XV, weights, biases, activation, slope, last_activation, path, fused):
     B, R, _ = XV.shape
     torch._check(len(weights) >= 1, lambda: "tangent_mlp: weights must hold at least one layer")
     torch._check(len(biases) == len(weights),
@@ -343,7 +394,7 @@ def _tangent_mlp_fake(XV, weights, biases, activation, slope, last_activation, p
 
 @torch.library.register_fake("injflow::tangent_mlp_backward")
 def _tangent_mlp_backward_fake(grad_Y, XV, weights, Y, Z, A, dA, activation, slope,
-                               last_activation, path, input_only=False):
+                               last_activation, path, fused, input_only=False):
     return (XV.new_empty(XV.shape), [W.new_empty(W.shape) for W in weights],
             [W.new_empty(W.shape[0]) for W in weights])
 

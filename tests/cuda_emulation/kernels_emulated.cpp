@@ -320,7 +320,7 @@ std::vector<at::Tensor> emu_tangent_epilogue_backward(const at::Tensor& gY, cons
 std::vector<at::Tensor> emu_tangent_mlp(const at::Tensor& XV, std::vector<at::Tensor> weights,
                                         std::vector<at::Tensor> biases, int64_t act, double slope,
                                         int64_t last_act) {
-  check_tangent_mlp_args(XV, weights, biases, act, last_act, kMlpPerLayer);
+  check_tangent_mlp_args(XV, weights, biases, act, last_act, kMlpPerLayer, {});
   auto [Y, Z, A, dA] = tangent_mlp_per_layer(XV, weights, biases, act, slope, last_act,
                                              &tangent_linear_emulated);
   std::vector<at::Tensor> out{Y};
@@ -337,7 +337,8 @@ std::vector<at::Tensor> emu_tangent_mlp_backward(const at::Tensor& gY, const at:
                                                  double slope, int64_t last_act, bool input_only,
                                                  bool deterministic) {
   settings.deterministic = deterministic;
-  check_tangent_mlp_backward_args(gY, XV, weights, Y, Z, A, dA, act, last_act, kMlpPerLayer);
+  check_tangent_mlp_backward_args(gY, XV, weights, Y, Z, A, dA, act, last_act, kMlpPerLayer,
+                                  {});
   auto [gXV, gW, gb] = tangent_mlp_backward_per_layer(gY, XV, weights, Y, Z, A, dA, act, slope,
                                                       last_act, input_only,
                                                       &tangent_linear_backward_emulated);

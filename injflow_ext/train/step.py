@@ -5,7 +5,7 @@
         out = step(x)                       # dict of detached tensors: loss, nll, ..., skipped
         print(float(out["loss"]))           # reading a value synchronises; skip it to stay async
 
-A step runs every phase of the objective (:mod:`injflow_ext.objectives`) in order: zero the
+A step runs every phase of the objective (:mod:`injflow_ext.train.objectives`) in order: zero the
 phase's gradients, loss, backward, and the phase optimiser's step. A step whose loss or
 gradients are not finite is skipped on the device, without a host synchronisation: the
 optimiser receives a ``found_inf`` flag (as under ``torch.amp.GradScaler``) and leaves the
@@ -40,7 +40,8 @@ import torch
 
 from .objectives import Objective, make_objective
 
-__all__ = ["TrainStep", "MODES", "PRECISIONS", "resolve_mode", "matmul_precision"]
+__all__ = ["TrainStep", "MODES", "PRECISIONS", "resolve_mode", "matmul_precision",
+           "default_optimizers", "captures"]
 
 MODES = ("eager", "compiled", "captured")
 PRECISIONS = (None, "float32", "tf32")
@@ -83,6 +84,24 @@ def resolve_mode(mode: str, device: torch.device, objective: Objective,
     return mode
 
 
+def captures(mode: str, device: torch.device) -> bool:
+    """Whether a step of ``mode`` on ``device`` is recorded in a CUDA graph: "captured" on a
+    CUDA device (elsewhere it runs eagerly)."""
+    return mode == "captured" and torch.device(device).type == "cuda"
+
+
+def default_optimizers(objective: Objective, model: torch.nn.Module, lr: float,
+                       captured: bool) -> dict:
+    """``{phase: Adam}`` over each phase's parameters: fused (it skips a non-finite step on the
+    device, no synchronisation) and, for a captured step, capturable with the learning rate in
+    a tensor (a schedule updates it in place, under the graph's feet)."""
+    groups = objective.parameter_groups(model)
+    device = next(model.parameters()).device
+    rate = torch.tensor(lr, dtype=torch.float32, device=device) if captured else lr
+    return {phase: torch.optim.Adam(groups[phase], lr=rate, fused=True, capturable=captured)
+            for phase in objective.phases}
+
+
 def check_batch(owner: str, x, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
     """A batch for a step of one fixed shape, dtype and device (a captured graph's)."""
     if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
@@ -112,10 +131,10 @@ class TrainStep:
 
     Args:
         model: a RectangularFlow (or any model the objective understands).
-        objective: an :class:`~injflow_ext.objectives.Objective` or a name ("exact",
-            "hutchinson", "two-step"; default options, e.g. beta 50).
-        optimizers: None (default: ``Adam(lr, fused=True)`` per phase, capturable when
-            captured), an optimiser (single-phase objectives) or ``{phase: optimiser}``.
+        objective: an :class:`~injflow_ext.train.Objective` or the name of a registered one
+            (:data:`~injflow_ext.train.objectives.REGISTRY`; its default options).
+        optimizers: None (default: :func:`default_optimizers`), an optimiser (single-phase
+            objectives) or ``{phase: optimiser}``.
         mode: "eager", "compiled" or "captured" (see the module docstring).
         example_x: ``(B, D)``, required for "captured": fixes the batch shape and dtype.
         lr: learning rate of the default optimisers.
@@ -145,7 +164,7 @@ class TrainStep:
                  precision: str | None = None, grad_clip: float | None = None):
         if mode not in MODES:
             raise ValueError(f"TrainStep: mode must be one of {list(MODES)}, got {mode!r} "
-                             "('auto' is resolved by injflow_ext.step.resolve_mode)")
+                             "('auto' is resolved by injflow_ext.train.step.resolve_mode)")
         if precision not in PRECISIONS:
             raise ValueError(f"TrainStep: precision must be None, 'float32' or 'tf32', got "
                              f"{precision!r}")
@@ -154,11 +173,12 @@ class TrainStep:
         self.precision, self.grad_clip = precision, grad_clip
         self.model = model
         self.objective = make_objective(objective)
+        self.objective.check_model(model)
         self.phases = tuple(self.objective.phases)
         self.mode, self.update, self.skip_nonfinite = mode, bool(update), bool(skip_nonfinite)
         param = next(model.parameters())
         self.device = param.device
-        self.captured = mode == "captured" and self.device.type == "cuda"
+        self.captured = captures(mode, self.device)
         if mode == "captured" and not self.objective.capturable:
             raise ValueError(f"TrainStep: the {self.objective.name} objective cannot be captured "
                              "in a CUDA graph; use mode='compiled' or 'eager'")
@@ -209,9 +229,7 @@ class TrainStep:
     # ---------------------------------------------------------------------------- helpers
     def _optimizers(self, optimizers, lr) -> dict:
         if optimizers is None:
-            return {phase: torch.optim.Adam(self.groups[phase], lr=lr, fused=True,
-                                            capturable=self.captured)
-                    for phase in self.phases}
+            return default_optimizers(self.objective, self.model, lr, self.captured)
         if isinstance(optimizers, torch.optim.Optimizer):
             if len(self.phases) != 1:
                 raise ValueError(f"TrainStep: the {self.objective.name} objective has phases "

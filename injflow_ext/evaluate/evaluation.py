@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..data import Dataset
+from ..data.charts import chart_kl
+from ..flows import RectangularFlow
 from . import metrics
-from .charts import chart_kl
-from .data import Dataset
-from .models import RectangularFlow
 
 __all__ = ["evaluate", "per_sample_scores", "ood_report", "model_chart_kl", "sampling_map",
            "log_likelihood_summary", "bits_per_dim", "image_metrics", "ood_summary"]
@@ -39,14 +39,10 @@ def per_sample_scores(model: RectangularFlow, x, batch_size: int = 1000) -> dict
 
 def base_from_normal(model: RectangularFlow, w: np.ndarray) -> np.ndarray:
     """The base variates ``z (N, d)`` with the same quantiles as standard normal ``w (N, d)``
-    (identity for a normal base; ``F_t⁻¹(Φ(w))`` for a Student-t base, through the upper tail
-    for w > 0 so that far quantiles keep their precision): the normal quadrature of the chart
-    KL then holds for any base."""
-    if getattr(model, "base", "normal") == "normal":
-        return w
-    from scipy.stats import norm, t
-    nu = model.base_dof
-    return np.where(w < 0, t.ppf(norm.cdf(w), nu), t.isf(norm.sf(w), nu))
+    (``model.base.from_standard_normal``: identity for a normal base, ``F_t⁻¹(Φ(w))`` for a
+    Student-t base): the normal quadrature of the chart KL then holds for any base that has
+    the map."""
+    return model.base.from_standard_normal(w)
 
 
 def sampling_map(model: RectangularFlow, batch_size: int = 65536):
@@ -68,7 +64,7 @@ def sampling_map(model: RectangularFlow, batch_size: int = 65536):
 
 
 def model_chart_kl(model: RectangularFlow, data: Dataset, seed: int = 0, **kwargs) -> dict:
-    """:func:`injflow_ext.charts.chart_kl` of ``model`` on ``data.chart`` (eval mode)."""
+    """:func:`injflow_ext.data.charts.chart_kl` of ``model`` on ``data.chart`` (eval mode)."""
     if data.chart is None:
         raise ValueError(f"model_chart_kl: dataset {data.name!r} has no known true density "
                          "(no chart)")
@@ -102,7 +98,7 @@ def evaluate(model: RectangularFlow, data: Dataset, *, seed: int = 0) -> dict:
     median, quantiles and outlier counts (:func:`log_likelihood_summary`), ``reconstruction``
     (mean squared error), ``frechet_distance`` (model samples vs test data), and for data with a
     known density ``kl_divergence`` = KL(true ‖ model) on the true manifold's chart
-    (:func:`injflow_ext.charts.chart_kl`: the model's own distribution pushed to the chart) with
+    (:func:`injflow_ext.data.charts.chart_kl`: the model's own distribution pushed to the chart) with
     ``kl_discretisation``, ``tear_mass`` and ``kl_estimator`` (its description); for image
     data also bits per dimension and FID or why there is none (:func:`image_metrics`)."""
     scores = per_sample_scores(model, data.test)
@@ -135,7 +131,7 @@ def bits_per_dim(log_likelihood, latent_dim: int, ambient_dim: int, levels: int)
 def image_metrics(model: RectangularFlow, data: Dataset, scores: dict, samples: np.ndarray) -> dict:
     """Bits per dimension (:func:`bits_per_dim` of the mean and the median test log-likelihood
     in ``scores``) and sample quality: FID where the Inception weights are on this machine
-    (:mod:`injflow_ext.fid`), and always the raw-pixel Fréchet distance already in ``scores``."""
+    (:mod:`injflow_ext.evaluate.fid`), and always the raw-pixel Fréchet distance already in ``scores``."""
     from .fid import fid_unavailable, inception_fid
     out = {}
     if data.levels and scores.get("test_log_likelihood") is not None:

@@ -7,7 +7,7 @@ validation objective, loadable with ``RectangularFlow.load`` or ``injflow_ext.lo
 
 Under ``torchrun`` (several processes) the step runs through DistributedDataParallel: every rank
 takes its share of the same global batch (``distributed.shard``), metrics are reduced over the
-ranks, and only rank 0 writes the run directory; see ``injflow_ext.distributed``.
+ranks, and only rank 0 writes the run directory; see ``injflow_ext.train.distributed``.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..evaluate.evaluation import per_sample_scores
+from ..flows import RectangularFlow
 from .distributed import DistContext, shard
-from .evaluation import per_sample_scores
-from .models import RectangularFlow
-from .objectives import Objective, make_objective
+from .objectives import BETA, Objective, make_objective, objective_class
 from .runs import RunDir, load_checkpoint, numpy_rng_state, save_checkpoint, set_numpy_rng_state
-from .step import TrainStep, resolve_mode
+from .step import MODES, PRECISIONS, TrainStep, captures, default_optimizers, resolve_mode
 
 __all__ = ["TrainConfig", "Trainer", "validation_objective", "likelihood_weight",
            "warmup_steps", "learning_rate"]
@@ -38,11 +38,12 @@ LOG_FIELDS = ["step", "epoch", "loss", "nll", "prior_nll", "reconstruction", "li
 
 @dataclass
 class TrainConfig:
-    method: str = "exact"                  # exact | hutchinson | surrogate | two-step
-    hutchinson_samples: int = 1            # probes K per sample (hutchinson, surrogate)
-    probe: str | None = None               # their kind (None: the method's default)
-    surrogate_noise: float = 0.0           # surrogate: σ of the denoising reconstruction
-    beta: float = 50.0
+    """How a run trains: the method (a registered objective) with its options, and the loop's
+    schedule. Every default of the loop is written here once; the objective's defaults are its
+    options' (:mod:`injflow_ext.train.objectives`)."""
+
+    method: str = "exact"                  # a registered objective (objectives.REGISTRY)
+    objective: dict = field(default_factory=dict)   # its options; the rest take their defaults
     epochs: int | None = 50
     steps: int | None = None            # overrides epochs when set
     batch_size: int = 200
@@ -60,23 +61,17 @@ class TrainConfig:
     lr_warmup: int = 0                     # steps of linear learning-rate warm-up from 0
     lr_final: float = 0.0                  # cosine: the last step's fraction of lr
     grad_clip: float | None = None         # largest gradient norm (TrainStep.grad_clip)
-    cg_rtol: float = 1e-5
     max_nonfinite_steps: int = 20
-    step_mode: str = "auto"                # auto | eager | compiled | captured (injflow_ext.step)
+    step_mode: str = "auto"                # auto | eager | compiled | captured (train.step)
     precision: str | None = None           # None | float32 | tf32: the step's float32 GEMMs
     extra: dict = field(default_factory=dict)
 
     def validate(self):
-        if self.method not in ("exact", "hutchinson", "surrogate", "two-step"):
-            raise ValueError(f"method must be exact, hutchinson, surrogate or two-step, got "
-                             f"{self.method!r}")
-        if not isinstance(self.hutchinson_samples, int) or self.hutchinson_samples < 1:
-            raise ValueError(f"hutchinson_samples (probes per sample) must be a positive int, "
-                             f"got {self.hutchinson_samples!r}")
-        if self.step_mode not in ("auto", "eager", "compiled", "captured"):
+        objective_of(self)   # the method is registered and takes these options
+        if self.step_mode not in ("auto", *MODES):
             raise ValueError(f"step_mode must be auto, eager, compiled or captured, got "
                              f"{self.step_mode!r}")
-        if self.precision not in (None, "float32", "tf32"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be float32 or tf32, got {self.precision!r}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
@@ -96,16 +91,28 @@ class TrainConfig:
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
 
+    @classmethod
+    def from_dict(cls, saved: dict) -> TrainConfig:
+        """The config a run's ``config.json`` (``"train"``) holds, also one written before the
+        objective options moved into ``objective`` (``hutchinson_samples``, ``probe``,
+        ``surrogate_noise``, ``cg_rtol`` and ``beta`` at the top level)."""
+        saved = dict(saved)
+        legacy = {k: saved.pop(k) for k in ("hutchinson_samples", "probe", "surrogate_noise",
+                                            "cg_rtol", "beta") if k in saved}
+        if legacy:
+            renamed = {"hutchinson_samples": "probes", "surrogate_noise": "noise"}
+            declared = objective_class(saved.get("method", cls.method)).defaults()
+            options = {renamed.get(k, k): v for k, v in legacy.items()}
+            saved["objective"] = {k: v for k, v in options.items()
+                                  if k in declared and v is not None}
+        if saved.get("likelihood_warmup"):
+            saved["likelihood_warmup"] = tuple(saved["likelihood_warmup"])
+        return cls(**saved)
+
 
 def objective_of(cfg: TrainConfig) -> Objective:
     """The training objective a config names (its method and options)."""
-    if cfg.method == "hutchinson":
-        return make_objective("hutchinson", beta=cfg.beta, samples=cfg.hutchinson_samples,
-                              probe=cfg.probe or "normal", cg_rtol=cfg.cg_rtol)
-    if cfg.method == "surrogate":
-        return make_objective("surrogate", beta=cfg.beta, samples=cfg.hutchinson_samples,
-                              probe=cfg.probe or "orthonormal", noise=cfg.surrogate_noise)
-    return make_objective(cfg.method, beta=cfg.beta)
+    return make_objective(cfg.method, **cfg.objective)
 
 
 def _warmup_point(value, total_steps: int, steps_per_epoch: int) -> float:
@@ -211,7 +218,7 @@ class Trainer:
         if self.step_mode == "captured" and self.dist.enabled:
             raise ValueError("step_mode 'captured' is for a single process; under torchrun use "
                              "'compiled' or 'eager' (or 'auto')")
-        self.captured = self.step_mode == "captured" and self.device.type == "cuda"
+        self.captured = captures(self.step_mode, self.device)
         if self.captured and len(self.train_x) > config.batch_size:
             # a captured step has one batch shape: the last partial batch of an epoch is dropped
             self.steps_per_epoch = len(self.train_x) // config.batch_size
@@ -237,15 +244,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _build_optimizers(self):
-        """One fused Adam per phase of the objective (fused: it skips a non-finite step on the
-        device; capturable when the step is captured)."""
-        groups = self.objective.parameter_groups(self.model)
-        # a captured step reads the learning rate from a tensor that the schedule updates
-        lr = (torch.tensor(self.cfg.lr, dtype=torch.float32, device=self.device)
-              if self.captured else self.cfg.lr)
-        self.optimizers = {phase: torch.optim.Adam(groups[phase], lr=lr, fused=True,
-                                                   capturable=self.captured)
-                           for phase in self.objective.phases}
+        """The step's optimisers (:func:`~injflow_ext.train.step.default_optimizers`), built
+        before the step so that a resumed run loads their state first."""
+        self.optimizers = default_optimizers(self.objective, self.model, self.cfg.lr,
+                                             self.captured)
 
     def _set_learning_rate(self, value: float) -> None:
         for opt in self.optimizers.values():
@@ -287,7 +289,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def _batch(self, step: int):
         """This rank's share of the global batch of ``step`` and its loss weight
-        ``n_rank · world_size / n`` (1 for a single process; see ``injflow_ext.distributed``).
+        ``n_rank · world_size / n`` (1 for a single process; see ``injflow_ext.train.distributed``).
 
         The epoch's permutation comes from (seed, epoch), so a resumed run, with any number of
         ranks, sees exactly the batches an uninterrupted run would."""
@@ -374,10 +376,7 @@ class Trainer:
         elif os.path.exists(self.log_path) and self.dist.is_main:
             os.remove(self.log_path)
         if not self._initialized:  # data-dependent ActNorm initialisation on a large batch
-            self.model.train()
-            with torch.no_grad():
-                n = min(len(self.train_x), 2000)
-                self.model.prior_log_prob(self.model.encode(self.train_x[:n]))
+            self.model.initialize(self.train_x[:min(len(self.train_x), 2000)])
             self._initialized = True
         self.train_step = self._build_train_step()
         if self.progress and self.dropped_per_epoch:
@@ -447,7 +446,8 @@ class Trainer:
         ``select="best"`` keeps the best validation objective in ``model.pt`` and stops after
         ``patience`` epochs without improvement; ``select="final"`` writes the final weights
         (:meth:`run`)."""
-        val = validation_objective(self.model, self.val_x, self.cfg.beta, dist=self.dist)
+        beta = getattr(self.objective, "beta", BETA.default)
+        val = validation_objective(self.model, self.val_x, beta, dist=self.dist)
         comparable = self.step >= self.warmup[1]
         if self.cfg.select == "final":
             return val

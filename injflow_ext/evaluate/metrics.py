@@ -1,6 +1,6 @@
 """Evaluation metrics of the paper: Fréchet distance between sample sets ("tabular FID") and
 out-of-distribution scores (AUROC, decision-stump accuracy). The KL from a known density on the
-manifold is :func:`injflow_ext.charts.chart_kl`."""
+manifold is :func:`injflow_ext.data.charts.chart_kl`."""
 
 from __future__ import annotations
 

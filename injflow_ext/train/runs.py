@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._io import atomic_json, atomic_torch_save
-from .models import RectangularFlow
+from .._io import atomic_json, atomic_torch_save
+from ..flows import RectangularFlow
 
 __all__ = ["RunDir", "load_run", "read_config", "write_config", "save_checkpoint",
            "load_checkpoint", "numpy_rng_state", "set_numpy_rng_state"]

@@ -1,7 +1,7 @@
 """FID: the Fréchet distance of Inception-v3 pool features (pytorch-fid's network and weights,
 the standard ones), used only where they are already on this machine — nothing is downloaded
 during an evaluation. :func:`fid_unavailable` says why not otherwise; the evaluation then
-reports the raw-pixel Fréchet distance alone (:func:`injflow_ext.metrics.frechet_distance`)."""
+reports the raw-pixel Fréchet distance alone (:func:`injflow_ext.evaluate.metrics.frechet_distance`)."""
 
 from __future__ import annotations
 

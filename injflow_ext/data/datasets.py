@@ -27,10 +27,13 @@ class Dataset:
     log_density: the true log-density on the manifold for points on it, when known.
     sampler: draws n fresh points from the true distribution (synthetic sets).
     chart: the true manifold's coordinates and density on them, for the KL
-    (:func:`injflow_ext.charts.chart_kl`; synthetic sets).
+    (:func:`injflow_ext.data.charts.chart_kl`; synthetic sets).
     image_shape: (H, W) for image data, its pixels dequantised to (0, 1).
     levels: the number of grey levels of the image data before dequantisation (17 for the 8×8
-    digits, 256 for MNIST), for bits per dimension."""
+    digits, 256 for MNIST), for bits per dimension.
+    model_shape: ``(C, H, W)`` when a model of this data should be an image model (its
+    ambient flow convolutional, on the pixel grid); None for a flat model. "digits" is
+    "digits-images" for a flat model."""
 
     name: str
     train: np.ndarray
@@ -42,6 +45,7 @@ class Dataset:
     image_shape: tuple | None = None
     chart: Chart | None = None
     levels: int | None = None
+    model_shape: tuple | None = None
 
     @property
     def dim(self) -> int:
@@ -139,7 +143,7 @@ TABULAR_SOURCE = ("the preprocessed UCI files of Papamakarios et al. (MAF, 2017)
                   "'data.tar.gz' on Zenodo (record 1161203); unpack it and pass its folder as "
                   "--data-dir")
 
-# image sets on which `injflow train` builds an image model (RectangularFlow.for_images);
+# image sets on which `injflow train` builds an image model (Dataset.model_shape);
 # "digits" is the same data as "digits-images" for the fully connected model
 IMAGE_MODEL_DATASETS = ("digits-images", "digits-28", "mnist-5k", "mnist", "fashion-mnist")
 DATASET_NAMES = list(SYNTHETIC) + ["digits", *IMAGE_MODEL_DATASETS] + list(TABULAR)
@@ -278,7 +282,8 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
     if name in ("digits", "digits-images"):
         x = _digits(seed, rng)
         tr, va, te = _split(x, seed)
-        return Dataset(name, tr, va, te, image_shape=(8, 8), levels=17)
+        return Dataset(name, tr, va, te, image_shape=(8, 8), levels=17,
+                       model_shape=(1, 8, 8) if name in IMAGE_MODEL_DATASETS else None)
     if name in ("digits-28", "mnist-5k", "mnist", "fashion-mnist"):
         if name == "digits-28":
             x = _digits_28(rng)
@@ -288,7 +293,7 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | None = None,
             x = _torchvision(name, data_dir)
             x = (x + rng.uniform(size=x.shape)) / 256.0
         tr, va, te = _split(x, seed)
-        return Dataset(name, tr, va, te, image_shape=(28, 28), levels=256)
+        return Dataset(name, tr, va, te, image_shape=(28, 28), levels=256, model_shape=(1, 28, 28))
     if name in TABULAR:
         x = _tabular(name, data_dir)
     elif name.endswith((".npy", ".csv")) or os.path.sep in name:

@@ -8,8 +8,8 @@ import os
 import numpy as np
 import torch
 
-from .data import Dataset
-from .models import RectangularFlow
+from ..data import Dataset
+from ..flows import RectangularFlow
 
 __all__ = ["make_plots"]
 
@@ -170,7 +170,7 @@ def plot_interpolations(model: RectangularFlow, data: Dataset, run_dir: str, pai
 def plot_ood_scores(s_in: dict, s_out: dict, in_name: str, out_name: str, run_dir: str,
                     name: str) -> str:
     """Histograms of the per-sample log-likelihood and reconstruction error of in- and
-    out-of-distribution data (:func:`injflow_ext.evaluation.per_sample_scores`), as in the
+    out-of-distribution data (:func:`injflow_ext.evaluate.evaluation.per_sample_scores`), as in the
     paper's OOD figure; log-likelihoods clipped at their 1 % quantile so outliers stay in view."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
