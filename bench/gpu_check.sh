@@ -32,8 +32,9 @@
 # TF32_ASYNC_METHODS); stage wgrad (not in the default list) the float32 step (TF32 with
 # WGRAD_TF32=1) with fused conditioners twice, the weight gradients by cuBLAS and by
 # --mlp-wgrad kernel (WGRAD_S each, WGRAD_CONFIGS, WGRAD_METHODS). Stage profile takes
-# PROFILE_CONFIGS, PROFILE_METHODS, PROFILE_MLP_PATH and PROFILE_TF32=1 (what it profiles: the
-# conditioners' path, TF32 GEMMs). The step and profile JSON is rewritten after every method,
+# PROFILE_CONFIGS, PROFILE_METHODS, PROFILE_MLP_PATH, PROFILE_MLP_MATH, PROFILE_MLP_PIPELINE,
+# PROFILE_MLP_WGRAD and PROFILE_TF32=1 (what it profiles: the conditioners' path, the fused
+# kernels' options, TF32 GEMMs). The step and profile JSON is rewritten after every method,
 # so a stage stopped by its time limit keeps what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -135,9 +136,13 @@ run_ops() {
       | grep -v "^  [A-Za-z]*[ =]"
   done
 }
-run_profile() {  # PROFILE_MLP_PATH, PROFILE_TF32=1: the conditioners' path and TF32 GEMMs
+run_profile() {  # PROFILE_MLP_PATH, PROFILE_MLP_MATH, PROFILE_MLP_PIPELINE, PROFILE_MLP_WGRAD,
+  # PROFILE_TF32=1: the conditioners' path, the fused kernels' options and TF32 GEMMs
   timeout "${PROFILE_S:-90}" $PY bench/profile_step.py --device cuda --configs "${PROFILE_CONFIGS:-MINIBOONE}" \
     ${PROFILE_MLP_PATH:+--mlp-path "$PROFILE_MLP_PATH"} ${PROFILE_TF32:+--tf32} \
+    ${PROFILE_MLP_MATH:+--mlp-math "$PROFILE_MLP_MATH"} \
+    ${PROFILE_MLP_PIPELINE:+--mlp-pipeline "$PROFILE_MLP_PIPELINE"} \
+    ${PROFILE_MLP_WGRAD:+--mlp-wgrad "$PROFILE_MLP_WGRAD"} \
     --methods "${PROFILE_METHODS:-ours_exact_compiled_graph,ours_exact_graph,ref_batched_graph,ours_exact,ours_hutchinson,ref_hutchinson_cg}" \
     --steps 3 --top "${PROFILE_TOP:-12}" --json "$RES/profile_step.json" 2>&1 \
     | grep -v "^USDT\|profiler_st" | quiet

@@ -79,8 +79,8 @@ def main(argv=None):
     configs = step_bench.QUICK_CONFIGS if args.quick else {
         k: step_bench.CONFIGS[k] for k in args.configs.split(",")}
     steps = 2 if args.quick else args.steps
-    env = {**environment(device), "mlp_path": args.mlp_path, "mlp_pipeline": args.mlp_pipeline,
-           "mlp_wgrad": args.mlp_wgrad, "tf32": args.tf32}
+    env = {**environment(device), "mlp_path": args.mlp_path, "mlp_math": args.mlp_math,
+           "mlp_pipeline": args.mlp_pipeline, "mlp_wgrad": args.mlp_wgrad, "tf32": args.tf32}
     results = []
     for name, (D, d, B, hidden) in configs.items():
         model = step_bench.build_model(D, d, hidden, device, dtype)

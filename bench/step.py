@@ -315,18 +315,23 @@ def write_partial(args, device, env, rows, final=False):
     """The JSON of the rows so far (``complete`` False until the last config is done)."""
     write_results(args, "step", device, {
         "environment": env, "tf32": args.tf32, "mlp_path": args.mlp_path,
-        "mlp_pipeline": args.mlp_pipeline, "mlp_wgrad": args.mlp_wgrad, "complete": final,
+        "mlp_math": args.mlp_math, "mlp_pipeline": args.mlp_pipeline,
+        "mlp_wgrad": args.mlp_wgrad, "complete": final,
         "metric": "median ms of one loss forward + backward", "beta": BETA, "rows": rows},
         quiet=not final)
 
 
 def add_arithmetic_args(p) -> None:
     """The options that choose how ours computes (also bench/profile_step.py's): --mlp-path,
-    --mlp-pipeline and --mlp-wgrad (set on the model with ``set_mlp_path``) and --tf32
-    (``allow_tf32`` for the run)."""
+    --mlp-math, --mlp-pipeline and --mlp-wgrad (set on the model with ``set_mlp_path``) and
+    --tf32 (``allow_tf32`` for the run)."""
     p.add_argument("--mlp-path", default="auto", choices=("auto", "per_layer", "fused"),
                    help="the conditioners' tangent_mlp path for the ours_* methods (fused: "
                         "CUDA only)")
+    p.add_argument("--mlp-math", default="auto", choices=("auto", "fma", "tf32", "tf32x3"),
+                   help="with --mlp-path fused: the fused kernels' float32 arithmetic (auto: "
+                        "follow --tf32, as cuBLAS does; tf32x3: 3xTF32, float32-accurate on "
+                        "the tensor cores)")
     p.add_argument("--mlp-pipeline", default="registers", choices=("registers", "async"),
                    help="with --mlp-path fused: how the fused kernels stage the weights "
                         "(async: cp.async into three shared-memory buffers, sm_80+)")
@@ -338,8 +343,8 @@ def add_arithmetic_args(p) -> None:
 
 
 def fused_options(args) -> FusedMlp:
-    """The fused kernels' options of --mlp-pipeline and --mlp-wgrad."""
-    return FusedMlp(pipeline=args.mlp_pipeline, weight_grads=args.mlp_wgrad)
+    """The fused kernels' options of --mlp-math, --mlp-pipeline and --mlp-wgrad."""
+    return FusedMlp(math=args.mlp_math, pipeline=args.mlp_pipeline, weight_grads=args.mlp_wgrad)
 
 
 def main(argv=None):
