@@ -3,17 +3,13 @@ plain network in float64, gradcheck, opcheck, torch.compile; on CUDA the fused k
 the CPU op (float64 to rounding, float32 within a multiple of PyTorch's own float32 error),
 CUDA-graph capture, determinism, and argument errors."""
 
-import dataclasses
-from contextlib import contextmanager
-
 import pytest
 import torch
 from conftest import DEVICES, _cuda_usable
 from reference import PLAIN_ACTIVATIONS
 
-from injflow_ext import tangent_linear_packed
+from injflow_ext import tangent_linear_packed, tangent_mlp
 from injflow_ext.ops import FusedMlp
-from injflow_ext.ops import tangent_mlp as library_tangent_mlp
 from injflow_ext.ops.tangent import MLP_PATHS
 from injflow_ext.train.step import matmul_precision
 
@@ -46,48 +42,6 @@ def reference(XV, Ws, bs, activation, last_activation=None):
     x = XV[:, 0]
     rows = [f(x)] + [torch.func.jvp(f, (x,), (XV[:, k],))[1] for k in range(1, XV.shape[1])]
     return torch.stack(rows, dim=1)
-
-
-# The fused path's options of the current block, innermost last (the CUDA tests pin one at a
-# time); tangent_mlp below passes them to the library's op as its `fused` argument
-_FUSED = [FusedMlp()]
-
-
-def tangent_mlp(*args, path="auto", fused=None, **kwargs):
-    """The library's tangent_mlp with the block's fused options (see ``fused_options``)."""
-    return library_tangent_mlp(*args, path=path, fused=fused or _FUSED[-1], **kwargs)
-
-
-@contextmanager
-def fused_options(**changes):
-    """Pin fields of the fused path's options (FusedMlp) for a block; None leaves a field."""
-    changes = {k: v for k, v in changes.items() if v is not None}
-    _FUSED.append(dataclasses.replace(_FUSED[-1], **changes))
-    try:
-        yield
-    finally:
-        _FUSED.pop()
-
-
-def samples_per_block(n):
-    """Pin the fused kernels' samples per block."""
-    return fused_options(samples_per_block=n)
-
-
-def mlp_math(math):
-    """Pin the fused kernels' float32 arithmetic: "fma", "tf32", "tf32x3" (None: follow
-    torch's TF32 switch for matmuls)."""
-    return fused_options(math=math)
-
-
-def mlp_pipeline(pipe):
-    """Pin the fused kernels' weight staging: "registers" or "async" (cp.async, sm_80+)."""
-    return fused_options(pipeline=pipe)
-
-
-def mlp_wgrad(how):
-    """How the fused backward computes the weight gradients: "cublas" or "kernel"."""
-    return fused_options(weight_grads=how)
 
 
 def replayed(step):
@@ -324,120 +278,33 @@ def test_bad_input(call, exc, pattern):
         call()
 
 
-# --------------------------------------------------------------------------- CUDA: fused
-
-# (B, R, widths): the MINIBOONE conditioner (d = 21 tangents), the encode pass (primal only),
-# a wide conditioner (float64 fits about 720 features in its two shared-memory buffers at
-# R = 21),
-# odd widths, an input width of zero, the most rows a sample may have.
-CUDA_SHAPES = [
-    (400, 22, [21, 128, 128, 128, 128, 44]),
-    (400, 1, [21, 128, 128, 128, 128, 44]),
-    (13, 21, [300, 320, 300, 400]),
-    (37, 5, [11, 37, 70, 3]),
-    (9, 3, [0, 16, 8]),
-    (3, 128, [5, 8, 4]),
-]
-# float32: the MINIBOONE conditioner, the encode pass, the flat-image conditioner (2×512).
-CUDA_SHAPES_F32 = CUDA_SHAPES[:2] + [(13, 21, [392, 512, 512, 784])]
-
+# ------------------------------------------------------------------ CUDA: the fused kernels
+# Their correctness checks run on the CUDA emulation and on a GPU alike, written once in
+# tests/test_tangent_mlp_fused.py; what only a GPU has (graph capture, torch's TF32 switch,
+# the device's refusals) is here.
 
 @needs_cuda
-@pytest.mark.parametrize("B,R,widths", CUDA_SHAPES)
-@pytest.mark.parametrize("activation,last", [("tanh", None), ("silu", "tanh")])
-def test_cuda_fused_matches_cpu_float64(B, R, widths, activation, last):
-    """Every output of the forward (Y and the saved Z, A, dA) and every gradient of the fused
-    kernels equal the CPU op's to float64 rounding. Output buffers are filled with NaN by the
-    caching allocator beforehand, so an element the kernels never write fails the check."""
-    XV = torch.randn(B, R, widths[0], dtype=torch.float64)
-    Ws, bs = make_mlp(widths)
-    gY = torch.randn(B, R, widths[-1], dtype=torch.float64)
-    act, last_code = (1 if activation == "tanh" else 6), (1 if last == "tanh" else 0)
-    results = []
-    for dev, path in (("cpu", 1), ("cuda", 2)):
-        if dev == "cuda":  # poison the blocks the outputs will reuse
-            torch.full((64 << 20,), float("nan"), device="cuda")
-        args = [t.to(dev).requires_grad_() for t in (XV, *Ws, *bs)]
-        L = len(Ws)
-        Y, Z, A, dA = torch.ops.injflow.tangent_mlp.default(args[0], args[1:1 + L],
-                                                            args[1 + L:], act, 0.0, last_code,
-                                                            path, [])
-        grads = torch.autograd.grad((Y * gY.to(dev)).sum(), args)
-        results.append([t.detach().cpu() for t in (Y, *Z, *A, *dA, *grads)])
-    for i, (c, g) in enumerate(zip(*results)):
-        assert not g.isnan().any(), f"output {i} has unwritten elements"
-        torch.testing.assert_close(g, c, rtol=1e-10, atol=1e-10, msg=f"output {i}")
-
-
-@needs_cuda
-@pytest.mark.parametrize("per_block", [1, 2, 3, 7, 64])
-def test_cuda_fused_any_samples_per_block(per_block):
-    """The tiling (samples per block, hence row-thread layouts 4, 8 and 16) does not change
-    the result; a last block with fewer samples is handled."""
-    B, R = 50, 9
-    XV = torch.randn(B, R, 10, dtype=torch.float64, device="cuda", requires_grad=True)
-    Ws, bs = make_mlp([10, 32, 32, 6], device="cuda", requires_grad=True)
-    ref = reference(XV, Ws, bs, "tanh")
-    ref_grads = torch.autograd.grad(ref.square().sum(), (XV, *Ws, *bs))
-    with samples_per_block(per_block):
-        Y = tangent_mlp(XV, Ws, bs, "tanh", path="fused")
-        grads = torch.autograd.grad(Y.square().sum(), (XV, *Ws, *bs))
-    torch.testing.assert_close(Y, ref, rtol=1e-11, atol=1e-11)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
-
-
-@needs_cuda
-@pytest.mark.parametrize("B,R,widths", CUDA_SHAPES_F32)
-@pytest.mark.parametrize("math", ["fma", "tf32x3"])
-def test_cuda_fused_float32_error_within_pytorch_float32_error(B, R, widths, math):
-    """Against a float64 reference, the fused float32 error is at most 4× the error of the
-    same network computed by plain PyTorch in float32 (TF32 off; + a floor for exact zeros),
-    for the output and for every gradient; with FMAs, and with 3×TF32 (a TF32 head and tail
-    per operand keep 22 of float32's 24 mantissa bits; a CPU emulation of it, every GEMM
-    operand split so, gives 1.0-1.15× plain float32's error on these shapes)."""
-    XV = torch.randn(B, R, widths[0], dtype=torch.float64, device="cuda")
-    Ws, bs = make_mlp(widths, device="cuda")
-    gY = torch.randn(B, R, widths[-1], dtype=torch.float64, device="cuda")
-
-    def outputs(fn, dtype):
-        args = [t.to(dtype).requires_grad_() for t in (XV, *Ws, *bs)]
-        L = len(Ws)
-        Y = fn(args[0], args[1:1 + L], args[1 + L:])
-        return [Y.detach(), *torch.autograd.grad((Y * gY.to(dtype)).sum(), args)]
-
-    def plain(XV, Ws, bs):
-        return reference(XV, Ws, bs, "tanh")
-
-    def fused(XV, Ws, bs):
-        return tangent_mlp(XV, Ws, bs, "tanh", path="fused")
-
-    with matmul_precision("float32"):
-        exact = outputs(plain, torch.float64)
-        torch_f32 = outputs(plain, torch.float32)
-        with mlp_math(math):
-            ours_f32 = outputs(fused, torch.float32)
-    for i, (e, p, o) in enumerate(zip(exact, torch_f32, ours_f32)):
-        err_torch = (p.double() - e).norm() / e.norm()
-        err_ours = (o.double() - e).norm() / e.norm()
-        assert err_ours <= 4 * err_torch + 1e-6, (i, float(err_ours), float(err_torch))
-
-
-@needs_cuda
-@pytest.mark.parametrize("math", ["fma", "tf32", "tf32x3"])
-def test_cuda_fused_backward_is_deterministic_and_graph_capturable(math):
-    XV = torch.randn(300, 22, 21, device="cuda")
+@pytest.mark.parametrize("fused", [FusedMlp("fma"), FusedMlp("tf32"), FusedMlp("tf32x3"),
+                                   FusedMlp("tf32", pipeline="async"),
+                                   FusedMlp("fma", weight_grads="kernel"),
+                                   FusedMlp("tf32", weight_grads="kernel", weight_grad_rows=16)],
+                         ids=["fma", "tf32", "tf32x3", "tf32-async", "fma-wgrad-kernel",
+                              "tf32-wgrad-kernel-16"])
+def test_cuda_fused_backward_is_deterministic_and_graph_capturable(fused):
+    """Every option of the fused path: two eager steps give the same outputs and gradients bit
+    for bit, and so does the step captured in a CUDA graph and replayed (the options are the
+    op's arguments, recorded with it)."""
+    XV = torch.randn(300, 22, 21, device="cuda", requires_grad=True)
     Ws, bs = make_mlp([21, 128, 128, 44], dtype=torch.float32, device="cuda", requires_grad=True)
 
     def step():
-        Y = tangent_mlp(XV, Ws, bs, "tanh", path="fused")
-        return torch.autograd.grad(Y.sin().sum(), [*Ws, *bs])
+        Y = tangent_mlp(XV, Ws, bs, "tanh", path="fused", fused=fused)
+        return [Y.detach(), *torch.autograd.grad(Y.sin().sum(), [XV, *Ws, *bs])]
 
-    with mlp_math(math):
-        first, second = step(), step()
-        for a, b in zip(first, second):
-            assert torch.equal(a, b)
-        captured = replayed(step)
+    first, second = step(), step()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    captured = replayed(step)
     for a, b in zip(captured, first):
         assert torch.equal(a, b)
 
@@ -468,25 +335,6 @@ def test_tf32_reference_helpers():
     assert worst(truncate(XV), truncate(W)) > 3
 
 
-@needs_cuda
-@pytest.mark.parametrize("B,R,widths", CUDA_SHAPES + [(13, 21, [392, 512, 512, 784])])
-@pytest.mark.parametrize("how", ["allow_tf32", "option"])
-def test_cuda_fused_tf32_every_layer_is_a_tf32_gemm(B, R, widths, how):
-    """With TF32 on (torch's matmul switch, or the fused math option tf32), every layer's saved
-    pre-activation Z_l equals the GEMM of the TF32-rounded layer input (the op's own A_{l-1})
-    and weight, within float32 accumulation error, element by element: a wrong fragment
-    layout, a missed row, column or input feature, or operands not rounded to nearest would
-    fail. Output buffers are NaN-poisoned beforehand."""
-    XV = torch.randn(B, R, widths[0], device="cuda")
-    Ws, bs = make_mlp(widths, dtype=torch.float32, device="cuda")
-    torch.full((64 << 20,), float("nan"), device="cuda")
-    with matmul_precision("tf32" if how == "allow_tf32" else "float32"), \
-            mlp_math("tf32" if how == "option" else None):
-        Y, Z, A, dA = torch.ops.injflow.tangent_mlp.default(XV, Ws, bs, 1, 0.0, 0, 2,
-                                                            _FUSED[-1].codes())
-    assert_layers_are_tf32_gemms(XV, Ws, bs, Y, Z, A, dA)
-
-
 def assert_layers_are_tf32_gemms(XV, Ws, bs, Y, Z, A, dA):
     """The outputs of tangent_mlp(XV, Ws, bs, "tanh") with a linear last layer (Y, Z, A, dA)
     as TF32 kernels must give them: every layer's Z_l the GEMM of the TF32-rounded layer input
@@ -510,149 +358,23 @@ def assert_layers_are_tf32_gemms(XV, Ws, bs, Y, Z, A, dA):
 
 
 @needs_cuda
-@pytest.mark.parametrize("B,R,n_in,n_out", [(400, 22, 21, 44), (13, 21, 512, 784),
-                                            (37, 5, 11, 3), (3, 128, 5, 4), (50, 1, 128, 70)])
-def test_cuda_fused_tf32_input_gradient_is_a_tf32_gemm(B, R, n_in, n_out):
-    """The backward's GEMM (grad_XV = grad_Y · W for one linear layer) on the tensor cores:
-    the TF32 GEMM within float32 accumulation error, element by element."""
-    XV = torch.randn(B, R, n_in, device="cuda", requires_grad=True)
-    (W,), (b,) = make_mlp([n_in, n_out], dtype=torch.float32, device="cuda")
-    gY = torch.randn(B, R, n_out, device="cuda")
-    with mlp_math("tf32"):
-        Y = tangent_mlp(XV, [W], [b], "tanh", last_activation=None, path="fused")
-        gXV, = torch.autograd.grad(Y, XV, gY)
-    exact, bound = tf32_gemm_bound(gY, W.T)
-    err = (gXV.double() - exact).abs()
-    assert (err <= bound).all(), f"error up to {float((err / bound).max()):.1f}× the bound"
-
-
-@needs_cuda
-@pytest.mark.parametrize("B,R,widths", CUDA_SHAPES_F32)
-@pytest.mark.parametrize("wgrad", ["cublas", "kernel"])
-def test_cuda_fused_tf32_network_error_is_tf32_sized(B, R, widths, wgrad):
-    """A whole network's output and gradients with TF32 (the weight gradients by cuBLAS or by
-    the weight-gradient kernel): off the float64 answer by no more than TF32's rounding allows
-    (2⁻¹¹ relative per operand: a norm error below 1e-2), the output by more than float32's
-    (so the tensor cores ran), and not bit-equal to the FMA kernels."""
-    XV = torch.randn(B, R, widths[0], device="cuda", dtype=torch.float64)
-    Ws, bs = make_mlp(widths, device="cuda")
-    gY = torch.randn(B, R, widths[-1], device="cuda", dtype=torch.float64)
-
-    def outputs(dtype, math=None):
-        args = [t.to(dtype).requires_grad_() for t in (XV, *Ws, *bs)]
-        L = len(Ws)
-        with mlp_math(math):
-            Y = tangent_mlp(args[0], args[1:1 + L], args[1 + L:], "tanh", path="fused")
-            return [Y.detach(), *torch.autograd.grad((Y * gY.to(dtype)).sum(), args)]
-
-    exact = outputs(torch.float64)
-    with matmul_precision("tf32"), mlp_wgrad(wgrad):
-        ours = outputs(torch.float32)
-    fma = outputs(torch.float32, "fma")
-    errs = [float((o.double() - e).norm() / e.norm()) for e, o in zip(exact, ours)]
-    assert max(errs) < 1e-2, errs
-    # the output: TF32-sized (an emulation with every GEMM operand rounded to TF32 gives
-    # 5e-4 - 9e-4 on these shapes); some gradients, e.g. the last bias's, involve no GEMM
-    assert errs[0] > 1e-5, f"output error {errs[0]:.1e}: float32-sized, TF32 did not run"
-    assert not torch.equal(ours[0], fma[0])
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype,math", [(torch.float64, "fma"), (torch.float32, "fma"),
-                                        (torch.float32, "tf32"), (torch.float32, "tf32x3")])
-@pytest.mark.parametrize("per_block", [1, 3])
-def test_cuda_fused_async_pipeline_equals_the_register_pipeline(dtype, math, per_block):
-    """The cp.async weight pipeline (FusedMlp(pipeline="async")) gives the register pipeline's
-    outputs and gradients bit for bit (the same arithmetic in the same order), also captured
-    in a CUDA graph."""
-    XV = torch.randn(7, 21, 37, dtype=dtype, device="cuda", requires_grad=True)
-    Ws, bs = make_mlp([37, 200, 130, 19], dtype=dtype, device="cuda", requires_grad=True)
-
-    def step():
-        Y = tangent_mlp(XV, Ws, bs, "tanh", path="fused")
-        return [Y.detach(), *torch.autograd.grad(Y.sin().sum(), [XV, *Ws, *bs])]
-
-    with mlp_math(math), samples_per_block(per_block):
-        with mlp_pipeline("registers"):
-            regs = step()
-        with mlp_pipeline("async"):
-            first = step()
-            captured = replayed(step)
-    for a, b, c in zip(regs, first, captured):
-        assert torch.equal(a, b) and torch.equal(a, c)
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("rows", [None, 16])
-def test_cuda_fused_weight_grad_kernel(dtype, rows):
-    """FusedMlp(weight_grads="kernel") (the weight gradients by mlp_weight_grad_kernel instead
-    of cuBLAS GEMMs): the same gradients as the GEMMs within summation error (float64 1e-10),
-    the other outputs bit for bit, deterministic, also captured in a CUDA graph. rows:
-    FusedMlp(weight_grad_rows=...) (the split)."""
-    XV = torch.randn(23, 21, 37, dtype=dtype, device="cuda", requires_grad=True)
-    Ws, bs = make_mlp([37, 200, 130, 19], dtype=dtype, device="cuda", requires_grad=True)
-    L = len(Ws)
-
-    def step():
-        Y = tangent_mlp(XV, Ws, bs, "tanh", path="fused")
-        return [Y.detach(), *torch.autograd.grad(Y.sin().sum(), [XV, *Ws, *bs])]
-
-    with mlp_math("fma"):
-        with mlp_wgrad("cublas"):
-            gemm = step()
-        with mlp_wgrad("kernel"), fused_options(weight_grad_rows=rows):
-            first, again = step(), step()
-            captured = replayed(step)
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
-    for i, (g, k, a, c) in enumerate(zip(gemm, first, again, captured)):
-        assert torch.equal(k, a) and torch.equal(k, c), i
-        if 2 <= i < 2 + L:  # the weight gradients
-            torch.testing.assert_close(k, g, rtol=tol, atol=tol * g.abs().max().item(), msg=str(i))
-        else:
-            assert torch.equal(k, g), i
-
-
-@needs_cuda
-@pytest.mark.parametrize("math", ["tf32", "tf32x3"])
-@pytest.mark.parametrize("B,R,n_in,n_out", [(400, 22, 21, 44), (13, 21, 512, 784),
-                                            (37, 5, 11, 3), (3, 128, 5, 4)])
-def test_cuda_fused_weight_grad_kernel_on_the_tensor_cores(math, B, R, n_in, n_out):
-    """With TF32 (or 3×TF32) the weight-gradient kernel runs on the tensor cores, as cuBLAS
-    would: for one linear layer (GZ = grad_Y, A = XV) every gW element within the bound of
-    weight_grad_bounds, and the accuracy of the math (assert_weight_grad_accuracy);
-    deterministic, also captured in a CUDA graph."""
-    XV = torch.randn(B, R, n_in, device="cuda")
-    (W,), (b,) = make_mlp([n_in, n_out], dtype=torch.float32, device="cuda", requires_grad=True)
-    gY = torch.randn(B, R, n_out, device="cuda")
-
-    def step():
-        Y = tangent_mlp(XV, [W], [b], "tanh", last_activation=None, path="fused")
-        return torch.autograd.grad(Y, [W], gY)[0]
-
-    with mlp_math(math), mlp_wgrad("kernel"):
-        gW, again, captured = step(), step(), replayed(step)
-    assert torch.equal(gW, again) and torch.equal(gW, captured)
-    (exact, bound), = weight_grad_bounds([gY], [XV], math)
-    err = (gW.double() - exact).abs()
-    assert (err <= bound).all(), f"error up to {float((err / bound).max()):.1f}× the bound"
-    assert_weight_grad_accuracy(math, [gY], [XV], [gW])
-
-
-@needs_cuda
 def test_cuda_fused_tf32_switch_is_honoured():
-    """TF32 off (torch's default): the fused float32 kernels are the FMA kernels, bit for bit;
-    float64 ignores the switch (FMAs, float64 rounding)."""
+    """math="auto" follows torch's TF32 switch for matmuls, as cuBLAS does: off (torch's
+    default), the fused float32 kernels are the FMA kernels bit for bit, on, the TF32 ones;
+    float64 ignores the switch and the option (FMAs, float64 rounding)."""
     XV = torch.randn(40, 9, 21, device="cuda")
     Ws, bs = make_mlp([21, 64, 64, 10], dtype=torch.float32, device="cuda")
     with matmul_precision("float32"):
         default = tangent_mlp(XV, Ws, bs, path="fused")
-    with mlp_math("fma"):
-        fma = tangent_mlp(XV, Ws, bs, path="fused")
-    assert torch.equal(default, fma)
+        assert torch.equal(default, tangent_mlp(XV, Ws, bs, path="fused", fused=FusedMlp("fma")))
+    with matmul_precision("tf32"):
+        default = tangent_mlp(XV, Ws, bs, path="fused")
+    with matmul_precision("float32"):
+        assert torch.equal(default, tangent_mlp(XV, Ws, bs, path="fused",
+                                                fused=FusedMlp("tf32")))
     W64, b64 = [W.double() for W in Ws], [b.double() for b in bs]
-    with matmul_precision("tf32"), mlp_math("tf32"):
-        y64 = tangent_mlp(XV.double(), W64, b64, path="fused")
+    with matmul_precision("tf32"):
+        y64 = tangent_mlp(XV.double(), W64, b64, path="fused", fused=FusedMlp("tf32"))
     ref = tangent_mlp(XV.double().cpu(), [W.cpu() for W in W64], [b.cpu() for b in b64])
     torch.testing.assert_close(y64.cpu(), ref, rtol=1e-11, atol=1e-11)
 
@@ -697,8 +419,8 @@ def test_fused_options_are_checked_where_they_are_given(device):
                                 ("samples_per_block", -1, "samples_per_block must be an int")):
         with pytest.raises(ValueError, match=pattern):
             FusedMlp(**{field: bad})
-    plain = library_tangent_mlp(XV, Ws, bs, path="per_layer")
-    pinned = library_tangent_mlp(XV, Ws, bs, path="per_layer",
+    plain = tangent_mlp(XV, Ws, bs, path="per_layer")
+    pinned = tangent_mlp(XV, Ws, bs, path="per_layer",
                                  fused=FusedMlp("tf32x3", "async", "kernel", 3, 16))
     assert torch.equal(plain, pinned)
     op = torch.ops.injflow.tangent_mlp.default
@@ -710,4 +432,4 @@ def test_fused_options_are_checked_where_they_are_given(device):
         with pytest.raises(RuntimeError, match=pattern):
             op(XV, Ws, bs, 1, 0.0, 0, MLP_PATHS["per_layer"], codes)
     with pytest.raises(TypeError, match="fused must be None or an injflow_ext.ops.FusedMlp"):
-        library_tangent_mlp(XV, Ws, bs, fused={"math": "fma"})
+        tangent_mlp(XV, Ws, bs, fused={"math": "fma"})
