@@ -8,6 +8,9 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <initializer_list>
+#include <utility>
+
 #include "activations.h"
 #include "cg.h"
 #include "gram_logdet.h"
@@ -114,6 +117,13 @@ int cuda_runtime_version_or_zero() {
 #endif
 }
 
+// {name: code} for Python.
+pybind11::dict code_dict(std::initializer_list<std::pair<const char*, int64_t>> codes) {
+  pybind11::dict d;
+  for (const auto& [name, code] : codes) d[name] = static_cast<int>(code);
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -124,45 +134,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_runtime_version", &cuda_runtime_version_or_zero,
         "CUDART_VERSION the CUDA kernels were compiled with (0 without CUDA).");
   // The codes the kernels use, exported so that Python never keeps a copy of them.
-  pybind11::dict act;
-  act["none"] = int(injflow::kActNone);
-  act["tanh"] = int(injflow::kActTanh);
-  act["relu"] = int(injflow::kActRelu);
-  act["leaky_relu"] = int(injflow::kActLeakyRelu);
-  act["elu"] = int(injflow::kActElu);
-  act["softplus"] = int(injflow::kActSoftplus);
-  act["silu"] = int(injflow::kActSilu);
-  act["sigmoid"] = int(injflow::kActSigmoid);
-  m.attr("ACTIVATION_CODES") = act;
-  pybind11::dict scale;
-  scale["tanh"] = int(injflow::kScaleTanh);
-  scale["exp"] = int(injflow::kScaleExp);
-  m.attr("COUPLING_SCALE_CODES") = scale;
-  pybind11::dict path;
-  path["auto"] = int(injflow::kMlpAuto);
-  path["per_layer"] = int(injflow::kMlpPerLayer);
-  path["fused"] = int(injflow::kMlpFused);
-  pybind11::dict fused_math, fused_pipeline, fused_weight_grads;
-  fused_math["auto"] = int(injflow::kFusedMathAuto);
-  fused_math["fma"] = int(injflow::kFusedMathFma);
-  fused_math["tf32"] = int(injflow::kFusedMathTf32);
-  fused_math["tf32x3"] = int(injflow::kFusedMathTf32x3);
-  fused_pipeline["registers"] = int(injflow::kFusedPipeRegisters);
-  fused_pipeline["async"] = int(injflow::kFusedPipeAsync);
-  fused_weight_grads["cublas"] = int(injflow::kFusedWgradCublas);
-  fused_weight_grads["kernel"] = int(injflow::kFusedWgradKernel);
-  m.attr("MLP_FUSED_MATH_CODES") = fused_math;
-  m.attr("MLP_FUSED_PIPELINE_CODES") = fused_pipeline;
-  m.attr("MLP_FUSED_WEIGHT_GRAD_CODES") = fused_weight_grads;
-  m.attr("MLP_PATH_CODES") = path;
-  pybind11::dict gram;
-  gram["ok"] = int(injflow::kGramOk);
-  gram["jittered"] = int(injflow::kGramJittered);
-  gram["failed"] = int(injflow::kGramFailed);
-  m.attr("GRAM_STATUS_CODES") = gram;
-  pybind11::dict cg;
-  cg["running"] = int(injflow::kCGRunning);
-  cg["converged"] = int(injflow::kCGConverged);
-  cg["breakdown"] = int(injflow::kCGBreakdown);
-  m.attr("CG_STATUS_CODES") = cg;
+  using namespace injflow;
+  m.attr("ACTIVATION_CODES") = code_dict(
+      {{"none", kActNone}, {"tanh", kActTanh}, {"relu", kActRelu}, {"leaky_relu", kActLeakyRelu},
+       {"elu", kActElu}, {"softplus", kActSoftplus}, {"silu", kActSilu},
+       {"sigmoid", kActSigmoid}});
+  m.attr("COUPLING_SCALE_CODES") = code_dict({{"tanh", kScaleTanh}, {"exp", kScaleExp}});
+  m.attr("MLP_PATH_CODES") =
+      code_dict({{"auto", kMlpAuto}, {"per_layer", kMlpPerLayer}, {"fused", kMlpFused}});
+  m.attr("MLP_FUSED_MATH_CODES") = code_dict({{"auto", kFusedMathAuto}, {"fma", kFusedMathFma},
+                                              {"tf32", kFusedMathTf32},
+                                              {"tf32x3", kFusedMathTf32x3}});
+  m.attr("MLP_FUSED_PIPELINE_CODES") =
+      code_dict({{"registers", kFusedPipeRegisters}, {"async", kFusedPipeAsync}});
+  m.attr("MLP_FUSED_WEIGHT_GRAD_CODES") =
+      code_dict({{"cublas", kFusedWgradCublas}, {"kernel", kFusedWgradKernel}});
+  m.attr("GRAM_STATUS_CODES") =
+      code_dict({{"ok", kGramOk}, {"jittered", kGramJittered}, {"failed", kGramFailed}});
+  m.attr("CG_STATUS_CODES") = code_dict(
+      {{"running", kCGRunning}, {"converged", kCGConverged}, {"breakdown", kCGBreakdown}});
 }
