@@ -13,7 +13,7 @@ import torch
 
 from . import train_options
 from ._io import atomic_json
-from .data import Dataset, load_dataset
+from .data import DataConfig, Dataset, load_dataset
 from .train.objectives import make_objective
 from .train.runs import load_run, read_config, write_config
 from .train_options import positive_int
@@ -51,13 +51,11 @@ def _train(args, dist) -> int:
             raise SystemExit("injflow train: --resume needs --out RUN_DIR")
         out = args.out
         saved = read_config(out)
-        saved_data = saved["data"]
-        args.data, args.seed = saved_data["name"], saved_data["seed"]
-        args.data_dir = args.data_dir or saved_data.get("data_dir")
-        args.n_samples = saved_data.get("n_samples")
+        data_cfg = DataConfig.from_dict(saved["data"])
+        data_cfg.data_dir = args.data_dir or data_cfg.data_dir   # the files may have moved
+        args.seed = data_cfg.seed
         args.dtype = saved.get("dtype", args.dtype)  # a float64 run resumes in float64
-        data = load_dataset(args.data, seed=args.seed, data_dir=args.data_dir,
-                            n_samples=args.n_samples)
+        data = data_cfg.load()
         model = from_config(saved["model"])
         train = dict(saved["train"], device=device)
         # runs written before these options existed trained with these
@@ -69,8 +67,8 @@ def _train(args, dist) -> int:
             train["precision"] = args.precision
         tcfg = TrainConfig.from_dict(train)
     else:
-        data = load_dataset(args.data, seed=args.seed, data_dir=args.data_dir,
-                            n_samples=args.n_samples)
+        data_cfg = train_options.data_config(args)
+        data = data_cfg.load()
         d = args.latent_dim or data.latent_dim
         if d is None:
             raise SystemExit(f"injflow train: --latent-dim is required for {args.data} (its "
@@ -84,7 +82,7 @@ def _train(args, dist) -> int:
                              "it, --overwrite to start again, or another --out")
         objective_options = train_options.objective_options(args)
         torch.manual_seed(args.seed)
-        model = train_options.build_model(args, data, d)
+        model = train_options.build_model(args, data, d, data_cfg.standardize)
         tcfg = TrainConfig(method=args.method, objective=objective_options,
                            **train_options.loop_options(args), device=device)
         try:
@@ -94,7 +92,7 @@ def _train(args, dist) -> int:
             raise SystemExit(f"injflow train: {exc}") from None
         dist.barrier()  # every rank has checked for an existing run before rank 0 writes one
         if dist.is_main:
-            _write_config(out, args, data, model, tcfg, build_info, world_size=dist.world_size)
+            _write_config(out, args, data_cfg, model, tcfg, build_info, world_size=dist.world_size)
     if args.dtype == "float64":
         model = model.double()
     trainer = Trainer(model, data.train, data.val, tcfg, out, progress=not args.quiet, dist=dist)
@@ -111,18 +109,9 @@ def _train(args, dist) -> int:
     return _report(args, summary, out, data, tcfg)
 
 
-def _stored_path(path):
-    """A data file or folder as config.json stores it: absolute, so that a run resumes from any
-    working directory; dataset names stay names."""
-    return os.path.abspath(path) if path and os.path.exists(path) else path
-
-
-def _write_config(out, args, data, model, tcfg, build_info, world_size):
+def _write_config(out, args, data_cfg, model, tcfg, build_info, world_size):
     os.makedirs(out, exist_ok=True)
-    write_config(out, {"data": {"name": _stored_path(args.data),
-                                "data_dir": _stored_path(args.data_dir),
-                                "n_samples": args.n_samples, "seed": args.seed,
-                                "standardize": args.standardize, "dim": data.dim},
+    write_config(out, {"data": data_cfg.stored().to_dict(),
                        "model": model.config, "train": asdict(tcfg), "build_info": build_info(),
                        "dtype": args.dtype, "torch_version": torch.__version__,
                        "world_size": world_size,
@@ -179,10 +168,11 @@ def _print_metrics(m: dict) -> None:
 
 
 def _data_of_run(run_dir: str, args) -> Dataset:
-    cfg = read_config(run_dir)["data"]
-    name = args.data or cfg["name"]
-    return load_dataset(name, seed=cfg["seed"], data_dir=args.data_dir or cfg.get("data_dir"),
-                        n_samples=cfg.get("n_samples") if name == cfg["name"] else None)
+    """The run's test data, or ``--data`` (another set of the same dimension) split alike."""
+    cfg = DataConfig.from_dict(read_config(run_dir)["data"])
+    other = args.data is not None and args.data != cfg.name
+    return DataConfig(args.data if other else cfg.name, args.data_dir or cfg.data_dir,
+                      None if other else cfg.n_samples, cfg.seed).load()
 
 
 def cmd_eval(args) -> int:

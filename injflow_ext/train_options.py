@@ -4,7 +4,8 @@
   ``--method`` lists every registered objective, and each declared option is a flag;
 - the model's sizes from the builders (:mod:`injflow_ext.flows.builders`): a flag left out
   takes the builder's default; a flag of the other kind of model is refused;
-- the loop's schedule from :class:`~injflow_ext.train.loop.TrainConfig`'s defaults.
+- the loop's schedule from :class:`~injflow_ext.train.loop.TrainConfig`'s defaults, the
+  data's from :class:`~injflow_ext.data.DataConfig`'s.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import argparse
 import inspect
 from dataclasses import fields
 
-from .data import Dataset
+from .data import DataConfig, Dataset
 from .flows import StudentT, for_data, images, tabular
 from .train.loop import TrainConfig, warmup_steps
 from .train.objectives import REGISTRY
 
-__all__ = ["add_arguments", "objective_options", "build_model", "loop_options"]
+__all__ = ["add_arguments", "data_config", "objective_options", "build_model", "loop_options"]
 
 _TRAIN = {f.name: f.default for f in fields(TrainConfig)}
+_DATA = {f.name: f.default for f in fields(DataConfig)}
 
 
 def positive_int(text: str) -> int:
@@ -84,9 +86,15 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
 
     t.add_argument("--data", default=None,
                    help=f"dataset name ({', '.join(DATASET_NAMES)}) or a .npy/.csv file (N × D)")
-    t.add_argument("--data-dir", default=None, help="folder of the tabular/image data files")
-    t.add_argument("--n-samples", type=positive_int, default=None,
-                   help="use at most this many points")
+    t.add_argument("--data-dir", default=_DATA["data_dir"],
+                   help="folder of the tabular/image data files")
+    t.add_argument("--n-samples", type=positive_int, default=_DATA["n_samples"],
+                   help="use at most this many points (synthetic sets: draw this many)")
+    t.add_argument("--no-standardize", dest="standardize", action="store_false",
+                   default=_DATA["standardize"],
+                   help="train on the raw data (default: a fixed per-feature standardisation "
+                        "(image models: one mean and std over all pixels) layer inside the "
+                        "model)")
     t.add_argument("--latent-dim", type=positive_int, default=None,
                    help="manifold dimension d (default: known for synthetic data)")
     _add_objective_arguments(t)
@@ -226,16 +234,17 @@ def _add_model_arguments(t, image_sets) -> None:
                    help="pixel data in (0, 1): the model's last layer is x = (σ(y) − ALPHA) / "
                         "(1 − 2 ALPHA), the standardisation acts in logit space, densities stay "
                         "in pixel units (e.g. 0.05; default: none)")
-    t.add_argument("--no-standardize", dest="standardize", action="store_false",
-                   help="train on the raw data (default: a fixed per-feature standardisation "
-                        "(image models: one mean and std over all pixels) layer inside the "
-                        "model)")
 
 
-def build_model(args, data: Dataset, latent_dim: int):
+def data_config(args) -> DataConfig:
+    """The data of a new run from the flags (``--seed`` seeds the split too)."""
+    return DataConfig(args.data, args.data_dir, args.n_samples, args.seed, args.standardize)
+
+
+def build_model(args, data: Dataset, latent_dim: int, standardize: bool = True):
     """The model of a new run: an image model when the dataset says so
     (``data.model_shape``), else a tabular one; the flags given, the builder's defaults for
-    the rest."""
+    the rest; the data's standardisation inside it (``standardize``)."""
     image = data.model_shape is not None
     wrong = _TABULAR_ONLY if image else _IMAGE_ONLY
     for dest, counterpart in wrong.items():
@@ -251,7 +260,7 @@ def build_model(args, data: Dataset, latent_dim: int):
     if args.base == "student-t":
         sizes["base"] = StudentT(latent_dim, args.base_dof or _default(StudentT, "dof"))
     try:
-        return for_data(data.train, latent_dim, data.model_shape, standardize=args.standardize,
+        return for_data(data.train, latent_dim, data.model_shape, standardize=standardize,
                         logit_alpha=args.logit, seed=args.seed, **sizes)
     except ValueError as exc:
         raise SystemExit(f"injflow train: {exc}") from None

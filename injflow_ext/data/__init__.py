@@ -1,5 +1,6 @@
 """Datasets and the true manifolds' charts (for the KL of a model to the truth)."""
 
+from .config import DataConfig
 from .datasets import (
     DATASET_NAMES,
     IMAGE_MODEL_DATASETS,
@@ -9,5 +10,5 @@ from .datasets import (
     load_dataset,
 )
 
-__all__ = ["Dataset", "load_dataset", "SYNTHETIC", "TABULAR", "DATASET_NAMES",
+__all__ = ["Dataset", "DataConfig", "load_dataset", "SYNTHETIC", "TABULAR", "DATASET_NAMES",
            "IMAGE_MODEL_DATASETS"]
