@@ -43,6 +43,7 @@ def _train(args, dist) -> int:
     from . import build_info
     from .flows import from_config
     from .train.loop import TrainConfig, Trainer
+    from .train.preemption import INTERRUPTED_EXIT, Stopped
 
     device = args.device
     if args.resume:
@@ -98,12 +99,17 @@ def _train(args, dist) -> int:
     trainer = Trainer(model, data.train, data.val, tcfg, out, progress=not args.quiet, dist=dist)
     try:
         summary = trainer.run(resume=args.resume)
+    except Stopped as stopped:   # SIGTERM, SIGUSR1 or SIGINT: checkpoint written
+        if dist.is_main:
+            print(f"\ninjflow train: {stopped}; continue with: injflow train --out {out} "
+                  "--resume", file=sys.stderr, flush=True)
+        return stopped.exit_status
     except KeyboardInterrupt:
         if dist.is_main:
             print(f"\ninterrupted at step {trainer.step}; checkpoint written to "
                   f"{trainer.checkpoint_path}; continue with: injflow train --out {out} --resume",
                   file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT
     if not dist.is_main:
         return 0
     return _report(args, summary, out, data, tcfg)

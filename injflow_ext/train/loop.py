@@ -26,6 +26,7 @@ from ..evaluate.evaluation import per_sample_scores
 from ..flows import RectangularFlow
 from .distributed import DistContext, shard
 from .objectives import BETA, Objective, make_objective, objective_class
+from .preemption import Stopped, StopSignals
 from .runs import RunDir, load_checkpoint, numpy_rng_state, save_checkpoint, set_numpy_rng_state
 from .step import MODES, PRECISIONS, TrainStep, captures, default_optimizers, resolve_mode
 
@@ -386,35 +387,12 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress,
                    dynamic_ncols=True, mininterval=0.5, desc=f"train {self.cfg.method}")
         self.model.train()
-        t_last, s_last = time.perf_counter(), self.step
         t_start = time.perf_counter() - self.elapsed
+        stop = StopSignals()
         try:
-            while self.step < self.total_steps and not self.stopped_early:
-                epoch, i = divmod(self.step, self.steps_per_epoch)
-                w = likelihood_weight(self.step, self.warmup)
-                lr = learning_rate(self.step, self.total_steps, self.cfg)
-                self._set_learning_rate(lr)
-                x, share = self._batch(self.step)
-                out = self._train_step(x, w, share)
-                self.step += 1
-                bar.update(1)
-                end_of_epoch = (i == self.steps_per_epoch - 1) or self.step == self.total_steps
-                if self.step % self.cfg.log_every == 0 or end_of_epoch:
-                    now = time.perf_counter()
-                    sps = (self.step - s_last) / max(now - t_last, 1e-9)
-                    t_last, s_last = now, self.step
-                    self._check_divergence()
-                    row = {"step": self.step, "epoch": epoch, "likelihood_weight": w, "lr": lr,
-                           "steps_per_s": round(sps, 3), **self._batch_metrics(out, share)}
-                    if end_of_epoch:
-                        row.update(self._end_epoch(epoch))
-                    self._log(row)
-                    bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "nll", "reconstruction")
-                                     if row.get(k) is not None} | {"steps/s": f"{sps:.1f}"})
-                if self.step % self.cfg.checkpoint_every == 0:
-                    self.elapsed = time.perf_counter() - t_start
-                    self.save_checkpoint()
-        except KeyboardInterrupt:
+            with stop:
+                self._loop(stop, bar, t_start)
+        except KeyboardInterrupt:   # outside the main thread, Ctrl-C is still an exception
             self.elapsed = time.perf_counter() - t_start
             self.save_checkpoint()
             bar.close()
@@ -429,6 +407,58 @@ class Trainer:
                 "wall_time_s": self.elapsed, "best_epoch": self.best["epoch"],
                 "best_val_objective": self.best["val_objective"],
                 "stopped_early": self.stopped_early}
+
+    def _stop_requested(self, stop: StopSignals, log_step: bool) -> int | None:
+        """The signal to stop on after this step, or None. A single process stops at the step
+        its signal arrived in; under torchrun the ranks agree at log steps (where they
+        synchronise anyway), so that all stop at the same step."""
+        if not self.dist.enabled:
+            return stop.received
+        if not log_step:
+            return None
+        agreed = self.dist.sum({"ranks": 1.0 if stop.received else 0.0,
+                                "signum": float(stop.received or 0)})
+        if agreed["ranks"] == 0:
+            return None
+        return stop.received or round(agreed["signum"] / agreed["ranks"])
+
+    def _loop(self, stop: StopSignals, bar, t_start: float) -> None:
+        """The training steps until the end of the run, early stopping or a stop signal
+        (then :class:`Stopped` after the checkpoint)."""
+        t_last, s_last = time.perf_counter(), self.step
+        while self.step < self.total_steps and not self.stopped_early:
+            epoch, i = divmod(self.step, self.steps_per_epoch)
+            w = likelihood_weight(self.step, self.warmup)
+            lr = learning_rate(self.step, self.total_steps, self.cfg)
+            self._set_learning_rate(lr)
+            x, share = self._batch(self.step)
+            out = self._train_step(x, w, share)
+            self.step += 1
+            bar.update(1)
+            end_of_epoch = (i == self.steps_per_epoch - 1) or self.step == self.total_steps
+            if self.step % self.cfg.log_every == 0 or end_of_epoch:
+                now = time.perf_counter()
+                sps = (self.step - s_last) / max(now - t_last, 1e-9)
+                t_last, s_last = now, self.step
+                self._check_divergence()
+                row = {"step": self.step, "epoch": epoch, "likelihood_weight": w, "lr": lr,
+                       "steps_per_s": round(sps, 3), **self._batch_metrics(out, share)}
+                if end_of_epoch:
+                    row.update(self._end_epoch(epoch))
+                self._log(row)
+                bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "nll", "reconstruction")
+                                 if row.get(k) is not None} | {"steps/s": f"{sps:.1f}"})
+            if self.step % self.cfg.checkpoint_every == 0:
+                self.elapsed = time.perf_counter() - t_start
+                self.save_checkpoint()
+            log_step = self.step % self.cfg.log_every == 0 or end_of_epoch
+            signum = self._stop_requested(stop, log_step)
+            if signum is not None and self.step < self.total_steps:
+                self.elapsed = time.perf_counter() - t_start
+                self.save_checkpoint()
+                self.dist.barrier()   # rank 0's checkpoint is complete before any rank exits
+                bar.close()
+                raise Stopped(signum, self.step, self.checkpoint_path)
 
     def _batch_metrics(self, out: dict, share: float) -> dict:
         """The step's loss and its parts, averaged over the global batch (all ranks)."""
