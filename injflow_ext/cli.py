@@ -42,8 +42,7 @@ def cmd_train(args) -> int:
 def _train(args, dist) -> int:
     from . import build_info
     from .flows import from_config
-    from .train.loop import TrainConfig, Trainer
-    from .train.preemption import INTERRUPTED_EXIT, Stopped
+    from .train.loop import TrainConfig
 
     device = args.device
     if args.resume:
@@ -67,6 +66,7 @@ def _train(args, dist) -> int:
         if args.precision is not None:
             train["precision"] = args.precision
         tcfg = TrainConfig.from_dict(train)
+        lock = _lock_run(out, dist)   # before anything of the run is written
     else:
         data_cfg = train_options.data_config(args)
         data = data_cfg.load()
@@ -91,9 +91,40 @@ def _train(args, dist) -> int:
             make_objective(tcfg.method, **tcfg.objective).check_model(model)
         except ValueError as exc:
             raise SystemExit(f"injflow train: {exc}") from None
-        dist.barrier()  # every rank has checked for an existing run before rank 0 writes one
-        if dist.is_main:
-            _write_config(out, args, data_cfg, model, tcfg, build_info, world_size=dist.world_size)
+        lock = _lock_run(out, dist)   # also refuses --overwrite of a run being trained
+        try:
+            if dist.is_main:
+                _write_config(out, args, data_cfg, model, tcfg, build_info,
+                              world_size=dist.world_size)
+        except BaseException:
+            lock.release()
+            raise
+    try:
+        return _run(args, dist, out, model, data, tcfg)
+    finally:
+        lock.release()
+
+
+def _lock_run(out: str, dist):
+    """Rank 0 takes the run directory's lock (train/lock.py); every rank learns whether it
+    could, and all refuse together when not."""
+    from .train.lock import RunLock, RunLocked
+    lock, error = RunLock(out), None
+    if dist.is_main:
+        try:
+            lock.acquire()
+        except RunLocked as exc:
+            error = str(exc)
+    if dist.sum({"refused": 1.0 if error else 0.0})["refused"]:
+        raise SystemExit(f"injflow train: {error or 'rank 0 could not take the lock of ' + out}")
+    return lock
+
+
+def _run(args, dist, out, model, data, tcfg) -> int:
+    """Train (the run directory locked), then rank 0 reports."""
+    from .train.loop import Trainer
+    from .train.preemption import INTERRUPTED_EXIT, Stopped
+
     if args.dtype == "float64":
         model = model.double()
     trainer = Trainer(model, data.train, data.val, tcfg, out, progress=not args.quiet, dist=dist)

@@ -141,3 +141,49 @@ def test_under_torchrun_every_rank_stops_at_the_same_step(tmp_path):
     a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "run")
     for k in a:   # 2 ranks then 1: equal up to the all-reduce's summation order
         torch.testing.assert_close(a[k], b[k], rtol=1e-8, atol=1e-10, msg=k)
+
+
+# --------------------------------------------------------------------------- one owner per run
+
+def test_a_run_being_trained_refuses_a_second_train_and_resume(tmp_path):
+    """While a run trains, a second `train` on its directory (also with --overwrite) and a
+    `--resume` of it are refused, naming the owner; the first run is unharmed and, once it
+    ended, the directory is free again."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "injflow_ext", "train", "--out", str(run),
+                             *ARGS], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(proc, run / "checkpoint.pt")
+    for extra in (["--overwrite", *ARGS], ["--resume", "--quiet", "--no-eval"]):
+        with pytest.raises(SystemExit, match=rf"{run} is being trained by process {proc.pid} on "
+                           rf"\S+ \(since .*\); wait for it to end or stop it"):
+            main(["train", "--out", str(run), *extra])
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT
+    assert not (run / "train.lock").exists()          # released on the way out
+    assert main(["train", "--out", str(run), "--resume", "--quiet", "--no-eval"]) == 0
+
+
+def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, capsys):
+    """A lock whose process no longer exists (killed with SIGKILL) is taken over, saying so;
+    one of another host is not (its process cannot be checked), and the message says which
+    file to delete."""
+    import json
+    import socket
+
+    run = tmp_path / "run"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run.mkdir()
+    (run / "train.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid,
+                                                "slurm_job": None, "since": 0}))
+    assert main(["train", "--out", str(run), "--overwrite", *ARGS[:-2], "--steps", "3"]) == 0
+    assert f"taking over the stale lock {run / 'train.lock'}: process {dead.pid}" in \
+        capsys.readouterr().err
+    (run / "train.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1,
+                                                "slurm_job": "123", "since": 0}))
+    with pytest.raises(SystemExit, match=rf"process 1 on elsewhere, SLURM job 123 .* If that "
+                       rf"process is gone .* delete {run / 'train.lock'}"):
+        main(["train", "--out", str(run), "--resume", "--quiet", "--no-eval"])
