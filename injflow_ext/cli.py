@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -55,7 +56,16 @@ def _train(args, dist) -> int:
         data_cfg.data_dir = args.data_dir or data_cfg.data_dir   # the files may have moved
         args.seed = data_cfg.seed
         args.dtype = saved.get("dtype", args.dtype)  # a float64 run resumes in float64
+        started_on = data_cfg.fingerprint
         data = data_cfg.load()
+        changed = started_on is not None and not DataConfig.same_data(started_on,
+                                                                      data_cfg.fingerprint)
+        if changed and not args.allow_data_change:
+            raise SystemExit(
+                f"injflow train: the training data of {out} changed since the run started; "
+                f"resume on the data it started on, or pass --allow-data-change to go on with "
+                f"the new data (the run then records the change).\n  started on: "
+                f"{json.dumps(started_on)}\n  now:        {json.dumps(data_cfg.fingerprint)}")
         model = from_config(saved["model"])
         train = dict(saved["train"], device=device)
         # runs written before these options existed trained with these
@@ -67,6 +77,14 @@ def _train(args, dist) -> int:
             train["precision"] = args.precision
         tcfg = TrainConfig.from_dict(train)
         lock = _lock_run(out, dist)   # before anything of the run is written
+        if changed and dist.is_main:
+            print(f"injflow train: going on with changed training data (--allow-data-change); "
+                  f"recorded in {out}/config.json", file=sys.stderr, flush=True)
+            saved.setdefault("data_changes", []).append(
+                {"from": started_on, "to": data_cfg.fingerprint,
+                 "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            saved["data"] = data_cfg.stored().to_dict()
+            write_config(out, saved)
     else:
         data_cfg = train_options.data_config(args)
         data = data_cfg.load()

@@ -123,6 +123,9 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     t.add_argument("--out", default=None, help="run directory (default runs/DATA-METHOD)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    t.add_argument("--allow-data-change", action="store_true",
+                   help="--resume even though the training data differs from the data the run "
+                        "started on (config.json's fingerprint); the change is recorded")
     t.add_argument("--overwrite", action="store_true", help="start again in an existing --out")
     t.add_argument("--checkpoint-every", type=positive_int, default=_TRAIN["checkpoint_every"])
     t.add_argument("--patience", type=int, default=_TRAIN["patience"],

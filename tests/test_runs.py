@@ -182,3 +182,50 @@ def test_run_directories_of_the_version_1_layout_load_and_resume(tmp_path):
     a = load_run(str(new)).state_dict()
     b = load_run(str(old)).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_on_changed_data_is_refused_unless_allowed(npy_run, capsys):
+    """config.json records what the data was (for a file: its path, size and the SHA-256 of
+    the loaded arrays); a --resume on a replaced file is refused, showing both fingerprints;
+    --allow-data-change goes on, says so and records the change. A file moved elsewhere with
+    the same content is the same data."""
+    cfg = read_config(str(npy_run))
+    fp = cfg["data"]["fingerprint"]
+    assert fp["path"] == cfg["data"]["name"] and fp["bytes"] > 0 and len(fp["sha256"]) == 64
+    assert fp["split"] == {"train": 320, "val": 40, "test": 40}
+    data = npy_run.parent / "circle.npy"
+    x = np.load(data)
+    np.save(data, x * 1.01)                       # same shape and size, other values
+    with pytest.raises(SystemExit, match="changed since the run started.*--allow-data-change"
+                       "(?s:.*)started on: .*" + fp["sha256"] + "(?s:.*)now: "):
+        main(["train", "--out", str(npy_run), "--resume", "--quiet", "--no-eval"])
+    assert main(["train", "--out", str(npy_run), "--resume", "--allow-data-change", "--quiet",
+                 "--no-eval"]) == 0
+    assert "going on with changed training data" in capsys.readouterr().err
+    after = read_config(str(npy_run))
+    assert after["data_changes"][0]["from"]["sha256"] == fp["sha256"]
+    assert after["data"]["fingerprint"]["sha256"] == after["data_changes"][0]["to"]["sha256"]
+    assert after["data"]["fingerprint"]["sha256"] != fp["sha256"]
+    # the same content in another folder is the same data: the file moved, config.json names
+    # the new place, the recorded fingerprint still the old path's
+    moved = npy_run.parent / "moved"
+    moved.mkdir()
+    os.replace(data, moved / "circle.npy")
+    cfg = json.loads((npy_run / "config.json").read_text())
+    cfg["data"]["name"] = str(moved / "circle.npy")
+    (npy_run / "config.json").write_text(json.dumps(cfg))
+    assert main(["train", "--out", str(npy_run), "--resume", "--quiet", "--no-eval"]) == 0
+
+
+def test_built_in_sets_are_fingerprinted_by_name_split_and_size(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--data", "von-mises", "--n-samples", "300", "--steps", "2",
+                 "--out", str(out), "--no-eval", *TINY]) == 0
+    fp = read_config(str(out))["data"]["fingerprint"]
+    assert fp == {"name": "von-mises", "split": {"train": 240, "val": 30, "test": 30},
+                  "size": 300}
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["data"]["fingerprint"]["size"] = 301       # as if the set had changed under the run
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit, match="changed since the run started"):
+        main(["train", "--out", str(out), "--resume", "--quiet", "--no-eval"])
