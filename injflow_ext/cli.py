@@ -189,7 +189,13 @@ def _report(args, summary, out, data, tcfg) -> int:
     metrics = evaluate(model, data, seed=args.seed)
     atomic_json({"train": summary, "test": metrics, "data": data.name, "method": tcfg.method},
                 os.path.join(out, "metrics.json"))
-    plots = make_plots(model, data, out)
+    try:
+        plots = make_plots(model, data, out)
+    except Exception as exc:   # a figure never throws away a finished training
+        plots = []
+        print(f"injflow train: the plots were not drawn ({type(exc).__name__}: {exc}); the "
+              f"model, checkpoint and metrics are in {out}",
+              file=sys.stderr)
     _print_metrics(metrics)
     print(f"run directory: {out}")
     for p in plots:
@@ -357,7 +363,7 @@ def main(argv=None) -> int:
         parser.error("train: --data is required (unless --resume)")
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as exc:
+    except (OSError, ValueError, ImportError, RuntimeError) as exc:
         print(f"injflow {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -229,3 +229,84 @@ def test_built_in_sets_are_fingerprinted_by_name_split_and_size(tmp_path):
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(SystemExit, match="changed since the run started"):
         main(["train", "--out", str(out), "--resume", "--quiet", "--no-eval"])
+
+
+# ------------------------------------------------------------------------------ failed writes
+
+def _fsize_limited(limit):
+    """A child process with a file-size limit of ``limit`` bytes whose writes past it fail
+    with EFBIG (SIGXFSZ ignored, as a batch system's limit would be met)."""
+    def preexec():
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return preexec
+
+
+def test_a_checkpoint_write_over_the_file_size_limit_is_one_message_and_keeps_the_old(tmp_path):
+    """A resume whose checkpoint write hits the file-size limit ends with one message (the
+    file, EFBIG, what to do), no traceback, and the previous checkpoint still loads."""
+    run = tmp_path / "run"
+    args = ["--data", "von-mises", "--n-samples", "300", "--checkpoint-every", "4", "--no-eval",
+            *TINY]
+    assert main(["train", "--out", str(run), "--steps", "4", *args]) == 0
+    before = load_checkpoint(str(run / "checkpoint.pt"))
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["train"]["steps"] = 12
+    (run / "config.json").write_text(json.dumps(cfg))
+    limit = (run / "checkpoint.pt").stat().st_size // 2
+    proc = subprocess.run([sys.executable, "-m", "injflow_ext", "train", "--out", str(run),
+                           "--resume", "--quiet", "--no-eval"], capture_output=True, text=True,
+                          preexec_fn=_fsize_limited(limit),
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"could not write {run / 'checkpoint.pt'}: File too large (EFBIG); the file would " \
+           "exceed the file-size limit" in proc.stderr, proc.stderr
+    after = load_checkpoint(str(run / "checkpoint.pt"))
+    assert after["step"] == before["step"] == 4
+    assert not list(run.glob(".tmp-*"))
+    assert not (run / "train.lock").exists()
+
+
+def test_a_write_to_a_read_only_folder_is_one_message(tmp_path, monkeypatch, capsys):
+    """EACCES (a folder that is not writable; simulated: the tests run as root, whom a mode
+    does not stop): one message naming the file and what to do, exit 2, the previous
+    checkpoint loadable."""
+    import errno
+
+    from injflow_ext import _io
+    run = tmp_path / "run"
+    args = ["--data", "von-mises", "--n-samples", "300", "--checkpoint-every", "4", "--no-eval",
+            *TINY]
+    assert main(["train", "--out", str(run), "--steps", "4", *args]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["train"]["steps"] = 12
+    (run / "config.json").write_text(json.dumps(cfg))
+
+    def read_only(dir, prefix):
+        raise PermissionError(errno.EACCES, "Permission denied", dir)
+
+    monkeypatch.setattr(_io.tempfile, "mkstemp", read_only)
+    assert main(["train", "--out", str(run), "--resume", "--quiet", "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    # the first write of the resume (the log's truncation) meets it
+    assert f"could not write {run / 'train_log.csv'}: Permission denied (EACCES); the folder " \
+           "is not writable" in err, err
+    assert "Traceback" not in err
+    monkeypatch.undo()
+    assert load_checkpoint(str(run / "checkpoint.pt"))["step"] == 4
+
+
+def test_a_failed_plot_keeps_the_finished_training(tmp_path, monkeypatch, capsys):
+    from injflow_ext.evaluate import plots
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots, "make_plots", broken)
+    run = tmp_path / "run"
+    assert main(["train", "--data", "von-mises", "--n-samples", "300", "--steps", "3",
+                 "--out", str(run), *TINY]) == 0
+    assert "the plots were not drawn (OSError" in capsys.readouterr().err
+    assert (run / "model.pt").exists() and (run / "metrics.json").exists()

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import torch
 
+from .._io import writing
 from ..data import Dataset
 from ..flows import RectangularFlow
 
@@ -24,8 +25,11 @@ def _plt():
 def _save(fig, run_dir: str, name: str, dpi: int = 110) -> str:
     out = os.path.join(run_dir, name)
     fig.tight_layout()
-    fig.savefig(out, dpi=dpi)
-    _plt().close(fig)
+    try:
+        with writing(out):
+            fig.savefig(out, dpi=dpi)
+    finally:
+        _plt().close(fig)
     return out
 
 

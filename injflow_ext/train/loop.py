@@ -13,6 +13,7 @@ ranks, and only rank 0 writes the run directory; see ``injflow_ext.train.distrib
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import time
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from .._io import atomic_text, writing
 from ..evaluate.evaluation import per_sample_scores
 from ..flows import RectangularFlow
 from .distributed import DistContext, shard
@@ -349,7 +351,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         new = not os.path.exists(self.log_path)
-        with open(self.log_path, "a", newline="") as f:
+        with writing(self.log_path), open(self.log_path, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=LOG_FIELDS, extrasaction="ignore")
             if new:
                 w.writeheader()
@@ -362,10 +364,11 @@ class Trainer:
         with open(self.log_path) as f:
             rows = list(csv.DictReader(f))
         keep = [r for r in rows if int(r["step"]) <= self.step]
-        with open(self.log_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-            w.writeheader()
-            w.writerows(keep)
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=LOG_FIELDS, lineterminator="\r\n")
+        w.writeheader()
+        w.writerows(keep)
+        atomic_text(text.getvalue(), self.log_path)
 
     def run(self, resume: bool = False) -> dict:
         os.makedirs(self.out_dir, exist_ok=True)
