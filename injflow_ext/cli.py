@@ -15,7 +15,6 @@ import torch
 from . import train_options
 from ._io import atomic_json
 from .data import DataConfig, Dataset, load_dataset
-from .train.objectives import make_objective
 from .train.runs import load_run, read_config, write_config
 from .train_options import positive_int
 
@@ -43,9 +42,10 @@ def cmd_train(args) -> int:
 def _train(args, dist) -> int:
     from . import build_info
     from .flows import from_config
-    from .train.loop import TrainConfig
+    from .train.loop import TrainConfig, objective_of
 
     device = args.device
+    data_change = None   # (fingerprint the run started on, now) when --allow-data-change
     if args.resume:
         # everything but the device comes from the run directory: --out RUN --resume suffices
         if not args.out:
@@ -56,38 +56,27 @@ def _train(args, dist) -> int:
         data_cfg.data_dir = args.data_dir or data_cfg.data_dir   # the files may have moved
         args.seed = data_cfg.seed
         args.dtype = saved.get("dtype", args.dtype)  # a float64 run resumes in float64
-        started_on = data_cfg.fingerprint
         data = data_cfg.load()
-        changed = started_on is not None and not DataConfig.same_data(started_on,
-                                                                      data_cfg.fingerprint)
-        if changed and not args.allow_data_change:
-            raise SystemExit(
-                f"injflow train: the training data of {out} changed since the run started; "
-                f"resume on the data it started on, or pass --allow-data-change to go on with "
-                f"the new data (the run then records the change).\n  started on: "
-                f"{json.dumps(started_on)}\n  now:        {json.dumps(data_cfg.fingerprint)}")
+        started_on, now = data_cfg.fingerprint, data_cfg.fingerprint_of(data)
+        if started_on is not None and not DataConfig.same_data(started_on, now):
+            if not args.allow_data_change:
+                raise SystemExit(
+                    f"injflow train: the training data of {out} changed since the run started; "
+                    f"resume on the data it started on, or pass --allow-data-change to go on "
+                    f"with the new data (the run then records the change).\n  started on: "
+                    f"{json.dumps(started_on)}\n  now:        {json.dumps(now)}")
+            data_change = (started_on, now)
         model = from_config(saved["model"])
         train = dict(saved["train"], device=device)
-        # runs written before these options existed trained with these
-        train.setdefault("select", "best")
-        train.setdefault("lr_schedule", "constant")
         if args.step_mode is not None:
             train["step_mode"] = args.step_mode
         if args.precision is not None:
             train["precision"] = args.precision
         tcfg = TrainConfig.from_dict(train)
-        lock = _lock_run(out, dist)   # before anything of the run is written
-        if changed and dist.is_main:
-            print(f"injflow train: going on with changed training data (--allow-data-change); "
-                  f"recorded in {out}/config.json", file=sys.stderr, flush=True)
-            saved.setdefault("data_changes", []).append(
-                {"from": started_on, "to": data_cfg.fingerprint,
-                 "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            saved["data"] = data_cfg.stored().to_dict()
-            write_config(out, saved)
     else:
         data_cfg = train_options.data_config(args)
         data = data_cfg.load()
+        data_cfg.fingerprint = data_cfg.fingerprint_of(data)
         d = args.latent_dim or data.latent_dim
         if d is None:
             raise SystemExit(f"injflow train: --latent-dim is required for {args.data} (its "
@@ -106,18 +95,24 @@ def _train(args, dist) -> int:
                            **train_options.loop_options(args), device=device)
         try:
             tcfg.validate()
-            make_objective(tcfg.method, **tcfg.objective).check_model(model)
+            objective_of(tcfg).check_model(model)
         except ValueError as exc:
             raise SystemExit(f"injflow train: {exc}") from None
-        lock = _lock_run(out, dist)   # also refuses --overwrite of a run being trained
-        try:
-            if dist.is_main:
-                _write_config(out, args, data_cfg, model, tcfg, build_info,
-                              world_size=dist.world_size)
-        except BaseException:
-            lock.release()
-            raise
+    # the lock before anything of the run is written (it also refuses --overwrite of a run
+    # being trained), released however the run ends
+    lock = _lock_run(out, dist)
     try:
+        if dist.is_main and data_change is not None:
+            print(f"injflow train: going on with changed training data (--allow-data-change); "
+                  f"recorded in {out}/config.json", file=sys.stderr, flush=True)
+            data_cfg.fingerprint = data_change[1]
+            saved.setdefault("data_changes", []).append(
+                {"from": data_change[0], "to": data_change[1],
+                 "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            write_config(out, {**saved, "data": data_cfg.stored().to_dict()})
+        elif dist.is_main and not args.resume:
+            _write_config(out, args, data_cfg, model, tcfg, build_info,
+                          world_size=dist.world_size)
         return _run(args, dist, out, model, data, tcfg)
     finally:
         lock.release()

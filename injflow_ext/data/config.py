@@ -18,8 +18,8 @@ class DataConfig:
     the tabular/image files; n_samples: at most this many points (None: all; synthetic sets:
     10,000 drawn); seed: of the draw and the train/validation/test split; standardize: the
     model standardises the data by a fixed layer (flows.builders.for_data); dim: the data's
-    features, and fingerprint: what the data was (:meth:`fingerprint_of`), recorded when
-    loaded."""
+    features, recorded when loaded; fingerprint: what the training data was
+    (:meth:`fingerprint_of`), recorded by ``injflow train``."""
 
     name: str
     data_dir: str | None = None
@@ -30,11 +30,11 @@ class DataConfig:
     fingerprint: dict | None = None
 
     def load(self) -> Dataset:
-        """The dataset (``dim`` and ``fingerprint`` recorded)."""
+        """The dataset (``dim`` recorded; the fingerprint is :meth:`fingerprint_of`'s, which
+        training records and compares)."""
         data = load_dataset(self.name, seed=self.seed, data_dir=self.data_dir,
                             n_samples=self.n_samples)
         self.dim = data.dim
-        self.fingerprint = self.fingerprint_of(data)
         return data
 
     def fingerprint_of(self, data: Dataset) -> dict:

@@ -96,10 +96,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, saved: dict) -> TrainConfig:
-        """The config a run's ``config.json`` (``"train"``) holds, also one written before the
-        objective options moved into ``objective`` (``hutchinson_samples``, ``probe``,
-        ``surrogate_noise``, ``cg_rtol`` and ``beta`` at the top level)."""
+        """The config a run's ``config.json`` (``"train"``) holds, also one written by an
+        earlier version: before ``select`` and ``lr_schedule`` existed (those runs trained with
+        "best" and "constant"), or before the objective options moved into ``objective``
+        (``hutchinson_samples``, ``probe``, ``surrogate_noise``, ``cg_rtol`` and ``beta`` at the
+        top level)."""
         saved = dict(saved)
+        # runs written before these options existed trained with these
+        saved.setdefault("select", "best")
+        saved.setdefault("lr_schedule", "constant")
         legacy = {k: saved.pop(k) for k in ("hutchinson_samples", "probe", "surrogate_noise",
                                             "cg_rtol", "beta") if k in saved}
         if legacy:
