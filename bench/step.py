@@ -43,6 +43,12 @@ from common import add_common_args, environment, median_time, print_table, write
 from injflow_ext import RectangularFlow, TrainStep  # noqa: E402
 from injflow_ext.nn import set_mlp_path  # noqa: E402
 from injflow_ext.ops import FusedMlp  # noqa: E402
+from injflow_ext.ops.tangent import (  # noqa: E402
+    FUSED_MATH,
+    FUSED_PIPELINES,
+    FUSED_WEIGHT_GRADS,
+    MLP_PATHS,
+)
 from injflow_ext.train.objectives import (  # noqa: E402
     ExactObjective,
     HutchinsonObjective,
@@ -325,17 +331,18 @@ def add_arithmetic_args(p) -> None:
     """The options that choose how ours computes (also bench/profile_step.py's): --mlp-path,
     --mlp-math, --mlp-pipeline and --mlp-wgrad (set on the model with ``set_mlp_path``) and
     --tf32 (``allow_tf32`` for the run)."""
-    p.add_argument("--mlp-path", default="auto", choices=("auto", "per_layer", "fused"),
+    p.add_argument("--mlp-path", default="auto", choices=list(MLP_PATHS),
                    help="the conditioners' tangent_mlp path for the ours_* methods (fused: "
                         "CUDA only)")
-    p.add_argument("--mlp-math", default="auto", choices=("auto", "fma", "tf32", "tf32x3"),
+    p.add_argument("--mlp-math", default=FusedMlp.math, choices=list(FUSED_MATH),
                    help="with --mlp-path fused: the fused kernels' float32 arithmetic (auto: "
                         "follow --tf32, as cuBLAS does; tf32x3: 3xTF32, float32-accurate on "
                         "the tensor cores)")
-    p.add_argument("--mlp-pipeline", default="registers", choices=("registers", "async"),
+    p.add_argument("--mlp-pipeline", default=FusedMlp.pipeline, choices=list(FUSED_PIPELINES),
                    help="with --mlp-path fused: how the fused kernels stage the weights "
                         "(async: cp.async into three shared-memory buffers, sm_80+)")
-    p.add_argument("--mlp-wgrad", default="cublas", choices=("cublas", "kernel"),
+    p.add_argument("--mlp-wgrad", default=FusedMlp.weight_grads,
+                   choices=list(FUSED_WEIGHT_GRADS),
                    help="with --mlp-path fused: the backward's weight gradients by one cuBLAS "
                         "GEMM per layer or by one split-K kernel for every layer")
     p.add_argument("--tf32", action="store_true",
