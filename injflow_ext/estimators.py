@@ -16,8 +16,10 @@ place of that math; models and training call it.
   elsewhere (docs/experiments.md measures how much). No CG, no Gram matrix.
 
 Decoders: anything with ``jvp_packed(UV (B, 1+K, d)) -> (B, 1+K, D)`` (the library's flows;
-fast path), or any callable ``u (B, d) -> x (B, D)`` acting on each sample independently, e.g. a
-user's ``nn.Module`` (generic path through ``torch.func``).
+fast path); any ``torch.nn.Module`` ``u (B, d) -> x (B, D)`` (fast path through the tangent rules
+of :func:`injflow_ext.nn.tangent`: a run of Linear and activation layers is one fused op, a
+module without a rule runs ``torch.func.jvp`` of itself alone); or any other callable acting on
+each sample independently (generic path through ``torch.func``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .nn.rules import tangent
 from .ops import cg_solve, gram_logdet
 
 __all__ = ["logdet_jtj", "LogdetResult", "decoder_jacobian", "orthonormal_probes",
@@ -58,11 +61,14 @@ def _has_fast_path(decoder) -> bool:
 
 
 def fast_decoder(decoder):
-    """The decoder the fast path can run: itself when it has ``jvp_packed``; for a bound
+    """The decoder the fast path can run: itself when it has ``jvp_packed``; a plain
+    ``torch.nn.Module`` with its tangent rules (:func:`injflow_ext.nn.tangent`); for a bound
     ``decode`` method of a model with a ``decoder`` that has one (``model.decode`` of a
     RectangularFlow, what users write first), that decoder; else the callable unchanged."""
     if _has_fast_path(decoder):
         return decoder
+    if isinstance(decoder, torch.nn.Module):
+        return tangent(decoder, "decoder")
     owner = getattr(decoder, "__self__", None)
     if owner is not None and getattr(decoder, "__name__", None) == "decode":
         inner = getattr(owner, "decoder", None)
@@ -235,8 +241,9 @@ def logdet_jtj(decoder, u: torch.Tensor, method: str = "exact", *, probes: int =
 
     Args:
         decoder: a flow with ``jvp_packed`` (``model.decoder``; ``model.decode`` of a
-            RectangularFlow takes the same fast path) or a callable ``(B, d) -> (B, D)`` of
-            plain PyTorch ops (through ``torch.func``).
+            RectangularFlow takes the same fast path), a ``torch.nn.Module`` ``(B, d) -> (B, D)``
+            (its tangent rules, :func:`injflow_ext.nn.tangent`), or another callable of plain
+            PyTorch ops (through ``torch.func``).
         u: ``(B, d)`` latent points (may carry gradient, e.g. from an encoder).
         method: "exact", "hutchinson" or "surrogate".
         probes: probes K per sample (hutchinson and surrogate).
