@@ -10,7 +10,8 @@ Ops (CPU and CUDA, float32/float64, autograd, ``torch.compile``):
 
 Library: injflow_ext.nn (bijections with batched tangents), injflow_ext.estimators.logdet_jtj
 (exact / Hutchinson / encoder-surrogate volume term), injflow_ext.flows
-(``RectangularFlow(ambient, latent_dim, prior, base)``, bases, builders),
+(``RectangularFlow(ambient, latent_dim, prior, base)``,
+``FreeFormFlow(encoder, decoder, latent_dim, base, prior)``, bases, builders),
 injflow_ext.train (the objectives' registry and ``TrainStep``). The command line and its
 datasets, loop, evaluation and plots build on these and are not imported here.
 """
@@ -24,9 +25,9 @@ from .ops import (CGResult, GramLogdetInfo, cg_solve, gram_logdet, tangent_affin
 
 from . import estimators, nn  # noqa: E402  (after the ops they build on)
 from . import flows  # noqa: E402
-from .flows import RectangularFlow, StandardNormal, StudentT  # noqa: E402
+from .flows import FreeFormFlow, InjectiveFlow, RectangularFlow, StandardNormal, StudentT  # noqa: E402
 from . import train  # noqa: E402
-from .train import (ExactObjective, HutchinsonObjective, Objective,  # noqa: E402
+from .train import (ExactObjective, FifObjective, HutchinsonObjective, Objective,  # noqa: E402
                     SurrogateObjective, TrainStep, TwoStepObjective, make_objective)
 from .train.runs import load_run  # noqa: E402
 
@@ -35,7 +36,8 @@ __version__ = build_info()["version"]
 __all__ = ["build_info", "gram_logdet", "GramLogdetInfo", "tangent_linear",
            "tangent_linear_packed", "tangent_mlp", "tangent_affine_coupling", "tangent_coupling_packed",
            "tangent_conv2d", "tangent_conv2d_packed", "tangent_epilogue_packed",
-           "cg_solve", "CGResult", "RectangularFlow", "StandardNormal", "StudentT", "TrainStep",
+           "cg_solve", "CGResult", "RectangularFlow", "FreeFormFlow", "InjectiveFlow",
+           "StandardNormal", "StudentT", "TrainStep",
            "Objective", "ExactObjective", "HutchinsonObjective", "SurrogateObjective",
-           "TwoStepObjective", "make_objective", "load_run", "estimators", "nn", "flows",
+           "TwoStepObjective", "FifObjective", "make_objective", "load_run", "estimators", "nn", "flows",
            "train", "__version__"]

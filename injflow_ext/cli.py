@@ -84,6 +84,7 @@ def _train(args, dist) -> int:
         if d >= data.dim:
             raise SystemExit(f"injflow train: --latent-dim must be smaller than the data "
                              f"dimension {data.dim}, got {d}")
+        args.method = train_options.method(args)
         out = args.out or os.path.join("runs", f"{os.path.basename(data.name)}-{args.method}")
         if os.path.exists(os.path.join(out, "checkpoint.pt")) and not args.overwrite:
             raise SystemExit(f"injflow train: {out} already holds a run; use --resume to continue "

@@ -15,6 +15,11 @@ place of that math; models and training call it.
   ``E ∇s = 2 tr(f′ ∇J)``, which is ``∇ log det G = 2 tr(J⁺ ∇J)`` where ``f′ = J⁺`` and biased
   elsewhere (docs/experiments.md measures how much). No CG, no Gram matrix.
 
+:func:`encoder_volume_surrogate` is the other side of that estimator, the loss of Free-form
+Injective Flows (FIF; Sorrenson et al., ICLR 2024; vislearn/FFF ``fff/loss.py``): the gradient
+goes to the *encoder*, ``s = mean_k v_kᵀ f′(x) sg(g′(z) v_k)`` at ``z = f(x)``, and the decoder
+learns from the reconstruction alone (docs/design.md §1).
+
 Decoders: anything with ``jvp_packed(UV (B, 1+K, d)) -> (B, 1+K, D)`` (the library's flows;
 fast path); any ``torch.nn.Module`` ``u (B, d) -> x (B, D)`` (fast path through the tangent rules
 of :func:`injflow_ext.nn.tangent`: a run of Linear and activation layers is one fused op, a
@@ -34,7 +39,7 @@ from .nn.rules import tangent
 from .ops import cg_solve, gram_logdet
 
 __all__ = ["logdet_jtj", "LogdetResult", "decoder_jacobian", "orthonormal_probes",
-           "encoder_vjp"]
+           "encoder_vjp", "encoder_volume_surrogate", "EncoderSurrogateResult"]
 
 
 @dataclass
@@ -325,3 +330,55 @@ def _surrogate(decoder, u, K, probe, generator, encoder, x) -> LogdetResult:
     w = encoder_vjp(encoder, x, u_of_x, v.detach())                  # (B, K, D), constant
     value = 2 * (w * Jv).sum(-1).mean(-1)
     return LogdetResult(value, decoded, "surrogate", {})
+
+
+@dataclass
+class EncoderSurrogateResult:
+    """What :func:`encoder_volume_surrogate` returns: ``value (B,)`` the surrogate (its value
+    estimates ``tr(f′ g′)``, d where ``f′ g′ = I``), ``latent`` ``z = f(x) (B, d)`` and
+    ``decoded`` ``g(z) (B, D)``, both differentiable."""
+
+    value: torch.Tensor
+    latent: torch.Tensor
+    decoded: torch.Tensor
+
+
+def encoder_volume_surrogate(encoder, decoder, x: torch.Tensor, probes: int = 1,
+                             probe: str = "orthonormal",
+                             generator: torch.Generator | None = None) -> EncoderSurrogateResult:
+    """FIF's volume-change surrogate ``s = mean_k v_kᵀ f′(x) sg(g′(z) v_k)``, ``z = f(x)``.
+
+    vislearn/FFF computes ``v_kᵀ f′(x)`` by a backward pass with ``create_graph=True`` (a
+    second-order pass through the encoder); here ``f′(x) w_k`` with ``w_k = sg(g′(z) v_k)``
+    comes from one tangent pass of the encoder (the same number, ``v_kᵀ (f′ w_k)``, with the
+    same gradient), so first-order ops suffice: the surrogate costs the encoder at x (1 row),
+    the decoder at z (1 + K rows) and the encoder again (1 + K rows), no second derivative.
+
+    Args:
+        encoder: f ``(B, D) -> (B, d)``: an ``nn.Module`` (its tangent rules), something with
+            ``jvp_packed``, or a plain callable (``torch.func``).
+        decoder: g ``(B, d) -> (B, D)``, the same kinds.
+        x: ``(B, D)`` data (FIF: with its training noise).
+        probes: K; probe: "orthonormal" (FIF's: scaled orthonormal columns, K ≤ d),
+            "normal" or "rademacher".
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"encoder_volume_surrogate: x must be a tensor (B, D), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not isinstance(probes, int) or isinstance(probes, bool) or probes < 1:
+        raise ValueError(f"encoder_volume_surrogate: probes must be a positive int, got "
+                         f"{probes!r}")
+    encoder, decoder = fast_decoder(encoder), fast_decoder(decoder)
+    z = encoder(x)
+    if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != x.shape[0]:
+        raise ValueError(f"encoder_volume_surrogate: the encoder must map x {tuple(x.shape)} to "
+                         f"(B, d), got {tuple(z.shape) if isinstance(z, torch.Tensor) else z!r}")
+    B, d = z.shape
+    v = surrogate_probes(B, probes, d, probe, z, generator)           # (B, K, d)
+    decoded, Jv = _push_tangents(decoder, z, v)                      # (B, D), (B, K, D)
+    if decoded.shape != x.shape:
+        raise ValueError(f"encoder_volume_surrogate: the decoder must map z {tuple(z.shape)} back "
+                         f"to the data's shape {tuple(x.shape)}, got {tuple(decoded.shape)}")
+    _, Fw = _push_tangents(encoder, x, Jv.detach())                  # (B, K, d): f′(x) sg(g′ v)
+    value = (v * Fw).sum(-1).mean(-1)
+    return EncoderSurrogateResult(value, z, decoded)

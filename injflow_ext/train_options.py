@@ -2,8 +2,9 @@
 
 - the method and its options from the objective registry (:mod:`injflow_ext.train.objectives`):
   ``--method`` lists every registered objective, and each declared option is a flag;
-- the model's sizes from the builders (:mod:`injflow_ext.flows.builders`): a flag left out
-  takes the builder's default; a flag of the other kind of model is refused;
+- the model's sizes from the builders (:mod:`injflow_ext.flows.builders`): ``--model`` picks
+  the kind (rectangular, free-form), the data picks flat or image; a flag left out takes the
+  builder's default; a flag of another kind of model is refused;
 - the loop's schedule from :class:`~injflow_ext.train.loop.TrainConfig`'s defaults, the
   data's from :class:`~injflow_ext.data.DataConfig`'s.
 """
@@ -15,11 +16,13 @@ import inspect
 from dataclasses import fields
 
 from .data import DataConfig, Dataset
-from .flows import StudentT, for_data, images, tabular
+from .flows import StudentT, for_data, free_form, free_form_images, images, tabular
+from .flows.builders import MODEL_KINDS
 from .train.loop import TrainConfig, warmup_steps
 from .train.objectives import REGISTRY
 
-__all__ = ["add_arguments", "data_config", "objective_options", "build_model", "loop_options"]
+__all__ = ["add_arguments", "data_config", "method", "objective_options", "build_model",
+           "loop_options"]
 
 _TRAIN = {f.name: f.default for f in fields(TrainConfig)}
 _DATA = {f.name: f.default for f in fields(DataConfig)}
@@ -60,20 +63,26 @@ def _widths(v) -> str:
     return ",".join(map(str, v))
 
 
-# model flags: (flag, dest, builder argument, {builder: default text or None}, type, help)
-# a flag that applies to one kind of model names its counterpart in the other
-_TABULAR_ONLY = {"ambient_layers": "--image-couplings", "ambient_hidden": "--image-hidden",
-                 "activation": "--image-activation", "permutation": None}
-_IMAGE_ONLY = {"image_levels": None, "image_couplings": "--ambient-layers",
-               "image_hidden": "--ambient-hidden", "image_activation": "--activation"}
-# argparse dest -> the builder's argument
-_TO_BUILDER = {"ambient_layers": "ambient_layers", "ambient_hidden": "ambient_hidden",
-               "activation": "activation", "permutation": "permutation",
-               "image_levels": "levels", "image_couplings": "couplings",
-               "image_hidden": "hidden", "image_activation": "activation",
-               "prior_layers": "prior_layers", "prior_hidden": "prior_hidden",
-               "prior_spline_bins": "prior_spline_bins", "coupling_scale": "scale",
-               "actnorm": "actnorm"}
+# the model flags each builder takes: argparse dest -> the builder's argument
+_PRIOR_FLAGS = {"prior_layers": "prior_layers", "prior_hidden": "prior_hidden",
+                "prior_spline_bins": "prior_spline_bins", "coupling_scale": "scale",
+                "actnorm": "actnorm"}
+_MODEL_FLAGS = {
+    "tabular": {"ambient_layers": "ambient_layers", "ambient_hidden": "ambient_hidden",
+                "activation": "activation", "permutation": "permutation", **_PRIOR_FLAGS},
+    "images": {"image_levels": "levels", "image_couplings": "couplings",
+               "image_hidden": "hidden", "image_activation": "activation", **_PRIOR_FLAGS},
+    "free-form": {"free_form_hidden": "hidden", "free_form_blocks": "blocks",
+                  "free_form_activation": "activation", **_PRIOR_FLAGS},
+    "free-form-images": {"free_form_channels": "channels", "free_form_hidden": "hidden",
+                         "free_form_activation": "activation", **_PRIOR_FLAGS},
+}
+_DESCRIBED = {"tabular": "rectangular tabular", "images": "rectangular image",
+              "free-form": "free-form tabular", "free-form-images": "free-form image"}
+# a flag of one kind of model -> its counterpart in the other
+_COUNTERPART = {"ambient_layers": "image_couplings", "ambient_hidden": "image_hidden",
+                "activation": "image_activation", "image_couplings": "ambient_layers",
+                "image_hidden": "ambient_hidden", "image_activation": "activation"}
 
 
 def _flag(dest: str) -> str:
@@ -97,6 +106,10 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
                         "model)")
     t.add_argument("--latent-dim", type=positive_int, default=None,
                    help="manifold dimension d (default: known for synthetic data)")
+    t.add_argument("--model", default="rectangular", choices=list(MODEL_KINDS),
+                   help="rectangular (default: an injective flow h(pad(u)) of coupling layers, "
+                        "RNF) or free-form (an encoder and a decoder network, FIF's ResNet or "
+                        "a CNN for images; its default --method is fif)")
     _add_objective_arguments(t)
     g = t.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=positive_int, default=None,
@@ -152,9 +165,10 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
 def _add_objective_arguments(t) -> None:
     """``--method`` and one flag per option of the registered objectives (default None: an
     option left out takes the objective's default)."""
-    t.add_argument("--method", default=_TRAIN["method"], choices=list(REGISTRY),
-                   help="; ".join(f"{name}: {cls.summary or cls.__name__}"
-                                  for name, cls in REGISTRY.items()))
+    t.add_argument("--method", default=None, choices=list(REGISTRY),
+                   help=f"default {_TRAIN['method']}, fif for --model free-form; " +
+                   "; ".join(f"{name}: {cls.summary or cls.__name__}"
+                             for name, cls in REGISTRY.items()))
     uses: dict[str, list] = {}
     for method, cls in REGISTRY.items():
         for opt in cls.options:
@@ -174,9 +188,18 @@ def _add_objective_arguments(t) -> None:
                        help=f"{first.help} (default {defaults})")
 
 
+def method(args) -> str:
+    """``--method``, or its default for ``--model``: fif for a free-form model (its own loss),
+    else TrainConfig's."""
+    if args.method is not None:
+        return args.method
+    return "fif" if args.model == "free-form" else _TRAIN["method"]
+
+
 def objective_options(args) -> dict:
     """The options given on the command line for ``args.method``; an option of another method
     is refused, naming the methods that take it."""
+    args.method = method(args)
     declared = {o.name for o in REGISTRY[args.method].options}
     given = {k[len("objective_"):]: v for k, v in vars(args).items()
              if k.startswith("objective_") and v is not None}
@@ -215,8 +238,24 @@ def _add_model_arguments(t, image_sets) -> None:
     t.add_argument("--image-activation", default=None,
                    help=f"image model: the CNN conditioners' activation (default "
                         f"{_default(img, 'activation')})")
+    ff, ffi = free_form, free_form_images
+    t.add_argument("--free-form-hidden", type=_hidden, default=None,
+                   help=f"free-form model: widths of the encoder's and decoder's fully connected "
+                        f"layers (tabular: of each residual block, default "
+                        f"{_widths(_default(ff, 'hidden'))}; images: after the CNN, default "
+                        f"{_widths(_default(ffi, 'hidden'))})")
+    t.add_argument("--free-form-blocks", type=int, default=None,
+                   help=f"free-form tabular model: residual blocks of the encoder and of the "
+                        f"decoder (default {_default(ff, 'blocks')})")
+    t.add_argument("--free-form-channels", type=_hidden, default=None,
+                   help=f"free-form image model: channels of the stride-2 convolutions (default "
+                        f"{_widths(_default(ffi, 'channels'))})")
+    t.add_argument("--free-form-activation", default=None,
+                   help=f"free-form model: the networks' activation (default "
+                        f"{_default(ff, 'activation')})")
     t.add_argument("--prior-layers", type=int, default=None,
-                   help=f"blocks of the prior flow f (default {_default(tab, 'prior_layers')})")
+                   help=f"blocks of the prior flow f (default {_default(tab, 'prior_layers')}; "
+                        f"free-form: {_default(ff, 'prior_layers')}, FIF has none)")
     t.add_argument("--prior-hidden", type=_hidden, default=None,
                    help=f"widths of f's conditioners (default "
                         f"{_widths(_default(tab, 'prior_hidden'))})")
@@ -245,26 +284,35 @@ def data_config(args) -> DataConfig:
 
 
 def build_model(args, data: Dataset, latent_dim: int, standardize: bool = True):
-    """The model of a new run: an image model when the dataset says so
-    (``data.model_shape``), else a tabular one; the flags given, the builder's defaults for
-    the rest; the data's standardisation inside it (``standardize``)."""
+    """The model of a new run: of ``--model``'s kind, for images when the dataset says so
+    (``data.model_shape``); the flags given, the builder's defaults for the rest; the data's
+    standardisation inside it (``standardize``). A flag the builder does not take is refused,
+    naming what it is for."""
     image = data.model_shape is not None
-    wrong = _TABULAR_ONLY if image else _IMAGE_ONLY
-    for dest, counterpart in wrong.items():
-        if getattr(args, dest) is not None:
-            kind = "tabular" if image else "image"
-            raise SystemExit(f"injflow train: {_flag(dest)} applies to {kind} models, and "
-                             f"{data.name} trains {'an image' if image else 'a tabular'} model"
-                             + (f"; use {counterpart}" if counterpart else ""))
+    builder = MODEL_KINDS[args.model][1 if image else 0]
+    takes = _MODEL_FLAGS[builder]
+    for dest in dict.fromkeys(d for flags in _MODEL_FLAGS.values() for d in flags):
+        if dest in takes or getattr(args, dest) is None:
+            continue
+        kinds = [_DESCRIBED[b] for b, flags in _MODEL_FLAGS.items() if dest in flags]
+        counterpart = _COUNTERPART.get(dest)
+        raise SystemExit(f"injflow train: {_flag(dest)} applies to {' and '.join(kinds)} "
+                         f"models, and {data.name} with --model {args.model} trains a "
+                         f"{_DESCRIBED[builder]} model"
+                         + (f"; use {_flag(counterpart)}" if counterpart in takes else ""))
     if args.base != "student-t" and args.base_dof is not None:
         raise SystemExit("injflow train: --base-dof is for --base student-t")
-    sizes = {_TO_BUILDER[dest]: getattr(args, dest) for dest in _TO_BUILDER
-             if dest not in wrong and getattr(args, dest) is not None}
+    sizes = {arg: getattr(args, dest) for dest, arg in takes.items()
+             if getattr(args, dest) is not None}
+    if builder.startswith("free-form"):
+        sizes.pop("seed", None)
+    else:
+        sizes["seed"] = args.seed
     if args.base == "student-t":
         sizes["base"] = StudentT(latent_dim, args.base_dof or _default(StudentT, "dof"))
     try:
         return for_data(data.train, latent_dim, data.model_shape, standardize=standardize,
-                        logit_alpha=args.logit, seed=args.seed, **sizes)
+                        logit_alpha=args.logit, kind=args.model, **sizes)
     except ValueError as exc:
         raise SystemExit(f"injflow train: {exc}") from None
 

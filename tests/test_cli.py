@@ -148,19 +148,37 @@ def test_bad_input_is_clear_and_keeps_checkpoints(tmp_path, capsys):
                        "got 'orthonormal'"):
         train(tmp_path / "n", "--method", "hutchinson", "--probe", "orthonormal")
     # an option of the other kind of model is refused, naming the one that applies
-    with pytest.raises(SystemExit, match="--image-levels applies to image models, and "
-                       "von-mises trains a tabular model"):
+    with pytest.raises(SystemExit, match="--image-levels applies to rectangular image models, and "
+                       "von-mises with --model rectangular trains a rectangular tabular model"):
         train(tmp_path / "n", "--image-levels", "3")
-    with pytest.raises(SystemExit, match="--activation applies to tabular models, and "
-                       "digits-images trains an image model; use --image-activation"):
+    with pytest.raises(SystemExit, match="--activation applies to rectangular tabular models, and "
+                       "digits-images with --model rectangular trains a rectangular image "
+                       "model; use --image-activation"):
         main(["train", "--data", "digits-images", "--latent-dim", "3", "--activation", "relu",
               "--out", str(tmp_path / "n"), "--quiet"])
-    with pytest.raises(SystemExit, match="--ambient-hidden applies to tabular models, and "
-                       "digits-images trains an image model; use --image-hidden"):
+    with pytest.raises(SystemExit, match="--ambient-hidden applies to rectangular tabular models, "
+                       "and digits-images with --model rectangular trains a rectangular image "
+                       "model; use --image-hidden"):
         main(["train", "--data", "digits-images", "--latent-dim", "3", "--ambient-hidden", "8",
               "--out", str(tmp_path / "n"), "--quiet"])
     with pytest.raises(SystemExit, match="--base-dof is for --base student-t"):
         train(tmp_path / "n", "--base-dof", "5")
+    # free-form models: their own flags, and the rectangular ones refused
+    with pytest.raises(SystemExit, match="--ambient-layers applies to rectangular tabular "
+                       "models, and von-mises with --model free-form trains a free-form tabular "
+                       "model"):
+        main(["train", "--data", "von-mises", "--model", "free-form", "--ambient-layers", "3",
+              "--out", str(tmp_path / "n"), "--quiet"])
+    with pytest.raises(SystemExit, match="--free-form-blocks applies to free-form tabular models, "
+                       "and von-mises with --model rectangular trains a rectangular tabular"):
+        train(tmp_path / "n", "--free-form-blocks", "3")
+    with pytest.raises(SystemExit, match="--free-form-channels applies to free-form image "
+                       "models"):
+        main(["train", "--data", "von-mises", "--model", "free-form", "--free-form-channels", "8",
+              "--out", str(tmp_path / "n"), "--quiet"])
+    with pytest.raises(SystemExit, match="needs an encoder network with tangents.*use a "
+                       "FreeFormFlow"):
+        train(tmp_path / "n", "--method", "fif")
     assert (out / "checkpoint.pt").read_bytes() == before
     assert main(["train", "--out", str(tmp_path / "none"), "--resume", *TINY]) == 2
     assert "has no config.json" in capsys.readouterr().err

@@ -67,15 +67,15 @@ def test_two_step_phases_touch_their_own_parameters():
     m = RectangularFlow.tabular(5, 2, ambient_layers=2, ambient_hidden=(8,), prior_layers=1,
                         prior_hidden=(4,))
     groups = m.parameter_groups()
-    assert len(groups["ambient"]) + len(groups["prior"]) == len(list(m.parameters()))
+    assert len(groups["manifold"]) + len(groups["prior"]) == len(list(m.parameters()))
     x = torch.randn(16, 5)
     two_step = make_objective("two-step")
     two_step.loss(m, x, "reconstruction")["loss"].backward()
     assert all(p.grad is None for p in groups["prior"])
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups["ambient"])
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups["manifold"])
     m.zero_grad(set_to_none=True)
     two_step.loss(m, x, "likelihood")["loss"].backward()
-    assert all(p.grad is None for p in groups["ambient"])
+    assert all(p.grad is None for p in groups["manifold"])
     assert any(p.grad is not None for p in groups["prior"])
     with pytest.raises(ValueError, match=r"phase must be one of \['reconstruction', 'likelihood'\]"):
         two_step.loss(m, x, "all")

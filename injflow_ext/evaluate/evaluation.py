@@ -9,7 +9,7 @@ import torch
 
 from ..data import Dataset
 from ..data.charts import chart_kl
-from ..flows import RectangularFlow
+from ..flows import InjectiveFlow
 from . import metrics
 
 __all__ = ["evaluate", "per_sample_scores", "ood_report", "model_chart_kl", "sampling_map",
@@ -20,7 +20,7 @@ LOG_LIKELIHOOD_FLOOR = -1000.0
 
 
 @torch.no_grad()
-def per_sample_scores(model: RectangularFlow, x, batch_size: int = 1000) -> dict:
+def per_sample_scores(model: InjectiveFlow, x, batch_size: int = 1000) -> dict:
     """Per-sample exact log-likelihood on the manifold and reconstruction error ``‖x − proj(x)‖²``
     of ``x`` (N, D) (numpy or tensor), as float64 numpy arrays of shape (N,). Runs in eval mode
     and restores the model's mode."""
@@ -37,7 +37,7 @@ def per_sample_scores(model: RectangularFlow, x, batch_size: int = 1000) -> dict
     return {"log_likelihood": torch.cat(ll).numpy(), "reconstruction": torch.cat(rec).numpy()}
 
 
-def base_from_normal(model: RectangularFlow, w: np.ndarray) -> np.ndarray:
+def base_from_normal(model: InjectiveFlow, w: np.ndarray) -> np.ndarray:
     """The base variates ``z (N, d)`` with the same quantiles as standard normal ``w (N, d)``
     (``model.base.from_standard_normal``: identity for a normal base, ``F_t⁻¹(Φ(w))`` for a
     Student-t base): the normal quadrature of the chart KL then holds for any base that has
@@ -45,7 +45,7 @@ def base_from_normal(model: RectangularFlow, w: np.ndarray) -> np.ndarray:
     return model.base.from_standard_normal(w)
 
 
-def sampling_map(model: RectangularFlow, batch_size: int = 65536):
+def sampling_map(model: InjectiveFlow, batch_size: int = 65536):
     """``push(w (N, d) numpy) -> x (N, D) float64 numpy``: the model's sampling map
     ``g(f(z))`` (prior flow, then decoder) at the base variates ``z`` with the quantiles of
     standard normal ``w`` (:func:`base_from_normal`), in batches, in the model's dtype and
@@ -63,7 +63,7 @@ def sampling_map(model: RectangularFlow, batch_size: int = 65536):
     return push
 
 
-def model_chart_kl(model: RectangularFlow, data: Dataset, seed: int = 0, **kwargs) -> dict:
+def model_chart_kl(model: InjectiveFlow, data: Dataset, seed: int = 0, **kwargs) -> dict:
     """:func:`injflow_ext.data.charts.chart_kl` of ``model`` on ``data.chart`` (eval mode)."""
     if data.chart is None:
         raise ValueError(f"model_chart_kl: dataset {data.name!r} has no known true density "
@@ -93,7 +93,7 @@ def log_likelihood_summary(ll: np.ndarray, floor: float = LOG_LIKELIHOOD_FLOOR) 
 
 
 @torch.no_grad()
-def evaluate(model: RectangularFlow, data: Dataset, *, seed: int = 0) -> dict:
+def evaluate(model: InjectiveFlow, data: Dataset, *, seed: int = 0) -> dict:
     """Metrics on ``data.test``: ``test_log_likelihood`` (mean, nats, data units) with its
     median, quantiles and outlier counts (:func:`log_likelihood_summary`), ``reconstruction``
     (mean squared error), ``frechet_distance`` (model samples vs test data), and for data with a
@@ -128,7 +128,7 @@ def bits_per_dim(log_likelihood, latent_dim: int, ambient_dim: int, levels: int)
     return (-np.asarray(log_likelihood) + latent_dim * np.log(levels)) / (ambient_dim * np.log(2))
 
 
-def image_metrics(model: RectangularFlow, data: Dataset, scores: dict, samples: np.ndarray) -> dict:
+def image_metrics(model: InjectiveFlow, data: Dataset, scores: dict, samples: np.ndarray) -> dict:
     """Bits per dimension (:func:`bits_per_dim` of the mean and the median test log-likelihood
     in ``scores``) and sample quality: FID where the Inception weights are on this machine
     (:mod:`injflow_ext.evaluate.fid`), and always the raw-pixel Fréchet distance already in ``scores``."""
@@ -148,7 +148,7 @@ def image_metrics(model: RectangularFlow, data: Dataset, scores: dict, samples: 
     return out
 
 
-def ood_report(model: RectangularFlow, x_in: np.ndarray, x_out: np.ndarray) -> dict:
+def ood_report(model: InjectiveFlow, x_in: np.ndarray, x_out: np.ndarray) -> dict:
     """AUROC and decision-stump accuracy of the log-likelihood and of the (negated)
     reconstruction error as scores separating in- from out-of-distribution data."""
     return ood_summary(per_sample_scores(model, x_in), per_sample_scores(model, x_out))

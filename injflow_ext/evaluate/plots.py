@@ -10,7 +10,7 @@ import torch
 
 from .._io import writing
 from ..data import Dataset
-from ..flows import RectangularFlow
+from ..flows import InjectiveFlow
 
 __all__ = ["make_plots"]
 
@@ -64,7 +64,7 @@ def plot_losses(run_dir: str) -> str | None:
 
 
 @torch.no_grad()
-def plot_manifold_2d(model: RectangularFlow, data: Dataset, run_dir: str) -> list:
+def plot_manifold_2d(model: InjectiveFlow, data: Dataset, run_dir: str) -> list:
     plt = _plt()
     p = next(model.parameters())
     x = torch.as_tensor(data.test, dtype=p.dtype, device=p.device)
@@ -103,7 +103,7 @@ def plot_manifold_2d(model: RectangularFlow, data: Dataset, run_dir: str) -> lis
 
 
 @torch.no_grad()
-def plot_manifold_3d(model: RectangularFlow, data: Dataset, run_dir: str) -> list:
+def plot_manifold_3d(model: InjectiveFlow, data: Dataset, run_dir: str) -> list:
     plt = _plt()
     p = next(model.parameters())
     samples = model.sample(2000).double()
@@ -122,7 +122,7 @@ def plot_manifold_3d(model: RectangularFlow, data: Dataset, run_dir: str) -> lis
 
 
 @torch.no_grad()
-def plot_images(model: RectangularFlow, data: Dataset, run_dir: str) -> list:
+def plot_images(model: InjectiveFlow, data: Dataset, run_dir: str) -> list:
     plt = _plt()
     p = next(model.parameters())
     h, w = data.image_shape
@@ -144,7 +144,7 @@ def plot_images(model: RectangularFlow, data: Dataset, run_dir: str) -> list:
 
 
 @torch.no_grad()
-def plot_interpolations(model: RectangularFlow, data: Dataset, run_dir: str, pairs: int = 6,
+def plot_interpolations(model: InjectiveFlow, data: Dataset, run_dir: str, pairs: int = 6,
                         steps: int = 8) -> str:
     """``interpolations.png``: for ``pairs`` pairs of test images (the first and last column),
     ``g((1 − t)·f(a) + t·f(b))`` at ``steps`` evenly spaced t: straight lines in the latent u,
@@ -194,7 +194,7 @@ def plot_ood_scores(s_in: dict, s_out: dict, in_name: str, out_name: str, run_di
     return _save(fig, run_dir, name)
 
 
-def make_plots(model: RectangularFlow, data: Dataset, run_dir: str) -> list:
+def make_plots(model: InjectiveFlow, data: Dataset, run_dir: str) -> list:
     """All figures that apply to the data: loss curves, and the manifold (2-D/3-D data) or
     sample and reconstruction grids (images). Returns the written paths."""
     model.eval()

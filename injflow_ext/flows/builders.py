@@ -3,6 +3,7 @@ rebuild of a saved model from the builder call it records.
 
     model = RectangularFlow.tabular(43, 21)                      # MINIBOONE-sized
     model = RectangularFlow.images((1, 28, 28), 20, levels=2)    # an image model
+    model = FreeFormFlow.mlp(43, 21)                             # free-form, FIF's ResNet
     model = RectangularFlow.tabular(2, 1, base=StudentT(1, dof=3))
 
 A builder constructs h, then f, in a fixed order (so that a seed gives the same initial
@@ -15,6 +16,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from torch import nn
+
 from ..nn import (
     ActNorm,
     AffineCoupling,
@@ -26,11 +29,15 @@ from ..nn import (
     Sequential,
 )
 from ..nn.image import LogitPixels, image_flow
+from ..nn.plain import ElementwiseAffine, Residual
 from .distributions import BaseDistribution, StandardNormal, StudentT, as_base
+from .free_form import FreeFormFlow
+from .injective import InjectiveFlow
 from .rectangular import RectangularFlow
 
-__all__ = ["tabular", "images", "for_data", "from_config", "default_ambient_size", "prior_flow",
-           "base_spec", "base_from_spec"]
+__all__ = ["tabular", "images", "free_form", "free_form_images", "for_data", "from_config",
+           "default_ambient_size", "prior_flow", "base_spec", "base_from_spec", "BUILDERS",
+           "MODEL_KINDS"]
 
 
 def default_ambient_size(ambient_dim: int) -> tuple[int, tuple[int, ...]]:
@@ -185,10 +192,142 @@ def images(shape: Sequence[int], latent_dim: int, *, levels: int = 2, couplings:
     return model
 
 
-BUILDERS = {"tabular": tabular, "images": images}
+_PLAIN_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU,
+                      "softplus": nn.Softplus, "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU,
+                      "gelu": nn.GELU}
 
 
-def from_config(config: dict) -> RectangularFlow:
+def _plain_activation(name: str, owner: str) -> nn.Module:
+    if name not in _PLAIN_ACTIVATIONS:
+        raise ValueError(f"{owner}: activation must be one of {list(_PLAIN_ACTIVATIONS)}, got "
+                         f"{name!r}")
+    return _PLAIN_ACTIVATIONS[name]()
+
+
+def _free_form_prior(latent_dim, prior_layers, prior_hidden, scale, actnorm, prior_spline_bins):
+    if prior_layers == 0:
+        return None
+    return prior_flow(latent_dim, prior_layers, prior_hidden, "tanh", scale, actnorm,
+                      prior_spline_bins)
+
+
+def _standardisation(data_shift, data_scale) -> tuple[list, list]:
+    """(encoder's first layers, decoder's last layers) of a fixed standardisation."""
+    if (data_shift is None) != (data_scale is None):
+        raise ValueError("give both data_shift and data_scale, or neither")
+    if data_shift is None:
+        return [], []
+    to_data = ElementwiseAffine(data_shift, data_scale)
+    return [to_data.inverse_module()], [to_data]
+
+
+def free_form(ambient_dim: int, latent_dim: int, *, hidden: Sequence[int] = (256, 256),
+              blocks: int = 2, activation: str = "silu", prior_layers: int = 0,
+              prior_hidden: Sequence[int] = (32, 32), prior_spline_bins: int = 0,
+              scale: str = "tanh", actnorm: bool = True, base: BaseDistribution | None = None,
+              data_shift: Sequence[float] | None = None,
+              data_scale: Sequence[float] | None = None) -> FreeFormFlow:
+    """A free-form model of tabular data, FIF's ResNet (vislearn/FFF ``fff.model.ResNet``):
+    encoder ``blocks`` residual blocks ``x + MLP(x)`` (widths ``hidden``, ``activation``) in
+    data space, then a linear map to ``R^latent_dim``; the decoder the mirror image. Optional
+    prior flow on the latent (``prior_layers`` > 0, :func:`prior_flow`; FIF has none) and a
+    fixed standardisation (``data_shift``, ``data_scale``) at the data end of both networks."""
+    D, d = ambient_dim, latent_dim
+    for name, v in (("ambient_dim", D), ("latent_dim", d), ("blocks", blocks)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "blocks" else 1):
+            raise ValueError(f"FreeFormFlow.mlp: {name} must be a "
+                             f"{'non-negative' if name == 'blocks' else 'positive'} int, got {v!r}")
+    base_record = base_spec(as_base(base, d))
+
+    def resnet():
+        return [Residual(nn.Sequential(*[m for a, b in zip([D, *hidden], [*hidden, D])
+                                         for m in (nn.Linear(a, b),
+                                                   _plain_activation(activation,
+                                                                     "FreeFormFlow.mlp"))][:-1]))
+                for _ in range(blocks)]
+    into, out_of = _standardisation(data_shift, data_scale)
+    encoder = nn.Sequential(*into, *resnet(), nn.Linear(D, d))
+    decoder = nn.Sequential(nn.Linear(d, D), *resnet(), *out_of)
+    prior = _free_form_prior(d, prior_layers, prior_hidden, scale, actnorm, prior_spline_bins)
+    model = FreeFormFlow(encoder, decoder, d, base, prior)
+    model.config = {"builder": "free-form", "ambient_dim": D, "latent_dim": d,
+                    "hidden": list(hidden), "blocks": blocks, "activation": activation,
+                    "prior_layers": prior_layers, "prior_hidden": list(prior_hidden),
+                    "prior_spline_bins": prior_spline_bins, "scale": scale, "actnorm": actnorm,
+                    "base": base_record, "data_shift": _floats(data_shift),
+                    "data_scale": _floats(data_scale)}
+    return model
+
+
+def free_form_images(shape: Sequence[int], latent_dim: int, *, channels: Sequence[int] = (32, 64),
+                     hidden: Sequence[int] = (256,), activation: str = "silu",
+                     prior_layers: int = 0, prior_hidden: Sequence[int] = (32, 32),
+                     prior_spline_bins: int = 0, scale: str = "tanh", actnorm: bool = True,
+                     base: BaseDistribution | None = None,
+                     data_shift: Sequence[float] | None = None,
+                     data_scale: Sequence[float] | None = None) -> FreeFormFlow:
+    """A free-form model of images ``shape = (C, H, W)``: the encoder a CNN (per entry of
+    ``channels`` a 4 × 4 convolution of stride 2, then ``activation``), then fully connected
+    layers ``hidden`` to ``R^latent_dim``; the decoder the mirror image with transposed
+    convolutions. H and W must be divisible by ``2 ** len(channels)``. Other arguments as
+    :func:`free_form` (the standardisation: one shift and scale for all pixels)."""
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != 3:
+        raise ValueError(f"FreeFormFlow.images: shape must be (C, H, W), got {shape}")
+    C, H, W = shape
+    D, d = C * H * W, latent_dim
+    if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d < D:
+        raise ValueError(f"FreeFormFlow.images: latent_dim must be an int in [1, {D}), got {d!r}")
+    f = 2 ** len(channels)
+    if H % f or W % f:
+        raise ValueError(f"FreeFormFlow.images: {len(channels)} stride-2 convolutions need H and W "
+                         f"divisible by {f}, got {H} × {W}; pass fewer channels")
+    base_record = base_spec(as_base(base, d))
+
+    def act():
+        return _plain_activation(activation, "FreeFormFlow.images")
+    widths = [C, *channels]
+    flat = widths[-1] * (H // f) * (W // f)
+    into, out_of = _standardisation(data_shift, data_scale)
+    enc = [*into]
+    for a, b in zip(widths[:-1], widths[1:]):
+        enc += [nn.Conv2d(a, b, 4, stride=2, padding=1), act()]
+    enc.append(nn.Flatten())
+    for a, b in zip([flat, *hidden], hidden):
+        enc += [nn.Linear(a, b), act()]
+    enc.append(nn.Linear(([flat, *hidden])[-1], d))
+    dec = []
+    for a, b in zip([d, *hidden[::-1]], [*hidden[::-1], flat]):
+        dec += [nn.Linear(a, b), act()]
+    dec.append(nn.Unflatten(1, (widths[-1], H // f, W // f)))
+    rev = widths[::-1]
+    for i, (a, b) in enumerate(zip(rev[:-1], rev[1:])):
+        dec.append(nn.ConvTranspose2d(a, b, 4, stride=2, padding=1))
+        if i < len(rev) - 2:
+            dec.append(act())
+    dec += out_of
+    prior = _free_form_prior(d, prior_layers, prior_hidden, scale, actnorm, prior_spline_bins)
+    model = FreeFormFlow(nn.Sequential(*enc), nn.Sequential(*dec), d, base, prior,
+                         data_shape=shape)
+    model.config = {"builder": "free-form-images", "shape": list(shape), "latent_dim": d,
+                    "channels": list(channels), "hidden": list(hidden), "activation": activation,
+                    "prior_layers": prior_layers, "prior_hidden": list(prior_hidden),
+                    "prior_spline_bins": prior_spline_bins, "scale": scale, "actnorm": actnorm,
+                    "base": base_record, "data_shift": _floats(data_shift),
+                    "data_scale": _floats(data_scale)}
+    return model
+
+
+#: builder name -> (builder, its positional arguments in a config)
+BUILDERS = {"tabular": (tabular, ("ambient_dim", "latent_dim")),
+            "images": (images, ("shape", "latent_dim")),
+            "free-form": (free_form, ("ambient_dim", "latent_dim")),
+            "free-form-images": (free_form_images, ("shape", "latent_dim"))}
+#: kind of model -> (builder of flat data, builder of images)
+MODEL_KINDS = {"rectangular": ("tabular", "images"), "free-form": ("free-form", "free-form-images")}
+
+
+def from_config(config: dict) -> InjectiveFlow:
     """The model a builder records in ``model.config`` (also the keyword arguments of the
     constructor of versions before 2026-12, which model files and run directories of those
     versions hold)."""
@@ -198,11 +337,10 @@ def from_config(config: dict) -> RectangularFlow:
         name, cfg = _from_v1(cfg)
     if name not in BUILDERS:
         raise ValueError(f"unknown model builder {name!r}; expected one of {list(BUILDERS)}")
-    dim = cfg["latent_dim"]
-    cfg["base"] = base_from_spec(cfg.get("base"), dim)
-    if name == "tabular":
-        return tabular(cfg.pop("ambient_dim"), cfg.pop("latent_dim"), **cfg)
-    return images(cfg.pop("shape"), cfg.pop("latent_dim"), **cfg)
+    cfg["base"] = base_from_spec(cfg.get("base"), cfg["latent_dim"])
+    builder, positional = BUILDERS[name]
+    args = [cfg.pop(k) for k in positional]
+    return builder(*args, **cfg)
 
 
 def _from_v1(cfg: dict) -> tuple[str, dict]:
@@ -230,9 +368,11 @@ def _from_v1(cfg: dict) -> tuple[str, dict]:
 
 def for_data(train, latent_dim: int, model_shape: Sequence[int] | None = None, *,
              standardize: bool = True, logit_alpha: float | None = None,
-             **sizes) -> RectangularFlow:
-    """The model for training data ``train (N, D)`` (numpy): :func:`images` when
-    ``model_shape = (C, H, W)`` is given (a dataset's ``model_shape``), else :func:`tabular`,
+             kind: str = "rectangular", **sizes) -> InjectiveFlow:
+    """The model for training data ``train (N, D)`` (numpy) of ``kind`` ("rectangular" or
+    "free-form", :data:`MODEL_KINDS`): its image builder (:func:`images`,
+    :func:`free_form_images`) when ``model_shape = (C, H, W)`` is given (a dataset's
+    ``model_shape``), else its flat one (:func:`tabular`, :func:`free_form`),
     with the data's standardisation as a fixed last layer of h (per feature; for images one
     mean and std over all pixels: per pixel, MNIST's near-constant border pixels would be
     blown up into unit-variance noise that h must carry like the strokes). With
@@ -240,7 +380,13 @@ def for_data(train, latent_dim: int, model_shape: Sequence[int] | None = None, *
     where h's output lives. ``sizes``: the builder's other arguments."""
     import numpy as np
 
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {list(MODEL_KINDS)}, got {kind!r}")
+    flat_builder, image_builder = (BUILDERS[b][0] for b in MODEL_KINDS[kind])
     x = np.asarray(train, dtype=np.float64)
+    if logit_alpha is not None and kind == "free-form":
+        raise ValueError("logit_alpha is for rectangular models; a free-form model trains on "
+                         "the (standardised) data as it is")
     if logit_alpha is not None:
         if not 0 <= logit_alpha < 0.5:
             raise ValueError(f"logit_alpha must be in [0, 0.5), got {logit_alpha}")
@@ -254,8 +400,11 @@ def for_data(train, latent_dim: int, model_shape: Sequence[int] | None = None, *
         shift, scale = np.full(x.shape[1], x.mean()), np.full(x.shape[1], x.std())
     elif standardize:
         shift, scale = x.mean(0), x.std(0) + 1e-6 * (np.abs(x).max() + 1e-12)
+    if logit_alpha is not None:
+        sizes["logit_alpha"] = logit_alpha
     if model_shape is not None:
-        return images(model_shape, latent_dim, logit_alpha=logit_alpha, data_shift=shift,
-                      data_scale=scale, **sizes)
-    return tabular(x.shape[1], latent_dim, logit_alpha=logit_alpha, data_shift=shift,
-                   data_scale=scale, **sizes)
+        if kind == "free-form" and shift is not None:   # one shift and scale for all pixels
+            shift, scale = shift[:1], scale[:1]
+        return image_builder(model_shape, latent_dim, data_shift=shift, data_scale=scale,
+                             **sizes)
+    return flat_builder(x.shape[1], latent_dim, data_shift=shift, data_scale=scale, **sizes)

@@ -18,14 +18,9 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
-from .._extension import build_info
-from .._io import atomic_torch_save
-from ..estimators import logdet_jtj
 from ..nn import Bijection
-from ..nn.base import check_width
-from .distributions import as_base
+from .injective import InjectiveFlow
 
 __all__ = ["RectangularFlow", "MODEL_FORMAT"]
 
@@ -47,7 +42,7 @@ class _Decoder:
         return self.jvp_packed(u.unsqueeze(1))[:, 0]
 
 
-class RectangularFlow(nn.Module):
+class RectangularFlow(InjectiveFlow):
     """Injective flow from ``R^latent_dim`` into ``R^D`` with a density on its manifold.
 
     Args:
@@ -66,8 +61,11 @@ class RectangularFlow(nn.Module):
 
     A model made by a builder (:meth:`tabular`, :meth:`images`) saves and loads with
     :meth:`save` / :meth:`load`; a model composed from your own parts is rebuilt by your code
-    and loads a ``state_dict``.
+    and loads a ``state_dict``. The density, sampling and persistence are
+    :class:`~injflow_ext.flows.InjectiveFlow`'s.
     """
+
+    model_format = MODEL_FORMAT
 
     def __init__(self, ambient: Bijection, latent_dim: int, prior: Bijection | None = None,
                  base=None, *, data_shape: Sequence[int] | None = None,
@@ -91,12 +89,8 @@ class RectangularFlow(nn.Module):
         if prior_n is not None and prior_n != latent_dim:
             raise ValueError(f"RectangularFlow: prior must be a bijection of R^{latent_dim} "
                              f"(latent_dim), got one of R^{prior_n}")
-        self.ambient_dim, self.latent_dim = D, latent_dim
-        self.data_shape = tuple(int(v) for v in data_shape) if data_shape is not None else (D,)
         self.ambient = ambient
-        self.prior = prior
-        self.base = as_base(base, latent_dim)
-        self.config: dict | None = None   # set by the builders: what save() records
+        self._setup(D, latent_dim, data_shape, prior, base)
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -113,25 +107,6 @@ class RectangularFlow(nn.Module):
 
     # ------------------------------------------------------------------ maps
     @property
-    def image_shape(self) -> tuple | None:
-        """``(C, H, W)`` of an image model, else None."""
-        return self.data_shape if len(self.data_shape) == 3 else None
-
-    def _flat(self, x: torch.Tensor, op: str) -> torch.Tensor:
-        """``x (B, D)``, or ``(B, *data_shape)`` flattened to it."""
-        if len(self.data_shape) > 1 and isinstance(x, torch.Tensor) and x.dim() > 2:
-            if tuple(x.shape[1:]) != self.data_shape:
-                raise ValueError(f"{op}: x must be (B, {', '.join(map(str, self.data_shape))})"
-                                 f" or flat (B, {self.ambient_dim}), got {tuple(x.shape)}")
-            x = x.reshape(x.shape[0], -1)
-        check_width(op, x, self.ambient_dim)
-        return x
-
-    def _shaped(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, D)`` outputs as ``(B, *data_shape)``."""
-        return x if len(self.data_shape) == 1 else x.reshape(x.shape[0], *self.data_shape)
-
-    @property
     def decoder(self) -> _Decoder:
         """``g = h ∘ pad`` for :func:`injflow_ext.estimators.logdet_jtj`."""
         return _Decoder(self)
@@ -142,90 +117,10 @@ class RectangularFlow(nn.Module):
         x = self._flat(x, "RectangularFlow.encode")
         return self.ambient.inverse(x)[:, :self.latent_dim]
 
-    def decode(self, u: torch.Tensor) -> torch.Tensor:
-        """``u (B, d) -> x (B, *data_shape)``: ``h(pad(u))``."""
-        check_width("RectangularFlow.decode", u, self.latent_dim, "u")
-        return self._shaped(self.decoder(u))
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """``x (B, D) -> g(enc(x))``: the point of the learned manifold that x maps to."""
-        return self.decode(self.encode(x))
-
-    def prior_log_prob(self, u: torch.Tensor) -> torch.Tensor:
-        """``log p_U(u) (B,)``: ``log p_Z(f⁻¹(u)) + log|det ∂f⁻¹/∂u|``."""
-        check_width("RectangularFlow.prior_log_prob", u, self.latent_dim, "u")
-        if self.prior is None:
-            return self.base.log_prob(u)
-        z, lad = self.prior.inverse_with_logabsdet(u)
-        return self.base.log_prob(z) + lad
-
-    def log_prob_and_projection(self, x: torch.Tensor, **gram_kwargs):
-        """``(log p (B,), proj(x))``: the exact on-manifold log-density of the projection of
-        ``x (B, D)`` and the projection itself (shaped like x), from one encode and one
-        tangent pass."""
-        u = self.encode(x)
-        res = logdet_jtj(self.decoder, u, "exact", **gram_kwargs)
-        proj = res.decoded if x.dim() == 2 else self._shaped(res.decoded)
-        return self.prior_log_prob(u) - 0.5 * res.value, proj
-
-    def log_prob(self, x: torch.Tensor, **gram_kwargs) -> torch.Tensor:
-        """Exact on-manifold log-density ``(B,)`` of the projection of ``x (B, D)``."""
-        return self.log_prob_and_projection(x, **gram_kwargs)[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Same as :meth:`log_prob`."""
-        return self.log_prob(x)
-
-    def generate(self, z: torch.Tensor) -> torch.Tensor:
-        """``z (B, d) -> x (B, *data_shape) = g(f(z))``: the sampling map."""
-        u = z if self.prior is None else self.prior(z)[0]
-        return self.decode(u)
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` samples ``(n, *data_shape)`` from the model (on the learned manifold)."""
-        return self.generate(self.base.sample((n,), generator))
-
-    # ------------------------------------------------------------------ training
     def parameter_groups(self) -> dict:
-        """``{"ambient": [...], "prior": [...]}``: h's and f's parameters."""
-        return {"ambient": list(self.ambient.parameters()),
+        """``{"manifold": [...], "prior": [...]}``: h's and f's parameters."""
+        return {"manifold": list(self.ambient.parameters()),
                 "prior": [] if self.prior is None else list(self.prior.parameters())}
-
-    @torch.no_grad()
-    def initialize(self, x: torch.Tensor) -> None:
-        """Data-dependent initialisation (ActNorm layers) from a batch ``x (B, D)``: one pass
-        through h⁻¹ and f⁻¹ in training mode. Layers already initialised (also by loading a
-        state_dict) keep their values."""
-        was_training = self.training
-        self.train()
-        self.prior_log_prob(self.encode(x))
-        self.train(was_training)
-
-    # ------------------------------------------------------------------ persistence
-    def save(self, path: str) -> None:
-        """Builder and weights in one file, written atomically (temporary file + rename)."""
-        if self.config is None:
-            raise ValueError("RectangularFlow.save: this model was composed from your own parts, "
-                             "so a file cannot rebuild it; save model.state_dict() with "
-                             "torch.save and load it into the model your code builds")
-        atomic_torch_save({"format": MODEL_FORMAT, "version": build_info()["version"],
-                           "config": self.config, "state_dict": self.state_dict()}, path)
-
-    @classmethod
-    def load(cls, path: str, map_location="cpu") -> RectangularFlow:
-        """A model saved by :meth:`save` (on the CPU by default, also from a GPU run), also one
-        written by an earlier version."""
-        from .builders import from_config
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(payload, dict) or "config" not in payload:
-            raise ValueError(f"RectangularFlow.load: {path} is not a file written by "
-                             "RectangularFlow.save")
-        # in the saved dtype before loading: a float64 model loaded into float32 parameters
-        # would come back rounded to float32
-        model = from_config(payload["config"]).to(next(iter(payload["state_dict"].values())).dtype)
-        model.load_state_dict(payload["state_dict"])
-        return model
 
 
 def _ambient_dim(ambient, data_shape, ambient_dim) -> int:

@@ -2,6 +2,7 @@
 (``step``), and for the command line the loop with its run directory (``loop``, ``runs``,
 ``distributed``; imported on use, not here)."""
 
+from .fif import FifObjective  # registers "fif"
 from .objectives import (
     REGISTRY,
     ExactObjective,
@@ -15,4 +16,4 @@ from .objectives import (
 from .step import TrainStep
 
 __all__ = ["Objective", "Option", "REGISTRY", "ExactObjective", "HutchinsonObjective",
-           "SurrogateObjective", "TwoStepObjective", "make_objective", "TrainStep"]
+           "SurrogateObjective", "TwoStepObjective", "FifObjective", "make_objective", "TrainStep"]

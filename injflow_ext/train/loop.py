@@ -3,7 +3,7 @@ for the two-step baseline, atomic checkpoints every N steps and at the end, exac
 
 A run directory holds ``config.json``, ``train_log.csv``, ``checkpoint.pt`` (for ``--resume``:
 model, optimisers, step, RNG states, early-stopping state) and ``model.pt`` (the best model by
-validation objective, loadable with ``RectangularFlow.load`` or ``injflow_ext.load_run``).
+validation objective, loadable with ``InjectiveFlow.load`` or ``injflow_ext.load_run``).
 
 Under ``torchrun`` (several processes) the step runs through DistributedDataParallel: every rank
 takes its share of the same global batch (``distributed.shard``), metrics are reduced over the
@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .._io import atomic_text, writing
 from ..evaluate.evaluation import per_sample_scores
-from ..flows import RectangularFlow
+from ..flows import InjectiveFlow
 from .distributed import DistContext, shard
 from .objectives import BETA, Objective, make_objective, objective_class
 from .preemption import Stopped, StopSignals
@@ -183,7 +183,7 @@ def learning_rate(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def validation_objective(model: RectangularFlow, x: torch.Tensor, beta: float,
+def validation_objective(model: InjectiveFlow, x: torch.Tensor, beta: float,
                          batch_size: int = 1000, dist: DistContext | None = None) -> dict:
     """Mean ``−log p(x) + β‖x − proj(x)‖²`` over ``x`` (N, D) with the exact log-density, the
     same for every training method, plus its parts. With a distributed ``dist`` each rank scores
@@ -203,12 +203,13 @@ def validation_objective(model: RectangularFlow, x: torch.Tensor, beta: float,
 
 
 class Trainer:
-    """Trains a RectangularFlow on ``train`` (N, D) with validation on ``val``.
+    """Trains an injective flow (RectangularFlow, FreeFormFlow) on ``train`` (N, D), validating
+    on ``val``.
 
     ``dist``: the process group of a multi-process run (``distributed.init_from_env``); by
     default a single process on ``config.device``. ``config.batch_size`` is the global batch."""
 
-    def __init__(self, model: RectangularFlow, train: np.ndarray, val: np.ndarray,
+    def __init__(self, model: InjectiveFlow, train: np.ndarray, val: np.ndarray,
                  config: TrainConfig, out_dir: str, progress: bool = True,
                  dist: DistContext | None = None):
         config.validate()

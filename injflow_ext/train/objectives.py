@@ -23,7 +23,8 @@ The four methods (docs/design.md, "The mathematics"):
   loss with a surrogate in place of ``log det JᵀJ``;
 - ``surrogate`` (the encoder-Jacobian surrogate of free-form injective flows: no CG, two rows
   per sample), the same loss with that surrogate;
-- ``two-step`` (RNF-TS baseline): phase ``"reconstruction"`` trains the ambient flow on
+- ``two-step`` (RNF-TS baseline): phase ``"reconstruction"`` trains the manifold (the ambient
+  flow; a free-form model's encoder and decoder) on
   ``β‖x − g(u)‖²``, phase ``"likelihood"`` trains the prior flow on ``−w·log p_U(sg(u))``.
 """
 
@@ -291,7 +292,7 @@ class TwoStepObjective(Objective):
             raise ValueError("TwoStepObjective: the likelihood phase trains the prior flow, and "
                              "this model has none (prior=None or no parameters); use another "
                              "objective or give the model a prior flow")
-        return {"reconstruction": groups["ambient"], "likelihood": groups["prior"]}
+        return {"reconstruction": groups["manifold"], "likelihood": groups["prior"]}
 
     def loss(self, model, x, phase="reconstruction", likelihood_weight=1.0, generator=None):
         self._check_phase(phase)

@@ -4,7 +4,7 @@ name the file and say what to do, and loading its model.
     RUN/config.json      what was trained and how (data, model, training config, build)
     RUN/checkpoint.pt    the full training state for --resume (tensors and plain containers
                          only, read with torch.load(weights_only=True))
-    RUN/model.pt         the best model by validation objective (RectangularFlow.save)
+    RUN/model.pt         the best model by validation objective (InjectiveFlow.save)
     RUN/train_log.csv    one row per logged step
     RUN/metrics.json     evaluation of model.pt
 """
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .._io import atomic_json, atomic_torch_save
-from ..flows import RectangularFlow
+from ..flows import InjectiveFlow
 
 __all__ = ["RunDir", "load_run", "read_config", "write_config", "save_checkpoint",
            "load_checkpoint", "numpy_rng_state", "set_numpy_rng_state"]
@@ -102,7 +102,7 @@ def load_checkpoint(path: str, map_location=None) -> dict:
     return state
 
 
-def load_run(run_dir: str, map_location="cpu") -> RectangularFlow:
+def load_run(run_dir: str, map_location="cpu") -> InjectiveFlow:
     """The trained model of a run directory (its best checkpoint, ``model.pt``), in eval mode.
     Its ``log_prob``, ``sample``, ``encode``, ``decode`` work in the data's own units (the
     standardisation used in training is a fixed layer of the model)."""
@@ -110,7 +110,7 @@ def load_run(run_dir: str, map_location="cpu") -> RectangularFlow:
     if not os.path.exists(path):
         raise _not_a_run(run_dir, "model.pt")
     try:
-        return RectangularFlow.load(path, map_location=map_location).eval()
+        return InjectiveFlow.load(path, map_location=map_location).eval()
     except _READ_ERRORS as exc:
         raise ValueError(f"{path} cannot be read as a model ({type(exc).__name__}: "
                          f"{str(exc)[:200]}); the file is damaged (truncated?) or not written by "
