@@ -103,26 +103,29 @@ def _generic(fn, *args):
 
 def _push_tangents(decoder, u: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(g(u) (B, D), J V (B, K, D))`` for tangents ``V (B, K, d)``, differentiable."""
+    B = u.shape[0]
     if _has_fast_path(decoder):
         YV = decoder.jvp_packed(torch.cat([u.unsqueeze(1), V], dim=1))
+        YV = YV.reshape(B, YV.shape[1], -1)      # a decoder of images: flat outputs
         return YV[:, 0], YV[:, 1:]
     outs = [_generic(torch.func.jvp, decoder, (u,), (V[:, k],)) for k in range(V.shape[1])]
     if not outs:
-        return decoder(u), u.new_zeros(u.shape[0], 0, 0)
-    return outs[0][0], torch.stack([o[1] for o in outs], dim=1)
+        return decoder(u).reshape(B, -1), u.new_zeros(B, 0, 0)
+    return outs[0][0].reshape(B, -1), torch.stack([o[1].reshape(B, -1) for o in outs], dim=1)
 
 
 def decoder_jacobian(decoder, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(g(u) (B, D), J (B, D, d))`` with all d tangents in one pass (fast path) or by
-    ``torch.func.jacfwd`` (generic path). Differentiable w.r.t. u and the decoder's parameters."""
+    ``torch.func.jacfwd`` (generic path). Differentiable w.r.t. u and the decoder's parameters.
+    A decoder whose outputs are shaped (e.g. images ``(B, C, H, W)``) is seen flat."""
     B, d = u.shape
     if _has_fast_path(decoder):
         eye = torch.eye(d, dtype=u.dtype, device=u.device).expand(B, d, d)
         x, JV = _push_tangents(decoder, u, eye)
         return x, JV.mT
-    x = decoder(u)
+    x = decoder(u).reshape(B, -1)
     J = _generic(torch.func.vmap(torch.func.jacfwd(
-        lambda ui: decoder(ui.unsqueeze(0)).squeeze(0))), u)
+        lambda ui: decoder(ui.unsqueeze(0)).reshape(-1))), u)
     return x, J
 
 
@@ -222,6 +225,7 @@ def _gram_matvec(decoder, u: torch.Tensor) -> Callable[[torch.Tensor], torch.Ten
     u0 = u.detach().requires_grad_(True)
     with torch.enable_grad():
         x0 = decoder(u0) if not _has_fast_path(decoder) else decoder.jvp_packed(u0.unsqueeze(1))[:, 0]
+        x0 = x0.reshape(u0.shape[0], -1)
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

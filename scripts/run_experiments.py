@@ -36,7 +36,7 @@ DATASETS = {
 }
 # every registered training method at its defaults (K = 1 probe for hutchinson and surrogate),
 # and the surrogate with a denoising reconstruction beside the plain one
-METHODS = {name: ["--method", name] for name in REGISTRY}
+METHODS = {name: ["--method", name] for name in REGISTRY if name != "fif"}
 METHODS = {**{k: v for k, v in METHODS.items() if k != "two-step"},
            "surrogate-noise": ["--method", "surrogate", "--noise", "0.05"],
            **{k: v for k, v in METHODS.items() if k == "two-step"}}
@@ -47,7 +47,10 @@ COLUMNS = [("kl_divergence", "KL(true‖model) ↓", 3), ("tear_mass", "tear mas
            ("wall_time_s", "train s", 0)]
 
 
-def run_one(data, method, seed, out_root, jobs, train=True):
+def run_one(data, method, seed, out_root, jobs, train=True, flags=None):
+    """One `injflow train` run (reused when its metrics exist); ``flags``: its data and method
+    flags (default DATASETS[data] + METHODS[method])."""
+    flags = [*DATASETS[data], *METHODS[method]] if flags is None else flags
     run = os.path.join(out_root, f"{data}-{method}-s{seed}")
     mpath = os.path.join(run, "metrics.json")
     if not os.path.exists(mpath):
@@ -58,7 +61,7 @@ def run_one(data, method, seed, out_root, jobs, train=True):
             env["OMP_NUM_THREADS"] = "1"
         t0 = time.time()
         cmd = [sys.executable, "-m", "injflow_ext", "train", "--data", data, "--seed", str(seed),
-               "--out", run, "--overwrite", "--quiet", *DATASETS[data], *METHODS[method]]
+               "--out", run, "--overwrite", "--quiet", *flags]
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         print(f"{data} {method} seed {seed}: exit {res.returncode} in {time.time() - t0:.0f} s",
               flush=True)
@@ -102,7 +105,8 @@ def fmt(values, digits):
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
-def write_table(rows, path):
+def write_table(rows, path, marker="table"):
+    """The table of ``rows`` between ``<!-- marker -->`` and ``<!-- /marker -->`` in ``path``."""
     lines = ["| data | method | " + " | ".join(h for _, h, _ in COLUMNS) + " | KL per seed |",
              "|---|---|" + "---|" * (len(COLUMNS) + 1)]
     keys = []
@@ -118,12 +122,13 @@ def write_table(rows, path):
         lines.append(f"| {data} | {method} (n={len(rs)}) | " + " | ".join(cells)
                      + f" | {per_seed} |")
     table = "\n".join(lines)
-    doc = open(path).read() if os.path.exists(path) else "<!-- table -->\n<!-- /table -->\n"
-    if "<!-- table -->" in doc:   # the table goes between the markers; the prose stays
-        head, rest = doc.split("<!-- table -->", 1)
-        tail = rest.split("<!-- /table -->", 1)[1]
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    doc = open(path).read() if os.path.exists(path) else f"{start}\n{end}\n"
+    if start in doc:   # the table goes between the markers; the prose stays
+        head, rest = doc.split(start, 1)
+        tail = rest.split(end, 1)[1]
         with open(path, "w") as f:
-            f.write(f"{head}<!-- table -->\n{table}\n<!-- /table -->{tail}")
+            f.write(f"{head}{start}\n{table}\n{end}{tail}")
     print(table)
 
 

@@ -133,3 +133,12 @@ def test_cuda_injflow_bench_captures_and_times(tmp_path, options):
         for key in ("ours_ms", "plain_ms") + (("ours_graph_ms", "plain_graph_ms") if graphs
                                               else ()):
             assert r[key] > 0, (r.get("op", r.get("config")), key)
+
+
+def test_free_form_benchmark_smoke(tmp_path):
+    res = run("free_form.py", tmp_path, "--budget", "0.02")
+    cases = [c["case"] for c in res["cases"]]
+    assert sum(c.startswith("logdet_jtj") for c in cases) == 4
+    assert sum(c.startswith("FIF step") for c in cases) == 2
+    for c in res["cases"]:     # the script checked the agreement in float64 before timing
+        assert c["ours_ms"] > 0 and c["baseline_ms"] > 0 and c["float64_agreement"] < 1e-6

@@ -273,3 +273,16 @@ def test_logdet_jtj_takes_the_fast_path_for_a_plain_module(monkeypatch):
                 assert g is None or float(g.abs().max()) == 0
             else:
                 torch.testing.assert_close(g, r, atol=1e-9, rtol=1e-7)
+
+
+def test_logdet_jtj_of_a_decoder_of_images_sees_it_flat():
+    torch.manual_seed(2)
+    dec = nn.Sequential(nn.Linear(3, 4 * 2 * 2), nn.SiLU(), nn.Unflatten(1, (4, 2, 2)),
+                        nn.ConvTranspose2d(4, 1, 4, stride=2, padding=1)).double()
+    u = torch.randn(5, 3, dtype=torch.float64)
+    for method in ("exact", "hutchinson"):
+        fast = logdet_jtj(dec, u, method, generator=torch.Generator().manual_seed(0))
+        generic = logdet_jtj(lambda z: dec(z), u, method,
+                             generator=torch.Generator().manual_seed(0))
+        assert fast.decoded.shape == (5, 16)
+        torch.testing.assert_close(fast.value, generic.value, atol=1e-9, rtol=1e-7)
