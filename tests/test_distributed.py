@@ -148,3 +148,24 @@ def test_close_stops_the_backend_threads(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     assert proc.stdout.count("after close") == 2, proc.stdout
+
+
+FREE_FORM = [a for a in TINY if a not in ("--ambient-layers", "2", "--ambient-hidden", "16,16")]
+FREE_FORM += ["--model", "free-form", "--free-form-hidden", "16", "--free-form-blocks", "1"]
+
+
+def test_free_form_model_on_two_ranks(tmp_path):
+    """The exact volume term of a free-form decoder: two ranks train what one does; FIF's
+    loss (random probes per sample) trains on two ranks and resumes on one."""
+    args = [*FREE_FORM, "--method", "exact", "--steps", "7"]
+    torchrun(2, *args, "--out", str(tmp_path / "two"))
+    assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
+    run = tmp_path / "fif"
+    torchrun(2, *FREE_FORM, "--steps", "4", "--out", str(run))
+    cfg = json.load(open(run / "config.json"))
+    assert cfg["train"]["method"] == "fif" and cfg["model"]["builder"] == "free-form"
+    cfg["train"]["steps"] = 6            # what is now a 6-step run
+    json.dump(cfg, open(run / "config.json", "w"))
+    assert main(["train", "--out", str(run), "--resume", "--quiet", "--no-eval"]) == 0
+    assert [int(r["step"]) for r in log_rows(run)][-1] == 6

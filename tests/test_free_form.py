@@ -173,3 +173,20 @@ def test_modes_of_the_networks_are_kept_and_shape_inference_does_not_train():
     m = FreeFormFlow(enc, dec, 2)
     assert dec.training and enc.training and torch.equal(dec[1].running_mean, before)
     assert m.data_shape == (5,) and m.ambient_dim == 5 and math.prod(m.data_shape) == 5
+
+
+def test_on_each_device_fif_matches_the_reference_and_a_captured_step_trains(device):
+    m = small_model(prior=True).to(device)
+    x = torch.randn(16, 5, dtype=torch.float64, device=device)
+    ours = FifObjective(probes=2).loss(m, x, generator=torch.Generator(device).manual_seed(0))
+    v = orthonormal_probes(16, 2, 2, x, torch.Generator(device).manual_seed(0))
+    ref = fif_reference_loss(x, m.encoder_net, m.decoder_net, m.prior_log_prob, 10.0, v)
+    torch.testing.assert_close(ours["loss"], ref, atol=1e-11, rtol=1e-9)
+    m32 = small_model(dtype=torch.float32).to(device)
+    x32 = torch.randn(64, 5, device=device)
+    mode = "captured" if device.type == "cuda" else "eager"
+    step = TrainStep(m32, "fif", lr=3e-3, mode=mode, example_x=x32)
+    first = float(step(x32)["loss"])
+    for _ in range(20):
+        out = step(x32)
+    assert float(out["loss"]) < first and float(out["skipped"]) == 0
