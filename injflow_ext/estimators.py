@@ -221,15 +221,27 @@ def _tracing_or_capturing(t: torch.Tensor) -> bool:
 
 def _gram_matvec(decoder, u: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``v (B, d, K) -> Jᵀ(J v) (B, d, K)`` without forming J: one JVP with K tangents, then K
-    VJPs through one graph of the primal decoder (no gradient to the parameters is kept)."""
+    VJPs through one graph of the primal decoder (no gradient to the parameters is kept). A
+    decoder with ``linearize`` (a plain module's tangent rules) gives the JVP from what its
+    primal pass saved, without recomputing the primal row."""
     u0 = u.detach().requires_grad_(True)
+    B = u0.shape[0]
+    linearize = getattr(decoder, "linearize", None)
     with torch.enable_grad():
-        x0 = decoder(u0) if not _has_fast_path(decoder) else decoder.jvp_packed(u0.unsqueeze(1))[:, 0]
-        x0 = x0.reshape(u0.shape[0], -1)
+        if callable(linearize):   # the primal once; each J v then carries no primal row
+            x0, lin = linearize(u0)
+        else:
+            x0 = decoder(u0) if not _has_fast_path(decoder) else \
+                decoder.jvp_packed(u0.unsqueeze(1))[:, 0]
+        x0 = x0.reshape(B, -1)
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            _, JV = _push_tangents(decoder, u0.detach(), v.mT)      # (B, K, D)
+            if callable(linearize):
+                JV = lin(v.mT)
+                JV = JV.reshape(B, JV.shape[1], -1)                 # (B, K, D)
+            else:
+                _, JV = _push_tangents(decoder, u0.detach(), v.mT)  # (B, K, D)
         cols = []
         # the VJPs run in the graph's dtype: under torch.autocast (this runs inside the forward
         # pass) the backward ops would otherwise see low-precision operands

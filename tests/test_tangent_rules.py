@@ -40,11 +40,22 @@ def assert_rule_matches(module, in_shape, K=3, B=4, device="cpu", atol=1e-10):
     torch.testing.assert_close(Y, R, atol=atol, rtol=1e-9)
     w = torch.randn_like(R)
     got = torch.autograd.grad((Y * w).sum(), [XV, *params], allow_unused=True)
-    want = torch.autograd.grad((R * w).sum(), [XV, *params], allow_unused=True)
+    want = torch.autograd.grad((R * w).sum(), [XV, *params], allow_unused=True,
+                               retain_graph=True)
     for g, r in zip(got, want):
         if r is None:
             assert g is None or float(g.abs().max()) == 0
         else:
+            torch.testing.assert_close(g, r, atol=atol, rtol=1e-9)
+    # the linearisation: the primal once (differentiable), then tangents without a primal row
+    y0, lin = tangent(module).linearize(XV[:, 0])
+    torch.testing.assert_close(y0, R[:, 0], atol=atol, rtol=1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(XV[:, 1:]), R[:, 1:], atol=atol, rtol=1e-9)
+    g0 = torch.autograd.grad((y0 * w[:, 0]).sum(), [XV, *params], allow_unused=True)
+    r0 = torch.autograd.grad((R[:, 0] * w[:, 0]).sum(), [XV, *params], allow_unused=True)
+    for g, r in zip(g0, r0):
+        if r is not None:
             torch.testing.assert_close(g, r, atol=atol, rtol=1e-9)
     return Y
 

@@ -41,6 +41,14 @@ class _Flat:
         Y = self._tangent.jvp_packed(XV.reshape(B, R, *self.in_shape))
         return Y.reshape(B, R, -1)
 
+    def linearize(self, x: torch.Tensor):
+        """``(net(x) (B, n_out), lin: (B, K, n_in) -> (B, K, n_out))``; see
+        :meth:`injflow_ext.nn.Tangent.linearize`."""
+        B = x.shape[0]
+        y, lin = self._tangent.linearize(x.reshape(B, *self.in_shape))
+        return y.reshape(B, -1), lambda V: lin(V.reshape(B, V.shape[1], *self.in_shape)
+                                               ).reshape(B, V.shape[1], -1)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.reshape(x.shape[0], *self.in_shape)).reshape(x.shape[0], -1)
 

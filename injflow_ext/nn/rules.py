@@ -43,8 +43,10 @@ from torch import nn
 from ..ops.tangent import (
     ACTIVATION_PARAM,
     tangent_conv2d_packed,
+    tangent_epilogue_derivatives,
     tangent_epilogue_packed,
     tangent_mlp,
+    tangent_mlp_derivatives,
 )
 from .mlp import MLP
 from .plain import ElementwiseAffine, Residual
@@ -102,9 +104,18 @@ def _rows_first(XV: torch.Tensor, fn, n_leading: int):
 
 # ----------------------------------------------------------------------------------- steps
 # A step maps packed rows to packed rows; a plan is a list of steps built from a module tree.
+# ``linearize(X0 (B, 1, *in)) -> (Y0 (B, 1, *out), lin)``: the primal once, and the step's
+# Jacobian there as a map ``lin(V (B, K, *in)) -> (B, K, *out)`` of tangents alone (no primal
+# row); the default runs the step on [primal; tangents] each time.
+
+class _Step:
+    def linearize(self, X0):
+        Y0 = self(X0)
+        return Y0, lambda V: self(torch.cat([X0.detach(), V], dim=1))[:, 1:]
+
 
 @dataclass
-class _Mlp:
+class _Mlp(_Step):
     """Linear layers with an activation after each (the last one's may differ): one
     ``tangent_mlp`` call."""
 
@@ -113,7 +124,7 @@ class _Mlp:
     hidden: tuple | None
     last: tuple | None
 
-    def __call__(self, XV):
+    def _args(self, XV):
         n_in = self.linears[0].in_features
         if XV.shape[-1] != n_in:
             raise ValueError(f"tangent: {self.names[0]} ({self.linears[0]}) takes {n_in} features "
@@ -121,13 +132,25 @@ class _Mlp:
                              f"{_module_shape(XV)}")
         param = _param(self.hidden) if self.hidden and self.hidden[0] in ACTIVATION_PARAM \
             else _param(self.last)
+        return ([m.weight for m in self.linears], [m.bias for m in self.linears],
+                self.hidden[0] if self.hidden else None, self.last[0] if self.last else None,
+                param)
 
-        def run(X):
-            return tangent_mlp(X, [m.weight for m in self.linears],
-                               [m.bias for m in self.linears],
-                               self.hidden[0] if self.hidden else None,
-                               self.last[0] if self.last else None, param)
-        return _rows_first(XV, run, XV.dim() - 3)
+    def __call__(self, XV):
+        args = self._args(XV)
+        return _rows_first(XV, lambda X: tangent_mlp(X, *args), XV.dim() - 3)
+
+    def linearize(self, X0):
+        if X0.dim() != 3:
+            return super().linearize(X0)
+        weights, biases, hidden, last, param = self._args(X0)
+        Y0, dA = tangent_mlp_derivatives(X0, weights, biases, hidden, last, param)
+
+        def lin(V):
+            for W, d in zip(weights, dA):
+                V = (V @ W.T) * d.unsqueeze(1)
+            return V
+        return Y0, lin
 
     def describe(self):
         acts = [self.hidden[0] if self.hidden else "none"] * (len(self.linears) - 1) + \
@@ -137,29 +160,55 @@ class _Mlp:
 
 
 @dataclass
-class _Conv:
+class _Conv(_Step):
     """``nn.Conv2d`` or ``nn.ConvTranspose2d`` and the activation after it."""
 
     name: str
     conv: nn.Module
     act: tuple | None
 
-    def __call__(self, XV):
+    def _check(self, XV):
         c = self.conv
         if XV.dim() != 5 or XV.shape[2] != c.in_channels:
             raise ValueError(f"tangent: {self.name} ({c}) takes images (B, {c.in_channels}, H, W), "
                              f"got an input of shape {_module_shape(XV)}")
-        name, param = (self.act[0], _param(self.act)) if self.act else (None, None)
+        return (self.act[0], _param(self.act)) if self.act else (None, None)
+
+    def _convolve(self, X):
+        """The convolution without bias of images ``X (N, C, H, W)``."""
+        c = self.conv
+        if isinstance(c, nn.Conv2d):
+            return F.conv2d(X, c.weight, None, c.stride, c.padding, c.dilation, c.groups)
+        return F.conv_transpose2d(X, c.weight, None, c.stride, c.padding, c.output_padding,
+                                  c.groups, c.dilation)
+
+    def _bias(self, Z):
+        c = self.conv
+        Cout, Ho, Wo = Z.shape[-3:]
+        return None if c.bias is None else c.bias[:, None].expand(Cout, Ho * Wo).reshape(-1)
+
+    def __call__(self, XV):
+        name, param = self._check(XV)
+        c = self.conv
         if isinstance(c, nn.Conv2d):
             return tangent_conv2d_packed(XV, c.weight, c.bias, name, c.stride, c.padding,
                                          c.dilation, c.groups, param)
         B, R = XV.shape[:2]
-        Z = F.conv_transpose2d(XV.reshape(B * R, *XV.shape[2:]), c.weight, None, c.stride,
-                               c.padding, c.output_padding, c.groups, c.dilation)
-        Cout, Ho, Wo = Z.shape[1:]
-        b = None if c.bias is None else c.bias[:, None].expand(Cout, Ho * Wo).reshape(-1)
-        Y = tangent_epilogue_packed(Z.reshape(B, R, Cout * Ho * Wo), b, name, param)
-        return Y.view(B, R, Cout, Ho, Wo)
+        Z = self._convolve(XV.reshape(B * R, *XV.shape[2:]))
+        Y = tangent_epilogue_packed(Z.reshape(B, R, -1), self._bias(Z), name, param)
+        return Y.view(B, R, *Z.shape[1:])
+
+    def linearize(self, X0):
+        name, param = self._check(X0)
+        B = X0.shape[0]
+        Z = self._convolve(X0[:, 0])
+        Y0, dA = tangent_epilogue_derivatives(Z.reshape(B, 1, -1), self._bias(Z), name, param)
+
+        def lin(V):
+            K = V.shape[1]
+            ZV = self._convolve(V.reshape(B * K, *V.shape[2:]))
+            return (ZV.reshape(B, K, -1) * dA.unsqueeze(1)).view(B, K, *ZV.shape[1:])
+        return Y0.view(B, 1, *Z.shape[1:]), lin
 
     def describe(self):
         return f"{type(self.conv).__name__}" + (f" + {self.act[0]}" if self.act else "") + \
@@ -167,7 +216,7 @@ class _Conv:
 
 
 @dataclass
-class _Activation:
+class _Activation(_Step):
     """An activation on its own: the ops' fused epilogue over all features."""
 
     name: str
@@ -178,19 +227,34 @@ class _Activation:
         Y = tangent_epilogue_packed(XV.reshape(B, R, -1), None, self.act[0], _param(self.act))
         return Y.view(XV.shape)
 
+    def linearize(self, X0):
+        B = X0.shape[0]
+        Y0, dA = tangent_epilogue_derivatives(X0.reshape(B, 1, -1), None, self.act[0],
+                                              _param(self.act))
+        return Y0.view(X0.shape), lambda V: (V.reshape(B, V.shape[1], -1) *
+                                             dA.unsqueeze(1)).view(V.shape)
+
     def describe(self):
         return f"{self.act[0]} [{self.name}]"
 
 
 @dataclass
-class _Gelu:
+class _Gelu(_Step):
     """``nn.GELU``: ``y = gelu(x)``, ``ẏ = gelu′(x) ⊙ v`` in torch ops."""
 
     name: str
     approximate: str
 
     def __call__(self, XV):
-        x = XV[:, :1]
+        y, dy = self._primal(XV[:, :1])
+        return torch.cat([y, dy * XV[:, 1:]], dim=1)
+
+    def linearize(self, X0):
+        y, dy = self._primal(X0)
+        dy = dy.detach()
+        return y, lambda V: dy * V
+
+    def _primal(self, x):
         y = F.gelu(x, approximate=self.approximate)
         if self.approximate == "tanh":
             c = math.sqrt(2 / math.pi)
@@ -199,14 +263,14 @@ class _Gelu:
         else:
             dy = 0.5 * (1 + torch.erf(x / math.sqrt(2))) + \
                 x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-        return torch.cat([y, dy * XV[:, 1:]], dim=1)
+        return y, dy
 
     def describe(self):
         return f"gelu ({self.approximate}) [{self.name}]"
 
 
 @dataclass
-class _Reshape:
+class _Reshape(_Step):
     """``nn.Flatten`` / ``nn.Unflatten`` on the module's dimensions ≥ 1."""
 
     name: str
@@ -221,27 +285,36 @@ class _Reshape:
         dim = m.dim + 1 if m.dim >= 0 else m.dim
         return XV.unflatten(dim, m.unflattened_size)
 
+    def linearize(self, X0):
+        return self(X0), self
+
     def describe(self):
         return f"{type(self.module).__name__} [{self.name}]"
 
 
 @dataclass
-class _Dropout:
+class _Dropout(_Step):
     """``nn.Dropout`` in training mode: one mask for a sample's primal and tangents."""
 
     name: str
     p: float
 
     def __call__(self, XV):
-        mask = F.dropout(XV.new_ones(XV.shape[0], 1, *XV.shape[2:]), self.p, training=True)
-        return XV * mask
+        return XV * self._mask(XV)
+
+    def _mask(self, XV):
+        return F.dropout(XV.new_ones(XV.shape[0], 1, *XV.shape[2:]), self.p, training=True)
+
+    def linearize(self, X0):
+        mask = self._mask(X0)
+        return X0 * mask, lambda V: V * mask
 
     def describe(self):
         return f"dropout p={self.p} [{self.name}]"
 
 
 @dataclass
-class _Affine:
+class _Affine(_Step):
     """:class:`ElementwiseAffine`: rows ≥ 1 scaled, the shift on row 0 only."""
 
     name: str
@@ -251,30 +324,40 @@ class _Affine:
         m = self.module
         return torch.cat([XV[:, :1] * m.scale + m.shift, XV[:, 1:] * m.scale], dim=1)
 
+    def linearize(self, X0):
+        m = self.module
+        return X0 * m.scale + m.shift, lambda V: V * m.scale
+
     def describe(self):
         return f"ElementwiseAffine [{self.name}]"
 
 
 @dataclass
-class _Residual:
+class _Residual(_Step):
     """:class:`Residual`: ``XV + block(XV)`` with the block's own plan."""
 
     name: str
     steps: list
 
     def __call__(self, XV):
-        Y = _run(self.steps, XV)
+        return XV + self._check(XV, _run(self.steps, XV))
+
+    def linearize(self, X0):
+        Y0, lin = _linearize(self.steps, X0)
+        return X0 + self._check(X0, Y0), lambda V: V + lin(V)
+
+    def _check(self, XV, Y):
         if Y.shape != XV.shape:
             raise ValueError(f"tangent: {self.name} (Residual) needs a block that keeps the shape "
                              f"of its input, got {_module_shape(XV)} -> {_module_shape(Y)}")
-        return XV + Y
+        return Y
 
     def describe(self):
         return [f"Residual [{self.name}]", [s.describe() for s in self.steps]]
 
 
 @dataclass
-class _Packed:
+class _Packed(_Step):
     """A library module: ``jvp_packed`` (bijections) or ``forward_packed`` (:class:`MLP`)."""
 
     name: str
@@ -292,7 +375,7 @@ class _Packed:
 
 
 @dataclass
-class _Fallback:
+class _Fallback(_Step):
     """Any other module: ``torch.func.jvp`` of it alone, vectorised over the tangents."""
 
     name: str
@@ -432,6 +515,20 @@ def _run(steps: list, XV: torch.Tensor) -> torch.Tensor:
     return XV
 
 
+def _linearize(steps: list, X0: torch.Tensor):
+    """``(Y0, lin)`` of a chain of steps: the primal once, the tangent map composed."""
+    lins = []
+    for step in steps:
+        X0, lin = step.linearize(X0)
+        lins.append(lin)
+
+    def chain(V):
+        for lin in lins:
+            V = lin(V)
+        return V
+    return X0, chain
+
+
 def _module_shape(XV: torch.Tensor) -> tuple:
     """The module's view of packed rows: ``(B, *shape)``."""
     return (XV.shape[0], *XV.shape[2:])
@@ -465,6 +562,15 @@ class Tangent:
                              f"*shape), row 0 the primal, got "
                              f"{tuple(XV.shape) if isinstance(XV, torch.Tensor) else type(XV).__name__}")
         return _run(self._steps(), XV)
+
+    def linearize(self, x: torch.Tensor):
+        """``x (B, *in) -> (y (B, *out), lin)``: the module at x (differentiable) and its
+        Jacobian there as a map ``lin(V (B, K, *in)) -> (B, K, *out)`` of tangents alone,
+        reusing what the primal pass computed (activation derivatives, dropout masks): what a
+        CG matvec needs without carrying the primal row every time. ``lin`` is meant for
+        tangents that need no gradient (under ``torch.no_grad``)."""
+        Y0, lin = _linearize(self._steps(), x.unsqueeze(1))
+        return Y0[:, 0], lin
 
     def jvp(self, x: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x (B, *in), V (B, K, *in) -> (y (B, *out), Ẏ (B, K, *out))``."""

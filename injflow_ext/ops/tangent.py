@@ -30,7 +30,8 @@ from ._checks import autocast_float32, check_tensor
 __all__ = ["ACTIVATIONS", "COUPLING_SCALES", "MLP_PATHS", "FusedMlp", "tangent_linear",
            "tangent_epilogue_packed",
            "tangent_conv2d", "tangent_conv2d_packed",
-           "tangent_linear_packed", "tangent_mlp", "tangent_affine_coupling",
+           "tangent_linear_packed", "tangent_mlp", "tangent_mlp_derivatives",
+           "tangent_epilogue_derivatives", "tangent_affine_coupling",
            "tangent_coupling_packed", "activation_code"]
 
 # The kernels' codes (csrc/activations.h, csrc/tangent_mlp.h), exported by the extension.
@@ -166,6 +167,30 @@ def tangent_mlp(XV: torch.Tensor, weights, biases=None, activation: str | None =
     Returns:
         ``(B, 1+K, n_L)``: row 0 the network at ``x``, rows k its Jacobian times tangent k.
     """
+    return _tangent_mlp(XV, weights, biases, activation, last_activation, activation_param,
+                        path, fused)[0]
+
+
+def tangent_mlp_derivatives(X: torch.Tensor, weights, biases=None, activation: str | None = "tanh",
+                            last_activation: str | None = None,
+                            activation_param: float | None = None
+                            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The network of :func:`tangent_mlp` at the primal only, and each layer's activation
+    derivative there: ``X (B, 1, n_in) -> (Y (B, 1, n_L), [dA_l (B, n_l)])``. ``Y`` is
+    differentiable; ``dA_l = σ_l′(z_l)`` (ones for a linear layer) are constants. The
+    Jacobian at x is then the linear map ``V ↦ (((V W_1ᵀ) ⊙ dA_1) … W_Lᵀ) ⊙ dA_L`` (a
+    linearised tangent pass: K tangents without the primal row, e.g. in a CG matvec)."""
+    if not isinstance(X, torch.Tensor) or X.dim() != 3 or X.shape[1] != 1:
+        raise ValueError(f"tangent_mlp_derivatives: X must be the primal rows (B, 1, n_in), got "
+                         f"{tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__}")
+    Y, _, _, dA = _tangent_mlp(X, weights, biases, activation, last_activation,
+                               activation_param, "per_layer", None)
+    return Y, [d.detach() for d in dA]
+
+
+def _tangent_mlp(XV, weights, biases, activation, last_activation, activation_param, path,
+                 fused):
+    """Checks, then the op: ``(Y, Z, A, dA)``."""
     op = "tangent_mlp"
     XV, = autocast_float32(XV)
     check_tensor(op, "XV", XV, ndim=3)
@@ -197,10 +222,9 @@ def tangent_mlp(XV: torch.Tensor, weights, biases=None, activation: str | None =
         raise ValueError(f"{op}: {activation!r} and {last_activation!r} have different default "
                          "parameters and the op takes one; pass activation_param")
     param = param if activation in ACTIVATION_PARAM else last_param
-    Y, _, _, _ = torch.ops.injflow.tangent_mlp.default(
+    return torch.ops.injflow.tangent_mlp.default(
         XV, weights, biases, code, param, last_code, MLP_PATHS[path],
         [] if fused is None else fused.codes())
-    return Y
 
 
 def tangent_epilogue_packed(Z: torch.Tensor, b: torch.Tensor | None = None,
@@ -215,14 +239,27 @@ def tangent_epilogue_packed(Z: torch.Tensor, b: torch.Tensor | None = None,
     Returns:
         ``(B, 1+K, n)``: row 0 ``σ(Z[:, 0] + b)``, rows k ``σ'(Z[:, 0] + b) ⊙ Z[:, k]``.
     """
+    return _tangent_epilogue(Z, b, activation, activation_param)[0]
+
+
+def tangent_epilogue_derivatives(Z: torch.Tensor, b: torch.Tensor | None = None,
+                                 activation: str | None = None,
+                                 activation_param: float | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Z (B, 1, n) -> (σ(Z + b) (B, 1, n), dA = σ′(Z + b) (B, n))``: the epilogue at the
+    primal and its derivative there (a constant), for a linearised tangent pass."""
+    Y, _, dA = _tangent_epilogue(Z, b, activation, activation_param)
+    return Y, dA.detach()
+
+
+def _tangent_epilogue(Z, b, activation, activation_param):
     op = "tangent_epilogue"
     Z, b = autocast_float32(Z, b)
     check_tensor(op, "Z", Z, ndim=3)
     if b is not None:
         check_tensor(op, "b", b, shape=(Z.shape[-1],), like=Z)
     code, param = activation_code(activation, activation_param)
-    Y, _, _ = torch.ops.injflow.tangent_epilogue.default(Z, b, code, param)
-    return Y
+    return torch.ops.injflow.tangent_epilogue.default(Z, b, code, param)
 
 
 def tangent_conv2d_packed(XV: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
