@@ -15,7 +15,7 @@
 #   mkdir -p .devbuild && cp COPY/injflow_ext/_C*.so COPY/injflow_ext/_build_config.py .devbuild/
 #   (find csrc setup.py -type f | sort | xargs cat | sha256sum | cut -c1-16) > .devbuild/csrc.sha
 # Each stage has a time limit (seconds, environment): TEST_S, STEP_S, TF32_S, OPS_S, PROFILE_S,
-# MLP_S, STEP_PL_S. STAGES (default "tests mlp step step_per_layer tf32 ops profile") selects and
+# MLP_S, STEP_PL_S, FREE_FORM_S (stage free_form, not in the default list: bench/free_form.py). STAGES (default "tests mlp step step_per_layer tf32 ops profile") selects and
 # orders the stages after the build; TEST_K (default "cuda and not emulated": the CUDA tests,
 # not the CPU emulation's, which CI runs) the tests (pytest -k);
 # MLP_CASES the MLP benchmark's cases (bench/tangent_mlp.py, with --sweep); STEP_MLP_PATH the
@@ -135,6 +135,10 @@ run_ops() {
     timeout "${OPS_S:-100}" $PY bench/$b.py --device cuda --json "$RES/$b.json" 2>&1 \
       | grep -v "^  [A-Za-z]*[ =]"
   done
+}
+run_free_form() {  # your own networks: tangent rules vs torch.func, FIF vs the FFF reference
+  timeout "${FREE_FORM_S:-90}" $PY bench/free_form.py --device cuda --budget "${FREE_FORM_BUDGET:-1.0}" \
+    --json "$RES/free_form.json" 2>&1 | grep -v "^  [A-Za-z]*[ =]"
 }
 run_profile() {  # PROFILE_MLP_PATH, PROFILE_MLP_MATH, PROFILE_MLP_PIPELINE, PROFILE_MLP_WGRAD,
   # PROFILE_TF32=1: the conditioners' path, the fused kernels' options and TF32 GEMMs
