@@ -82,16 +82,7 @@ class FreeFormFlow(InjectiveFlow):
             if not isinstance(net, nn.Module):
                 raise TypeError(f"FreeFormFlow: {name} must be a torch.nn.Module, got "
                                 f"{type(net).__name__}")
-        if prior is not None and not isinstance(prior, Bijection):
-            raise TypeError(f"FreeFormFlow: prior must be None or an injflow_ext.nn.Bijection, "
-                            f"got {type(prior).__name__}")
-        if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
-            raise ValueError(f"FreeFormFlow: latent_dim must be a positive int, got "
-                             f"{latent_dim!r}")
-        prior_n = getattr(prior, "n", None)
-        if prior_n is not None and prior_n != latent_dim:
-            raise ValueError(f"FreeFormFlow: prior must be a bijection of R^{latent_dim} "
-                             f"(latent_dim), got one of R^{prior_n}")
+        self._check_latent("FreeFormFlow", latent_dim, prior)
         self.encoder_net, self.decoder_net = encoder, decoder
         shape = _check_networks(encoder, decoder, latent_dim, data_shape)
         D = math.prod(shape)

@@ -34,6 +34,20 @@ class InjectiveFlow(nn.Module):
     #: the ``format`` entry of a saved file
     model_format: str = "injflow_ext.InjectiveFlow/1"
 
+    @staticmethod
+    def _check_latent(owner: str, latent_dim, prior) -> None:
+        """latent_dim a positive int; prior None or a Bijection of ``R^latent_dim``."""
+        from ..nn import Bijection
+        if prior is not None and not isinstance(prior, Bijection):
+            raise TypeError(f"{owner}: prior must be None or an injflow_ext.nn.Bijection, got "
+                            f"{type(prior).__name__}")
+        if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
+            raise ValueError(f"{owner}: latent_dim must be a positive int, got {latent_dim!r}")
+        prior_n = getattr(prior, "n", None)
+        if prior_n is not None and prior_n != latent_dim:
+            raise ValueError(f"{owner}: prior must be a bijection of R^{latent_dim} "
+                             f"(latent_dim), got one of R^{prior_n}")
+
     def _setup(self, ambient_dim: int, latent_dim: int, data_shape, prior, base) -> None:
         self.ambient_dim, self.latent_dim = ambient_dim, latent_dim
         self.data_shape = tuple(int(v) for v in data_shape) if data_shape is not None \

@@ -74,21 +74,12 @@ class RectangularFlow(InjectiveFlow):
         if not isinstance(ambient, Bijection):
             raise TypeError(f"RectangularFlow: ambient must be an injflow_ext.nn.Bijection "
                             f"(forward, inverse, jvp_packed), got {type(ambient).__name__}")
-        if prior is not None and not isinstance(prior, Bijection):
-            raise TypeError(f"RectangularFlow: prior must be None or an injflow_ext.nn.Bijection, "
-                            f"got {type(prior).__name__}")
-        if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
-            raise ValueError(f"RectangularFlow: latent_dim must be a positive int, got "
-                             f"{latent_dim!r}")
+        self._check_latent("RectangularFlow", latent_dim, prior)
         D = _ambient_dim(ambient, data_shape, ambient_dim)
         if latent_dim >= D:
             raise ValueError(f"RectangularFlow: latent_dim must be smaller than the ambient "
                              f"dimension (an injective flow maps R^d into R^D with d < D), got "
                              f"latent_dim={latent_dim}, D={D}")
-        prior_n = getattr(prior, "n", None)
-        if prior_n is not None and prior_n != latent_dim:
-            raise ValueError(f"RectangularFlow: prior must be a bijection of R^{latent_dim} "
-                             f"(latent_dim), got one of R^{prior_n}")
         self.ambient = ambient
         self._setup(D, latent_dim, data_shape, prior, base)
 
