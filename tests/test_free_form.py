@@ -166,6 +166,17 @@ def test_errors_say_what_is_wrong():
         TrainStep(FreeFormFlow(nn.Linear(5, 2), dec, 2), make_objective("fif", probes=3))
 
 
+def test_non_finite_training_data_is_refused_by_the_builder():
+    import numpy as np
+
+    from injflow_ext.flows import for_data
+    x = np.random.default_rng(0).normal(size=(50, 4))
+    x[7, 2] = np.nan
+    for kind in ("free-form", "rectangular"):
+        with pytest.raises(ValueError, match=r"1 rows with NaN or inf values \(first rows: \[7\]\)"):
+            for_data(x, 2, kind=kind)
+
+
 def test_modes_of_the_networks_are_kept_and_shape_inference_does_not_train():
     dec = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.Linear(8, 5))
     enc = nn.Sequential(nn.Linear(5, 2))

@@ -384,6 +384,11 @@ def for_data(train, latent_dim: int, model_shape: Sequence[int] | None = None, *
         raise ValueError(f"kind must be one of {list(MODEL_KINDS)}, got {kind!r}")
     flat_builder, image_builder = (BUILDERS[b][0] for b in MODEL_KINDS[kind])
     x = np.asarray(train, dtype=np.float64)
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(1)
+    if bad.any():
+        raise ValueError(f"the training data has {int(bad.sum())} rows with NaN or inf values "
+                         f"(first rows: {np.nonzero(bad)[0][:10].tolist()}); clean or drop them "
+                         "first")
     if logit_alpha is not None and kind == "free-form":
         raise ValueError("logit_alpha is for rectangular models; a free-form model trains on "
                          "the (standardised) data as it is")
