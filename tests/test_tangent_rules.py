@@ -256,6 +256,10 @@ def test_errors_name_the_module():
         def forward(self, x):
             return self.mlp(x) * 2
 
+    rules_module._WARNED.add(nn.BatchNorm1d)
+    with pytest.raises(ValueError, match="changes its own state.*eval mode"):
+        tangent(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()).jvp_packed(
+            torch.randn(5, 3, 3))
     rules_module._WARNED.add(UsesLibraryOps)
     with pytest.raises(TypeError, match="jvp_packed"):
         tangent(UsesLibraryOps()).jvp_packed(torch.randn(2, 3, 3))

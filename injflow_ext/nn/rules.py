@@ -27,7 +27,9 @@ Fast rules (docs/design.md §2, "Your own networks"):
 Any other module (a leaf, or a container whose ``forward`` the rules cannot know) runs
 ``torch.func.jvp`` of that module alone, vectorised over the K tangents: correct for a
 deterministic module, slower; the first time per class a warning names it. A subclass of a
-supported class that overrides ``forward`` is treated as unknown.
+supported class that overrides ``forward`` is treated as unknown. Every module must map each
+sample on its own (the volume term is per sample): BatchNorm in training mode does not, and
+is refused with a message.
 """
 
 from __future__ import annotations
@@ -406,6 +408,12 @@ class _Fallback(_Step):
                     f"tangent: {self.name} ({cls.__qualname__}) calls injflow_ext ops, which "
                     "torch.func cannot differentiate; give the module a jvp_packed(XV) method, "
                     "or build it from modules with tangent rules") from exc
+            if "mutate a captured Tensor" in str(exc):
+                raise ValueError(
+                    f"tangent: {self.name} ({cls.__qualname__}) changes its own state when "
+                    "called (BatchNorm's running statistics in training mode, say) and mixes the "
+                    "samples of a batch; the volume term needs a map of each sample alone: put "
+                    "the module in eval mode, or use LayerNorm") from exc
             raise
         return torch.cat([y.unsqueeze(1), Y], dim=1)
 
