@@ -65,7 +65,7 @@ def _has_fast_path(decoder) -> bool:
     return callable(getattr(decoder, "jvp_packed", None))
 
 
-def fast_decoder(decoder):
+def fast_decoder(decoder, name: str = "decoder"):
     """The decoder the fast path can run: itself when it has ``jvp_packed``; a plain
     ``torch.nn.Module`` with its tangent rules (:func:`injflow_ext.nn.tangent`); for a bound
     ``decode`` method of a model with a ``decoder`` that has one (``model.decode`` of a
@@ -73,7 +73,7 @@ def fast_decoder(decoder):
     if _has_fast_path(decoder):
         return decoder
     if isinstance(decoder, torch.nn.Module):
-        return tangent(decoder, "decoder")
+        return tangent(decoder, name)   # ``name`` starts the layer paths of its errors
     owner = getattr(decoder, "__self__", None)
     if owner is not None and getattr(decoder, "__name__", None) == "decode":
         inner = getattr(owner, "decoder", None)
@@ -230,18 +230,21 @@ def _gram_matvec(decoder, u: torch.Tensor) -> Callable[[torch.Tensor], torch.Ten
     with torch.enable_grad():
         if callable(linearize):   # the primal once; each J v then carries no primal row
             x0, lin = linearize(u0)
+
+            def push(V):
+                JV = lin(V)
+                return JV.reshape(B, JV.shape[1], -1)
         else:
             x0 = decoder(u0) if not _has_fast_path(decoder) else \
                 decoder.jvp_packed(u0.unsqueeze(1))[:, 0]
+
+            def push(V):
+                return _push_tangents(decoder, u0.detach(), V)[1]
         x0 = x0.reshape(B, -1)
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            if callable(linearize):
-                JV = lin(v.mT)
-                JV = JV.reshape(B, JV.shape[1], -1)                 # (B, K, D)
-            else:
-                _, JV = _push_tangents(decoder, u0.detach(), v.mT)  # (B, K, D)
+            JV = push(v.mT)                                          # (B, K, D)
         cols = []
         # the VJPs run in the graph's dtype: under torch.autocast (this runs inside the forward
         # pass) the backward ops would otherwise see low-precision operands
@@ -384,7 +387,7 @@ def encoder_volume_surrogate(encoder, decoder, x: torch.Tensor, probes: int = 1,
     if not isinstance(probes, int) or isinstance(probes, bool) or probes < 1:
         raise ValueError(f"encoder_volume_surrogate: probes must be a positive int, got "
                          f"{probes!r}")
-    encoder, decoder = fast_decoder(encoder), fast_decoder(decoder)
+    encoder, decoder = fast_decoder(encoder, "encoder"), fast_decoder(decoder)
     z = encoder(x)
     if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != x.shape[0]:
         raise ValueError(f"encoder_volume_surrogate: the encoder must map x {tuple(x.shape)} to "

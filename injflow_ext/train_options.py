@@ -304,9 +304,7 @@ def build_model(args, data: Dataset, latent_dim: int, standardize: bool = True):
         raise SystemExit("injflow train: --base-dof is for --base student-t")
     sizes = {arg: getattr(args, dest) for dest, arg in takes.items()
              if getattr(args, dest) is not None}
-    if builder.startswith("free-form"):
-        sizes.pop("seed", None)
-    else:
+    if not builder.startswith("free-form"):   # the rectangular builders' permutation seed
         sizes["seed"] = args.seed
     if args.base == "student-t":
         sizes["base"] = StudentT(latent_dim, args.base_dof or _default(StudentT, "dof"))

@@ -85,12 +85,7 @@ class FreeFormFlow(InjectiveFlow):
         self._check_latent("FreeFormFlow", latent_dim, prior)
         self.encoder_net, self.decoder_net = encoder, decoder
         shape = _check_networks(encoder, decoder, latent_dim, data_shape)
-        D = math.prod(shape)
-        if latent_dim >= D:
-            raise ValueError(f"FreeFormFlow: latent_dim must be smaller than the data's dimension "
-                             f"(an injective flow maps R^d into R^D with d < D), got "
-                             f"latent_dim={latent_dim}, D={D}")
-        self._setup(D, latent_dim, shape, prior, base)
+        self._setup(math.prod(shape), latent_dim, shape, prior, base)
 
     # ------------------------------------------------------------------ builders
     @classmethod

@@ -49,6 +49,10 @@ class InjectiveFlow(nn.Module):
                              f"(latent_dim), got one of R^{prior_n}")
 
     def _setup(self, ambient_dim: int, latent_dim: int, data_shape, prior, base) -> None:
+        if latent_dim >= ambient_dim:
+            raise ValueError(f"{type(self).__name__}: latent_dim must be smaller than the ambient "
+                             f"dimension (an injective flow maps R^d into R^D with d < D), got "
+                             f"latent_dim={latent_dim}, D={ambient_dim}")
         self.ambient_dim, self.latent_dim = ambient_dim, latent_dim
         self.data_shape = tuple(int(v) for v in data_shape) if data_shape is not None \
             else (ambient_dim,)

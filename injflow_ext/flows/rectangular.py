@@ -76,10 +76,6 @@ class RectangularFlow(InjectiveFlow):
                             f"(forward, inverse, jvp_packed), got {type(ambient).__name__}")
         self._check_latent("RectangularFlow", latent_dim, prior)
         D = _ambient_dim(ambient, data_shape, ambient_dim)
-        if latent_dim >= D:
-            raise ValueError(f"RectangularFlow: latent_dim must be smaller than the ambient "
-                             f"dimension (an injective flow maps R^d into R^D with d < D), got "
-                             f"latent_dim={latent_dim}, D={D}")
         self.ambient = ambient
         self._setup(D, latent_dim, data_shape, prior, base)
 
